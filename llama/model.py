@@ -1,0 +1,259 @@
+"""The Llama 1/2 transformer with fairscale tensor parallelism.
+
+Read top to bottom in dependency order, like Meta's reference: ModelArgs -> RMSNorm -> RoPE ->
+KVCache -> Attention -> FeedForward -> TransformerBlock -> Transformer. Module names are the
+checkpoint keys of Meta's `consolidated.NN.pth` files, so a shard loads with `load_state_dict`.
+
+Tensor parallelism is visible in the constructors: column-parallel layers (wq, wk, wv, w1, w3,
+output) keep a slice of the output features, row-parallel layers (wo, w2) a slice of the input
+features and all-reduce their result, and the embedding keeps a slice of the embedding dim.
+Each rank therefore owns n_heads / tp query heads and n_kv_heads / tp key/value heads.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import initialize as fs_init
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+)
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    """Shape of a Llama model; the fields are the keys of Meta's `params.json`."""
+
+    dim: int = 4096
+    """Width of the residual stream."""
+    n_layers: int = 32
+    """Number of transformer blocks."""
+    n_heads: int = 32
+    """Query heads (head_dim = dim / n_heads)."""
+    n_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means n_heads (Llama 1, Llama 2 7B/13B)."""
+    vocab_size: int = -1
+    """Vocabulary size; -1 in Meta's files means "take it from the tokenizer"."""
+    multiple_of: int = 256
+    """The SwiGLU hidden size is rounded up to a multiple of this."""
+    ffn_dim_multiplier: Optional[float] = None
+    """Extra scale on the SwiGLU hidden size (Llama 2 70B uses 1.3)."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm (Llama 1 files say 1e-6)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position frequencies."""
+    max_batch_size: int = 32
+    """Rows the KV cache is allocated for."""
+    max_seq_len: int = 2048
+    """Positions the KV cache and the RoPE tables are allocated for."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """Meta's SwiGLU rule: 2/3 of 4*dim, scaled, rounded up to `multiple_of`."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the model dtype (as Meta does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def precompute_rope(head_dim: int, end: int, theta: float, device=None) -> torch.Tensor:
+    """cos/sin of position * frequency, shape [end, head_dim // 2, 2], computed once.
+
+    Meta rotates each consecutive pair (x[2i], x[2i+1]) as the complex number x[2i] + j*x[2i+1]
+    multiplied by exp(j * pos * theta^(-2i/head_dim)). Keeping cos and sin as real tables gives
+    bit-for-bit the same arithmetic in every dtype and compiles without complex-number support.
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of x [B, T, H, D] by the angles in rope [T, D/2, 2] (float32 arithmetic)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    rope = rope.view(1, pairs.size(1), 1, pairs.size(3), 2)
+    real = pairs[..., 0] * rope[..., 0] - pairs[..., 1] * rope[..., 1]
+    imag = pairs[..., 1] * rope[..., 0] + pairs[..., 0] * rope[..., 1]
+    return torch.stack([real, imag], dim=-1).flatten(3).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values [B, kv_heads, max_seq_len, head_dim], written in place."""
+
+    def __init__(self, batch: int, kv_heads: int, seq_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H, T, D] at positions start_pos.. and return every key/value so far."""
+        batch, end = k.size(0), start_pos + k.size(2)
+        self.k[:batch, :, start_pos:end] = k
+        self.v[:batch, :, start_pos:end] = v
+        return self.k[:batch, :, :end], self.v[:batch, :, :end]
+
+
+def causal_mask(n_queries: int, n_keys: int, device) -> Optional[torch.Tensor]:
+    """Boolean mask letting query i (at position n_keys - n_queries + i) see keys 0..its position.
+
+    With a cache the queries are the last n_queries of n_keys positions, so a prompt fed in
+    chunks (start_pos > 0) still sees everything before it. One query needs no mask.
+    """
+    if n_queries == 1:
+        return None
+    offset = n_keys - n_queries
+    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over this rank's heads; wo all-reduces the partial outputs."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        tp = fs_init.get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // tp
+        self.n_local_kv_heads = args.kv_heads // tp
+        self.head_dim = args.head_dim
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_no_init)
+        self.wk = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_no_init)
+        self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_no_init)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_no_init)
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.wq(x).view(batch, seq_len, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(batch, seq_len, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, seq_len, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)
+        elif start_pos != 0:
+            raise ValueError("start_pos > 0 needs a KV cache: call model.setup_caches() first")
+        mask = causal_mask(seq_len, k.size(2), x.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1/w3 split the hidden features, w2 all-reduces."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_no_init)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then + feed_forward(norm(.))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Token ids -> float32 logits for every position.
+
+    Build it (cheaply, under `torch.device("meta")`), load weights, then call `setup_caches`,
+    which allocates the RoPE table and, for generation, the KV caches on the weights' device.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim, init_method=_no_init)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_no_init)
+        self.rope: Optional[torch.Tensor] = None
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, kv_cache: bool = True) -> None:
+        """Allocate the RoPE table for max_seq_len positions and (optionally) per-layer KV caches.
+
+        Training needs no KV cache (`kv_cache=False`); generation does. Calling it again resizes.
+        """
+        weight = self.tok_embeddings.weight
+        self.rope = precompute_rope(self.args.head_dim, max_seq_len, self.args.rope_theta, weight.device)
+        for layer in self.layers:
+            attn = layer.attention
+            attn.cache = (
+                KVCache(max_batch_size, attn.n_local_kv_heads, max_seq_len, attn.head_dim, weight.dtype, weight.device)
+                if kv_cache
+                else None
+            )
+
+    @property
+    def max_seq_len(self) -> int:
+        return 0 if self.rope is None else self.rope.size(0)
+
+    def hidden_states(
+        self, tokens: torch.Tensor, start_pos: int = 0, prefix: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, dim] of the token positions.
+
+        `prefix` [B, P, dim] (a soft prompt) is placed before the tokens' embeddings at
+        positions start_pos..start_pos+P-1; its own outputs are dropped.
+        """
+        h = self.tok_embeddings(tokens)
+        n_prefix = 0
+        if prefix is not None:
+            n_prefix = prefix.size(1)
+            h = torch.cat([prefix.to(h.dtype), h], dim=1)
+        end = start_pos + h.size(1)
+        if self.rope is None:
+            raise ValueError("call model.setup_caches() before the first forward")
+        if end > self.rope.size(0):
+            raise ValueError(f"positions up to {end} exceed max_seq_len {self.rope.size(0)}")
+        rope = self.rope[start_pos:end]
+        for layer in self.layers:
+            h = layer(h, start_pos, rope)
+        return self.norm(h[:, n_prefix:])
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, T, vocab] in float32 for every token position (gathered over TP ranks)."""
+        return self.output(self.hidden_states(tokens, start_pos, prefix)).float()
+
+
+def _no_init(weight: torch.Tensor) -> torch.Tensor:
+    """Weights come from a checkpoint, so fairscale's random init would be wasted work."""
+    return weight
