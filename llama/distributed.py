@@ -6,7 +6,6 @@ layout), and ranks with the same tensor-parallel rank form a data-parallel group
 
 import contextlib
 import os
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -58,7 +57,7 @@ def setup(tp_size: Optional[int] = None) -> Parallel:
         else:
             dist.init_process_group(backend)
     if not fs_init.model_parallel_is_initialized():
-        with contextlib.redirect_stdout(sys.stderr):  # fairscale prints; keep stdout for results
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # fairscale prints its setup
             fs_init.initialize_model_parallel(tp_size)
     return Parallel(
         rank=dist.get_rank(),

@@ -1,0 +1,255 @@
+"""Batched generation with the KV cache: greedy or temperature + top-p, stop at EOS, streaming.
+
+The hot path is three small functions: `prefill` (the prompt in one forward), `decode_one_token`
+and `sample`. Every tensor-parallel rank runs the same loop on the same tokens; sampling draws
+from a generator seeded identically on every rank, so all ranks pick the same token.
+"""
+
+from pathlib import Path
+from typing import Iterator, Literal, Optional, TypedDict
+
+import torch
+
+from llama import checkpoint, distributed
+from llama.errors import UserError
+from llama.model import Transformer
+from llama.tokenizer import Tokenizer
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Message(TypedDict):
+    role: Role
+    content: str
+
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Next token [B] from last-position logits [B, V]: argmax at temperature 0, else top-p."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, prefix: Optional[torch.Tensor], all_logits: bool) -> torch.Tensor:
+    """Run the prompt (after an optional soft-prompt prefix) through the model from position 0.
+
+    Returns logits of the last position only, unless all_logits (echo with logprobs).
+    """
+    hidden = model.hidden_states(tokens, 0, prefix)
+    return model.output(hidden if all_logits else hidden[:, -1:]).float()
+
+
+def decode_one_token(model: Transformer, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """Logits [B, 1, V] for tokens [B, 1] at position start_pos, appending to the KV cache."""
+    return model.output(model.hidden_states(tokens, start_pos)).float()
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+class Llama:
+    """A loaded model + tokenizer on this rank, with Meta's generation API."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, parallel: distributed.Parallel, seed: int = 1):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.parallel = parallel
+        self.generator = torch.Generator(parallel.device).manual_seed(seed)
+
+    @staticmethod
+    def build(
+        ckpt_dir: str | Path,
+        tokenizer_path: Optional[str | Path] = None,
+        max_seq_len: int = 512,
+        max_batch_size: int = 4,
+        dtype: str = "float32",
+        seed: int = 1,
+        tp_size: Optional[int] = None,
+    ) -> "Llama":
+        """Load a Meta model directory (any shard count) split over this job's tensor-parallel ranks."""
+        ckpt_dir = Path(ckpt_dir)
+        if not ckpt_dir.is_dir():
+            raise UserError(f"checkpoint directory {ckpt_dir} not found (see README: ckpts/)")
+        torch_dtype = checkpoint.parse_dtype(dtype)
+        tokenizer = Tokenizer(tokenizer_path or ckpt_dir / "tokenizer.model")
+        parallel = distributed.setup(tp_size)
+        torch.manual_seed(seed)
+        model = checkpoint.load_model(
+            ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size, torch_dtype, parallel.device, parallel.tp_rank, parallel.tp_size
+        )
+        return Llama(model, tokenizer, parallel, seed)
+
+    @torch.inference_mode()
+    def generate_steps(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        prefix: Optional[torch.Tensor] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> Iterator[tuple[int, torch.Tensor, Optional[torch.Tensor]]]:
+        """Yield (position, tokens [B, total_len], logprobs) after each new position is filled.
+
+        Prompts may differ in length: all rows advance together from the shortest prompt, and a
+        row still inside its prompt keeps its prompt token instead of the sampled one. `prefix`
+        [P, dim] is a soft prompt placed before every row (it shifts cache positions by P).
+        """
+        model, n_rows = self.model, len(prompt_tokens)
+        cache_rows = model.layers[0].attention.cache.k.size(0)
+        if n_rows > cache_rows:
+            raise UserError(f"{n_rows} prompts exceed --max_batch_size {cache_rows}")
+        if max_gen_len < 1:
+            raise UserError(f"max_gen_len must be at least 1, got {max_gen_len}")
+        if min(len(p) for p in prompt_tokens) == 0:
+            raise UserError("a prompt is empty: give at least one token (the BOS token counts)")
+        n_prefix = 0 if prefix is None else prefix.size(0)
+        room = model.max_seq_len - n_prefix
+        longest, shortest = max(len(p) for p in prompt_tokens), min(len(p) for p in prompt_tokens)
+        if longest >= room:
+            raise UserError(f"prompt of {longest} tokens does not fit max_seq_len {room}: shorten it or raise --max_seq_len")
+        total_len = min(room, max_gen_len + longest)
+        device = self.parallel.device
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id >= 0 else self.tokenizer.eos_id
+        tokens = torch.full((n_rows, total_len), pad, dtype=torch.long, device=device)
+        is_prompt = torch.zeros_like(tokens, dtype=torch.bool)
+        for row, prompt in enumerate(prompt_tokens):
+            tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+            is_prompt[row, : len(prompt)] = True
+        token_lp = torch.zeros(n_rows, total_len, device=device) if logprobs else None
+        finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        batch_prefix = None if prefix is None else prefix.unsqueeze(0).expand(n_rows, -1, -1)
+
+        logits = prefill(model, tokens[:, :shortest], batch_prefix, all_logits=logprobs and echo)
+        if logprobs and echo:
+            token_lp[:, 1:shortest] = token_logprobs(logits[:, :-1], tokens[:, 1:shortest])
+        for cur_pos in range(shortest, total_len):
+            if cur_pos > shortest:
+                logits = decode_one_token(model, tokens[:, cur_pos - 1 : cur_pos], n_prefix + cur_pos - 1)
+            next_token = sample(logits[:, -1], temperature, top_p, self.generator)
+            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                token_lp[:, cur_pos] = token_logprobs(logits[:, -1], next_token)
+            finished |= ~is_prompt[:, cur_pos] & (next_token == self.tokenizer.eos_id)
+            yield cur_pos, tokens, token_lp
+            if finished.all():
+                break
+
+    def generate(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        prefix: Optional[torch.Tensor] = None,
+    ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
+        """Generated ids per prompt (with the prompt if echo), cut at the first EOS."""
+        end, tokens, token_lp = 0, None, None
+        for end, tokens, token_lp in self.generate_steps(prompt_tokens, max_gen_len, temperature, top_p, prefix, logprobs, echo):
+            pass
+        out_tokens, out_lp = [], []
+        for row, prompt in enumerate(prompt_tokens):
+            start = 0 if echo else len(prompt)
+            ids = tokens[row, start : end + 1].tolist()
+            lps = token_lp[row, start : end + 1].tolist() if logprobs else []
+            if self.tokenizer.eos_id in ids[len(prompt) - start :]:
+                cut = ids.index(self.tokenizer.eos_id, len(prompt) - start)
+                ids, lps = ids[:cut], lps[:cut]
+            out_tokens.append(ids)
+            out_lp.append(lps)
+        return out_tokens, (out_lp if logprobs else None)
+
+    def stream(
+        self,
+        prompt: list[int],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        prefix: Optional[torch.Tensor] = None,
+    ) -> Iterator[str]:
+        """Yield the text of one prompt's continuation piece by piece as tokens are generated.
+
+        Decoding the whole continuation each step and emitting the new suffix keeps multi-byte
+        characters (byte-fallback tokens) whole.
+        """
+        shown = ""
+        for pos, tokens, _ in self.generate_steps([prompt], max_gen_len, temperature, top_p, prefix):
+            ids = tokens[0, len(prompt) : pos + 1].tolist()
+            if ids and ids[-1] == self.tokenizer.eos_id:
+                return
+            text = self.decode_continuation(prompt, ids)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):
+                yield text[len(shown) :]
+                shown = text
+
+    def decode_continuation(self, prompt: list[int], ids: list[int]) -> str:
+        """Text of `ids` as it reads after `prompt`: decoding them with the last prompt token
+        keeps the leading space SentencePiece drops at the start of a decode."""
+        context = prompt[-1:]
+        return self.tokenizer.decode(context + ids)[len(self.tokenizer.decode(context)) :]
+
+    def text_completion(
+        self,
+        prompts: list[str],
+        max_gen_len: int = 64,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> list[dict]:
+        """Complete each prompt; returns {"prompt_ids", "ids", "text"} (+ "logprobs") per prompt."""
+        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        return self.complete(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+
+    def chat_completion(
+        self,
+        dialogs: list[list[Message]],
+        max_gen_len: int = 64,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+    ) -> list[dict]:
+        """Answer each dialog's last user message with the Llama 2 chat template."""
+        prompt_tokens = [self.chat_tokens(dialog) for dialog in dialogs]
+        return self.complete(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False)
+
+    def chat_tokens(self, dialog: list[Message]) -> list[int]:
+        """Llama 2 chat format: [INST] user [/INST] answer </s><s>[INST] ... [/INST], system in the first turn."""
+        if dialog and dialog[0]["role"] == "system":
+            first = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]} if len(dialog) > 1 else None
+            dialog = ([first] if first else []) + list(dialog[2:])
+        roles = [m["role"] for m in dialog]
+        if not dialog or roles[-1] != "user" or any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles)):
+            raise UserError("a dialog must be an optional system message, then user/assistant turns alternating, ending with user")
+        ids: list[int] = []
+        for user, answer in zip(dialog[::2], dialog[1::2]):
+            ids += self.tokenizer.encode(f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} ", bos=True, eos=True)
+        ids += self.tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+        return ids
+
+    def complete(
+        self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6, top_p: float = 0.9, logprobs: bool = False, echo: bool = False
+    ) -> list[dict]:
+        """Complete token prompts; {"prompt_ids", "ids", "text"} (+ "logprobs") per prompt."""
+        ids, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        results = []
+        for row, prompt in enumerate(prompt_tokens):
+            result = {"prompt_ids": prompt, "ids": ids[row], "text": self.decode_continuation([] if echo else prompt, ids[row])}
+            if logprobs:
+                result["logprobs"] = lps[row]
+            results.append(result)
+        return results
