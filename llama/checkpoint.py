@@ -237,8 +237,7 @@ def load_model(
     check_shardable(args, tp_size)
     shards = open_shards(shard_paths(ckpt_dir))
     check_against_args(shards, args)
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = build_empty(args, dtype)
     weights = {}
     keys = [k for k in shards[0] if k not in NOT_LOADED]
     for key in tqdm(keys, desc=f"loading {ckpt_dir.name}", disable=tp_rank != 0 or len(keys) < 50, leave=False):
@@ -248,6 +247,21 @@ def load_model(
     model.requires_grad_(False)
     model.setup_caches(max_batch_size, max_seq_len)
     return model.eval()
+
+
+def build_empty(args: ModelArgs, dtype: torch.dtype) -> Transformer:
+    """The model with uninitialised CPU weights, to be replaced by `load_state_dict(assign=True)`.
+
+    fairscale's layers allocate with the legacy `torch.Tensor(...)` constructor, which ignores
+    `torch.device("meta")`; building in the target dtype at least halves that transient memory
+    for 16-bit models, and with one rank the pages are never touched.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return Transformer(args)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

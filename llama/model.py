@@ -194,8 +194,8 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """Token ids -> float32 logits for every position.
 
-    Build it (cheaply, under `torch.device("meta")`), load weights, then call `setup_caches`,
-    which allocates the RoPE table and, for generation, the KV caches on the weights' device.
+    Build it, load weights (see checkpoint.load_model), then call `setup_caches`, which allocates
+    the RoPE table and, for generation, the KV caches on the weights' device and dtype.
     """
 
     def __init__(self, args: ModelArgs):
