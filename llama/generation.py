@@ -163,9 +163,9 @@ class Llama:
             pass
         out_tokens, out_lp = [], []
         for row, prompt in enumerate(prompt_tokens):
-            start = 0 if echo else len(prompt)
-            ids = tokens[row, start : end + 1].tolist()
-            lps = token_lp[row, start : end + 1].tolist() if logprobs else []
+            start, stop = (0 if echo else len(prompt)), min(end + 1, len(prompt) + max_gen_len)
+            ids = tokens[row, start:stop].tolist()  # shorter prompts ran longer: cut to max_gen_len
+            lps = token_lp[row, start:stop].tolist() if logprobs else []
             if self.tokenizer.eos_id in ids[len(prompt) - start :]:
                 cut = ids.index(self.tokenizer.eos_id, len(prompt) - start)
                 ids, lps = ids[:cut], lps[:cut]
