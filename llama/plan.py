@@ -1,0 +1,134 @@
+"""Memory planner: per-card GPU memory of a Llama split over N tensor-parallel cards.
+
+The weights and KV-cache figures are exact for this project's model (the tests compare them
+with real shards and real caches); activations are estimates from what the forward pass keeps
+alive. Symbols: b bytes per element of --dtype, N cards, B batch, S sequence length (soft prompt
+included), T = B*S tokens, L layers, d dim, H heads, K kv heads, h head dim, F SwiGLU hidden
+size, V vocab. The formulas are repeated in README.md ("Resharding").
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from llama.checkpoint import full_shapes, split_dim, split_sizes
+from llama.errors import UserError
+from llama.model import ModelArgs
+
+Mode = Literal["infer", "prompt-tune"]
+CARD_COUNTS = (1, 2, 4, 8)
+GiB = 2**30
+_UNITS = {"": GiB, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+          "g": GiB, "gib": GiB, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'12GiB', '12G' (GiB), '12GB' (10^9), '11000MiB', '12' (GiB) -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise UserError(f"cannot read memory size '{text}': write e.g. 12GiB, 12GB or 11000MiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass
+class CardMemory:
+    """Bytes one of N cards needs; `shardable` is False when N does not divide the split dims."""
+
+    cards: int
+    shardable: bool
+    weights: int
+    kv_cache: int
+    activations: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.overhead
+
+
+def weight_bytes(args: ModelArgs, cards: int, dtype_bytes: int) -> int:
+    """b * (split weights / N + replicated norms), from the same table the loader uses."""
+    total = 0
+    for key, shape in full_shapes(args).items():
+        numel = 1
+        for size in shape:
+            numel *= size
+        total += numel // cards if split_dim(key) is not None else numel
+    return total * dtype_bytes
+
+
+def kv_cache_bytes(args: ModelArgs, cards: int, batch: int, seq_len: int, dtype_bytes: int) -> int:
+    """2 (k and v) * L * B * S * (K/N) * h * b: the preallocated cache of every layer."""
+    return 2 * args.n_layers * batch * seq_len * (args.kv_heads // cards) * args.head_dim * dtype_bytes
+
+
+def layer_transient_bytes(args: ModelArgs, cards: int, tokens: int, dtype_bytes: int) -> int:
+    """Largest working set inside one layer: T * (2*d*b + max(3*F*b, (H+2K)*h*b + 3*H*h*4) / N).
+
+    The residual stream and its normed copy are full width on every card; on top of that either
+    the feed-forward's three [T, F/N] tensors (w1 x, silu, w3 x) or q, k, v with RoPE's float32
+    working copies of q are alive.
+    """
+    ffn = 3 * args.hidden_dim * dtype_bytes
+    attention = (args.n_heads + 2 * args.kv_heads) * args.head_dim * dtype_bytes + 3 * args.n_heads * args.head_dim * 4
+    return tokens * (2 * args.dim * dtype_bytes + max(ffn, attention) // cards)
+
+
+def saved_for_backward_bytes(args: ModelArgs, cards: int, tokens: int, dtype_bytes: int) -> int:
+    """L * T * (8*d + (2*(H+K)*h + 3*F) * b / N) + T*d*4: what autograd keeps for the backward.
+
+    With frozen weights the linear layers keep no inputs. Per layer and token each RMSNorm keeps
+    its float32 input (4*d bytes, on every card), attention keeps q, k, v and its output, and the
+    SwiGLU keeps w1 x, silu(w1 x) and w3 x; the final norm keeps its float32 input.
+    """
+    per_token = 8 * args.dim + (2 * (args.n_heads + args.kv_heads) * args.head_dim + 3 * args.hidden_dim) * dtype_bytes // cards
+    return args.n_layers * tokens * per_token + tokens * args.dim * 4
+
+
+def activation_bytes(args: ModelArgs, cards: int, batch: int, seq_len: int, dtype_bytes: int, mode: Mode) -> int:
+    """infer: prefill of the whole batch (one layer's working set) + last-position logits B*V*(b+4).
+
+    prompt-tune: saved-for-backward + one layer's working set + logits T*V*(b+8) (gathered on
+    every card, their float32 copy and log-softmax). Attention is assumed fused (no S x S matrix).
+    """
+    tokens = batch * seq_len
+    working = layer_transient_bytes(args, cards, tokens, dtype_bytes)
+    if mode == "infer":
+        return working + batch * args.vocab_size * (dtype_bytes + 4)
+    return saved_for_backward_bytes(args, cards, tokens, dtype_bytes) + working + tokens * args.vocab_size * (dtype_bytes + 8)
+
+
+def estimate(args: ModelArgs, cards: int, batch: int, seq_len: int, dtype_bytes: int, mode: Mode, overhead: int) -> CardMemory:
+    """Per-card memory on `cards` cards; the KV cache is only allocated for inference."""
+    return CardMemory(
+        cards=cards,
+        shardable=all(size % cards == 0 for size in split_sizes(args).values()),
+        weights=weight_bytes(args, cards, dtype_bytes),
+        kv_cache=kv_cache_bytes(args, cards, batch, seq_len, dtype_bytes) if mode == "infer" else 0,
+        activations=activation_bytes(args, cards, batch, seq_len, dtype_bytes, mode),
+        overhead=overhead,
+    )
+
+
+def parameter_count(args: ModelArgs) -> int:
+    return weight_bytes(args, 1, 1)
+
+
+def format_plan(args: ModelArgs, rows: list[CardMemory], gpu_mem: int, header: str) -> str:
+    """A table in GiB per card and the verdict: the smallest shardable N that fits."""
+    lines = [
+        header,
+        f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, {args.kv_heads} kv heads, "
+        f"hidden {args.hidden_dim}, vocab {args.vocab_size}: {parameter_count(args) / 1e9:.2f} B parameters",
+        f"{'N':>3} {'weights':>9} {'kv_cache':>9} {'activ.':>9} {'overhead':>9} {'total':>9}  per card (GiB)",
+    ]
+    for row in rows:
+        figures = (row.weights, row.kv_cache, row.activations, row.overhead, row.total)
+        verdict = "split dims do not divide" if not row.shardable else ("fits" if row.total <= gpu_mem else "too big")
+        lines.append(f"{row.cards:>3} " + " ".join(f"{x / GiB:>9.2f}" for x in figures) + f"  {verdict}")
+    fitting = [row.cards for row in rows if row.shardable and row.total <= gpu_mem]
+    if fitting:
+        lines.append(f"smallest N that fits {gpu_mem / GiB:.1f} GiB cards: {fitting[0]}")
+    else:
+        lines.append(f"no N in {CARD_COUNTS} fits {gpu_mem / GiB:.1f} GiB cards: lower --batch_size or --seq_len")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Reshard a Meta checkpoint into N tensor-parallel shards, or plan how many cards a model needs.
+
+  python split_model.py --ckpt_dir DIR --num_shards N [--out_dir OUT] [--dtype keep] [--force] [--verify]
+  python split_model.py --plan --ckpt_dir DIR (or --params params.json) --gpu_mem 12GiB --batch_size 8 --seq_len 512
+
+The output (default <DIR>_mp<N>) is what a Meta N-way checkpoint would be, plus manifest.json;
+`torchrun --nproc_per_node N example.py --ckpt_dir OUT` runs it. M -> N works both ways (split,
+merge, re-split) in memory near one output shard.
+"""
+
+import argparse
+import signal
+from pathlib import Path
+
+from llama import plan
+from llama.checkpoint import DTYPES, model_args, open_shards, parse_dtype, read_params, shard_paths
+from llama.errors import UserError, run_cli
+from llama.reshard import reshard
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt_dir", type=Path, help="Meta model directory: params.json, consolidated.NN.pth")
+    parser.add_argument("--num_shards", type=int, help="N, the number of output shards (tensor-parallel ranks)")
+    parser.add_argument("--out_dir", type=Path, help="output directory (default <ckpt_dir>_mp<N>)")
+    parser.add_argument("--dtype", choices=["keep", *DTYPES], default=None,
+                        help="reshard: output dtype (default keep); --plan: runtime dtype (default float16)")
+    parser.add_argument("--force", action="store_true", help="replace the shards in an existing non-empty --out_dir")
+    parser.add_argument("--verify", action="store_true", help="re-read the output and check it bit for bit against the input")
+    planning = parser.add_argument_group("memory planner (--plan)")
+    planning.add_argument("--plan", action="store_true", help="print per-card memory for N = 1, 2, 4, 8 instead of resharding")
+    planning.add_argument("--params", type=Path, help="params.json to plan for (instead of --ckpt_dir)")
+    planning.add_argument("--vocab_size", type=int, help="vocabulary size when params.json says -1 and there are no shards")
+    planning.add_argument("--gpu_mem", default="12GiB", help="memory of one card, e.g. 12GiB, 24GB (default 12GiB)")
+    planning.add_argument("--batch_size", type=int, default=8, help="sequences per batch (default 8)")
+    planning.add_argument("--seq_len", type=int, default=512, help="tokens per sequence, soft prompt included (default 512)")
+    planning.add_argument("--mode", choices=["infer", "prompt-tune"], default="infer", help="what the cards will run")
+    planning.add_argument("--overhead", default="1GiB", help="CUDA context and allocator slack per card (default 1GiB)")
+    return parser.parse_args(argv)
+
+
+def plan_model(args: argparse.Namespace) -> str:
+    """The planner's table for --params or --ckpt_dir (vocab -1 is read from the shards' shapes)."""
+    if args.params is None and args.ckpt_dir is None:
+        raise UserError("--plan needs --ckpt_dir DIR or --params params.json")
+    params = read_params(args.params or args.ckpt_dir / "params.json")
+    vocab = args.vocab_size
+    if params.get("vocab_size", -1) == -1 and vocab is None:
+        if args.params is not None:
+            raise UserError("params.json says vocab_size -1: pass --vocab_size (32000 for Llama 1/2) or --ckpt_dir")
+        vocab = open_shards(shard_paths(args.ckpt_dir))[0]["tok_embeddings.weight"].shape[0]
+    model = model_args(params, vocab)
+    if min(args.batch_size, args.seq_len) < 1:
+        raise UserError("--batch_size and --seq_len must be at least 1")
+    dtype = parse_dtype("float16" if args.dtype in (None, "keep") else args.dtype)
+    gpu_mem, overhead = plan.parse_size(args.gpu_mem), plan.parse_size(args.overhead)
+    rows = [plan.estimate(model, n, args.batch_size, args.seq_len, dtype.itemsize, args.mode, overhead) for n in plan.CARD_COUNTS]
+    header = f"{args.mode}, {str(dtype).removeprefix('torch.')}, batch {args.batch_size} x seq {args.seq_len}, {gpu_mem / plan.GiB:.1f} GiB cards"
+    return plan.format_plan(model, rows, gpu_mem, header)
+
+
+def interrupt(signum, frame) -> None:
+    """SIGTERM cleans up like Ctrl-C: partial output files are removed."""
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.plan:
+        print(plan_model(args))
+        return
+    if args.ckpt_dir is None or args.num_shards is None:
+        raise UserError("give --ckpt_dir DIR and --num_shards N (or --plan)")
+    dtype = None if args.dtype in (None, "keep") else parse_dtype(args.dtype)
+    signal.signal(signal.SIGTERM, interrupt)
+    out_dir = reshard(args.ckpt_dir, args.num_shards, args.out_dir, dtype, args.force, args.verify)
+    verified = " (verified bit-identical)" if args.verify else ""
+    print(f"wrote {args.num_shards} shards to {out_dir}{verified}; run: torchrun --nproc_per_node {args.num_shards} example.py --ckpt_dir {out_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
