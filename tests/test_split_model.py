@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from dist_utils import REPO, python, torchrun
-from llama import plan
+from llama import distributed, plan
 from llama.checkpoint import build_empty, load_model, model_args, random_state_dict, rank_slice, shard_state_dict
 from llama.errors import UserError, run_cli
+from llama.generation import Llama
 from llama.reshard import file_sha256, reshard, same_bits
 
 sys.path.insert(0, str(REPO))  # split_model.py lives at the repo root
+import example  # noqa: E402
 import split_model  # noqa: E402
 
 STORIES = REPO / "ckpts" / "stories260K"
@@ -253,7 +255,8 @@ def test_default_out_dir_is_dir_mpN(tmp_path, capsys):
     assert_same_checkpoint(tmp_path / "stories260K_mp4", split(STORIES, 4, tmp_path / "ref"))
 
 
-def test_a_bad_input_through_the_real_cli_has_no_traceback(tmp_path):
+def test_a_bad_input_through_the_real_cli_has_no_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ckpt, n, message = make_bad_input("truncated shard", tmp_path)
     result = python("split_model.py", "--ckpt_dir", ckpt, "--num_shards", n, "--out_dir", tmp_path / "out")
     assert result.returncode == 2 and result.stdout == ""
@@ -263,19 +266,19 @@ def test_a_bad_input_through_the_real_cli_has_no_traceback(tmp_path):
 
 @pytest.fixture(scope="module")
 def original_greedy_ids() -> list[list[int]]:
-    result = python("example.py", "--json", "--ckpt_dir", STORIES)
-    assert result.returncode == 0, result.stderr
-    ids = [json.loads(line)["ids"] for line in result.stdout.splitlines()]
-    assert len(ids) == 2 and all(len(row) > 10 for row in ids)
-    return ids
+    """What `python example.py --json` prints for the 1-shard original, computed in-process."""
+    llm = Llama.build(STORIES, max_seq_len=512, max_batch_size=4)  # example.py's defaults
+    try:
+        results = llm.text_completion(example.DEFAULT_PROMPTS, max_gen_len=64, temperature=0.0)
+    finally:
+        distributed.teardown()
+    assert all(len(r["ids"]) > 10 for r in results)
+    return [r["ids"] for r in results]
 
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_torchrun_on_the_split_gives_the_original_greedy_ids(tmp_path, original_greedy_ids, n):
-    out = tmp_path / f"stories260K_mp{n}"
-    made = python("split_model.py", "--ckpt_dir", STORIES, "--num_shards", n, "--out_dir", out, "--verify")
-    assert made.returncode == 0, made.stderr
-    assert len(list(out.glob("consolidated.*.pth"))) == n and (out / "tokenizer.model").is_file()
+    out = split(STORIES, n, tmp_path / f"stories260K_mp{n}", verify_output=True)
     result = torchrun(n, "example.py", "--ckpt_dir", out, "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert [json.loads(line)["ids"] for line in result.stdout.splitlines()] == original_greedy_ids
