@@ -1,0 +1,63 @@
+"""torchrun worker for test_tp.py: several checkpoints at several tensor-parallel sizes, one launch.
+
+    torchrun --nproc_per_node 4 tests/tp_worker.py --out DIR --tp 4,2 --tokenizer TOK \
+        --generate CKPT... --logits_only CKPT...
+
+For each TP size (the world splits into world/TP data-parallel replicas, each a full TP group)
+and each checkpoint, every rank writes DIR/<ckpt dir name>.tp<N>.rank<R>.pt holding `outputs(...)`.
+test_tp.py computes the same on one rank and compares. Generation is many small collectives,
+slow with 4 processes on 2 cores, so it runs only on the --generate checkpoints.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from fairscale.nn.model_parallel import initialize as fs_init
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when not pip-installed
+from llama import checkpoint, distributed  # noqa: E402
+from llama.generation import Llama  # noqa: E402
+from llama.tokenizer import Tokenizer  # noqa: E402
+
+# Fixed inputs: a batch for full-forward logits, and prompts of different lengths for generation.
+LOGIT_TOKENS = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+PROMPTS = [[1], [1, 403, 407, 261, 378], [1, 317, 269, 274, 287, 263, 377]]
+GEN_LEN, SEED = 16, 5
+
+
+def outputs(ckpt_dir: Path, tokenizer: Tokenizer, parallel: distributed.Parallel, generate: bool = True) -> dict:
+    """All-position logits and, if `generate`, greedy and top-p sampled ids of one checkpoint on this rank."""
+    model = checkpoint.load_model(
+        ckpt_dir, tokenizer.n_words, 64, len(PROMPTS), torch.float32, parallel.device, parallel.tp_rank, parallel.tp_size
+    )
+    with torch.inference_mode():
+        result = {"logits": model(LOGIT_TOKENS.to(parallel.device), 0).cpu()}
+    if generate:
+        result["greedy"], _ = Llama(model, tokenizer, parallel, SEED).generate(PROMPTS, GEN_LEN, temperature=0.0)
+        result["sampled"], _ = Llama(model, tokenizer, parallel, SEED).generate(PROMPTS, GEN_LEN, temperature=1.0, top_p=0.9)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tp", required=True, help="comma-separated TP sizes, each dividing the world size")
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--generate", type=Path, nargs="*", default=[], help="checkpoints to run logits and generation on")
+    parser.add_argument("--logits_only", type=Path, nargs="*", default=[], help="checkpoints to run logits on")
+    args = parser.parse_args()
+    tokenizer = Tokenizer(args.tokenizer)
+    jobs = [(path, True) for path in args.generate] + [(path, False) for path in args.logits_only]
+    for tp in map(int, args.tp.split(",")):
+        parallel = distributed.setup(tp)
+        for ckpt_dir, generate in jobs:
+            result = outputs(ckpt_dir, tokenizer, parallel, generate)
+            torch.save(result, args.out / f"{ckpt_dir.name}.tp{tp}.rank{parallel.rank}.pt")
+        fs_init.destroy_model_parallel()  # the next size builds new groups on the same processes
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()
