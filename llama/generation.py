@@ -48,8 +48,14 @@ def prefill(model: Transformer, tokens: torch.Tensor, prefix: Optional[torch.Ten
     return model.output(hidden if all_logits else hidden[:, -1:]).float()
 
 
-def decode_one_token(model: Transformer, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-    """Logits [B, 1, V] for tokens [B, 1] at position start_pos, appending to the KV cache."""
+def decode_one_token(model: Transformer, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+    """Logits [B, 1, V] for tokens [B, 1] at position start_pos, appending to the KV cache.
+
+    A position tensor takes the static-shape path (`Transformer.decode_hidden`) that
+    torch.compile turns into one graph (a CUDA graph on GPUs).
+    """
+    if isinstance(start_pos, torch.Tensor):
+        return model.output(model.decode_hidden(tokens, start_pos)).float()
     return model.output(model.hidden_states(tokens, start_pos)).float()
 
 
@@ -60,11 +66,19 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class Llama:
     """A loaded model + tokenizer on this rank, with Meta's generation API."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, parallel: distributed.Parallel, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, parallel: distributed.Parallel, seed: int = 1, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.parallel = parallel
         self.generator = torch.Generator(parallel.device).manual_seed(seed)
+        # Stopping at EOS needs the device's answer on the host; a GPU is asked only every few
+        # steps, so the host keeps queueing work (generate() cuts the rows at their first EOS).
+        self.eos_check_every = 1 if parallel.device.type == "cpu" else 8
+        self.compiled_step = None
+        if compile:  # one specialisation per batch size; CUDA graphs remove the per-kernel launch cost
+            mode = "reduce-overhead" if parallel.device.type == "cuda" else None
+            self.compiled_step = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+            self.step_pos = torch.zeros(1, dtype=torch.long, device=parallel.device)
 
     @staticmethod
     def build(
@@ -75,6 +89,7 @@ class Llama:
         dtype: str = "float32",
         seed: int = 1,
         tp_size: Optional[int] = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load a Meta model directory (any shard count) split over this job's tensor-parallel ranks."""
         ckpt_dir = Path(ckpt_dir)
@@ -87,7 +102,14 @@ class Llama:
         model = checkpoint.load_model(
             ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size, torch_dtype, parallel.device, parallel.tp_rank, parallel.tp_size
         )
-        return Llama(model, tokenizer, parallel, seed)
+        return Llama(model, tokenizer, parallel, seed, compile)
+
+    def decode(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Logits [B, 1, V] of one decoding step, eager or through the compiled static-shape step."""
+        if self.compiled_step is None:
+            return decode_one_token(self.model, tokens, start_pos)
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        return self.compiled_step(self.model, tokens, self.step_pos.fill_(start_pos))
 
     @torch.inference_mode()
     def generate_steps(
@@ -136,7 +158,7 @@ class Llama:
             token_lp[:, 1:shortest] = token_logprobs(logits[:, :-1], tokens[:, 1:shortest])
         for cur_pos in range(shortest, total_len):
             if cur_pos > shortest:
-                logits = decode_one_token(model, tokens[:, cur_pos - 1 : cur_pos], n_prefix + cur_pos - 1)
+                logits = self.decode(next_token.unsqueeze(1), n_prefix + cur_pos - 1)
             next_token = sample(logits[:, -1], temperature, top_p, self.generator)
             next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
@@ -144,7 +166,7 @@ class Llama:
                 token_lp[:, cur_pos] = token_logprobs(logits[:, -1], next_token)
             finished |= ~is_prompt[:, cur_pos] & (next_token == self.tokenizer.eos_id)
             yield cur_pos, tokens, token_lp
-            if finished.all():
+            if (cur_pos - shortest + 1) % self.eos_check_every == 0 and finished.all():
                 break
 
     def generate(

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
-from fairscale.nn.model_parallel.layers import (
-    ColumnParallelLinear,
-    ParallelEmbedding,
-    RowParallelLinear,
-)
+from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel.layers import ParallelEmbedding
+from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 from torch import nn
 
 
@@ -103,6 +102,36 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return torch.stack([real, imag], dim=-1).flatten(3).type_as(x)
 
 
+class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+    """fairscale's column-parallel linear (same weights and keys), lighter when there is no autograd.
+
+    fairscale wraps the input in an identity autograd.Function so that training all-reduces the
+    input's gradient. Generation needs no gradient, so it skips that per-call cost.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        out = F.linear(x, self.weight)
+        return gather_from_model_parallel_region(out) if self.gather_output else out
+
+
+class RowParallelLinear(fs_layers.RowParallelLinear):
+    """fairscale's row-parallel linear (same weights and keys) whose all-reduce torch.compile can trace.
+
+    fairscale all-reduces inside an autograd.Function that calls ctx.mark_dirty, which dynamo
+    cannot trace; generation needs no autograd, so it all-reduces directly. Llama has no biases.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        out = F.linear(x, self.weight)
+        if fs_init.get_model_parallel_world_size() > 1:
+            dist.all_reduce(out, group=fs_init.get_model_parallel_group())
+        return out
+
+
 class KVCache(nn.Module):
     """Preallocated keys/values [B, kv_heads, max_seq_len, head_dim], written in place."""
 
@@ -112,9 +141,19 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, H, T, D] at positions start_pos.. and return every key/value so far."""
-        batch, end = k.size(0), start_pos + k.size(2)
+    def update(self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H, T, D] at positions start_pos.. and return the keys/values to attend over.
+
+        An int start_pos returns positions 0..end only, so eager decoding reads no more than is
+        filled. A position tensor (the static-shape step of `Transformer.decode_hidden`) returns
+        the whole cache, every step the same shape; its mask hides the unfilled positions.
+        """
+        batch = k.size(0)
+        if isinstance(start_pos, torch.Tensor):
+            self.k[:batch].index_copy_(2, start_pos, k)
+            self.v[:batch].index_copy_(2, start_pos, v)
+            return self.k[:batch], self.v[:batch]
+        end = start_pos + k.size(2)
         self.k[:batch, :, start_pos:end] = k
         self.v[:batch, :, start_pos:end] = v
         return self.k[:batch, :, :end], self.v[:batch, :, :end]
@@ -147,7 +186,8 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_no_init)
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, T, dim] at positions start_pos..; mask None means causal over the cache."""
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(batch, seq_len, self.n_local_kv_heads, self.head_dim)
@@ -158,7 +198,8 @@ class Attention(nn.Module):
             k, v = self.cache.update(start_pos, k, v)
         elif start_pos != 0:
             raise ValueError("start_pos > 0 needs a KV cache: call model.setup_caches() first")
-        mask = causal_mask(seq_len, k.size(2), x.device)
+        if mask is None:
+            mask = causal_mask(seq_len, k.size(2), x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
@@ -186,8 +227,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, rope)
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -248,6 +289,21 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, start_pos, rope)
         return self.norm(h[:, n_prefix:])
+
+    def decode_hidden(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [B, 1, dim] of one token per row at position `pos` (a [1] tensor).
+
+        The static-shape twin of `hidden_states` for torch.compile, as in gpt-fast: the position
+        is data, not a Python int, and attention covers the whole preallocated cache with the
+        positions after `pos` masked, so every step runs the same kernels on the same shapes and
+        can be replayed as one CUDA graph. Needs the KV caches.
+        """
+        positions = torch.arange(self.max_seq_len, device=pos.device)
+        mask = (positions <= pos).view(1, 1, 1, -1)
+        h, rope = self.tok_embeddings(tokens), self.rope[pos]
+        for layer in self.layers:
+            h = layer(h, pos, rope, mask)
+        return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [B, T, vocab] in float32 for every token position (gathered over TP ranks)."""
