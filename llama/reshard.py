@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -154,15 +155,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fsync(path: Path) -> None:
-    """Flush a finished file to disk before it is renamed into place."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Staging:
     """Files are written into a hidden folder in OUT and moved in by `publish` once complete.
 
@@ -200,17 +192,30 @@ class Staging:
 
 
 def write_shards(source: Source, staging: Staging, num_shards: int, dtype: Optional[torch.dtype], progress: bool) -> list[dict]:
-    """Build, save and free one output shard at a time; returns name, bytes, sha256 of each."""
-    files = []
-    for rank in range(num_shards):
-        name = shard_name(rank)
-        keys = tqdm(source.keys, desc=f"{name} ({rank + 1}/{num_shards})", unit="tensor", disable=not progress, leave=False)
-        state = {key: out_tensor(key, source.pieces(key), rank, num_shards, dtype) for key in keys}
-        torch.save(state, staging.path(name))
-        del state  # free this shard before building the next
-        fsync(staging.path(name))
-        files.append({"name": name, "bytes": staging.path(name).stat().st_size, "sha256": file_sha256(staging.path(name))})
-    return files
+    """Build, save and free one output shard at a time; returns name, bytes, sha256 of each.
+
+    A second thread flushes and hashes each saved file while the next shard is built.
+    """
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        finished = []
+        for rank in range(num_shards):
+            name = shard_name(rank)
+            keys = tqdm(source.keys, desc=f"{name} ({rank + 1}/{num_shards})", unit="tensor", disable=not progress, leave=False)
+            state = {key: out_tensor(key, source.pieces(key), rank, num_shards, dtype) for key in keys}
+            torch.save(state, staging.path(name))
+            del state  # free this shard before building the next
+            finished.append(hasher.submit(flush_and_describe, staging.path(name)))
+        return [future.result() for future in finished]
+
+
+def flush_and_describe(path: Path) -> dict:
+    """fsync a finished file (so the rename publishes complete data); its manifest entry."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def verify(source: Source, paths: list[Path], dtype: Optional[torch.dtype], progress: bool) -> None:
