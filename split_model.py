@@ -74,8 +74,10 @@ def main(argv=None) -> None:
     dtype = None if args.dtype in (None, "keep") else parse_dtype(args.dtype)
     signal.signal(signal.SIGTERM, interrupt)
     out_dir = reshard(args.ckpt_dir, args.num_shards, args.out_dir, dtype, args.force, args.verify)
-    verified = " (verified bit-identical)" if args.verify else ""
-    print(f"wrote {args.num_shards} shards to {out_dir}{verified}; run: torchrun --nproc_per_node {args.num_shards} example.py --ckpt_dir {out_dir}")
+    n = args.num_shards
+    verified = ", verified bit-identical" if args.verify else ""
+    launcher = "python" if n == 1 else f"torchrun --nproc_per_node {n}"
+    print(f"wrote {n} shard{'s' * (n > 1)} to {out_dir}{verified}; run: {launcher} example.py --ckpt_dir {out_dir}")
 
 
 if __name__ == "__main__":
