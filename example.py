@@ -49,10 +49,16 @@ def print_results(llm: Llama, prompts: list[str], results: list[dict], as_json: 
 
 
 def stream_one(llm: Llama, prompt: str, prompt_ids: list[int], args: argparse.Namespace, prefix=None) -> None:
-    """Print one completion as it is generated (rank 0); other ranks compute alongside."""
+    """Print one completion as it is generated (rank 0); other ranks compute alongside.
+
+    The first piece is computed before anything is printed, so a bad prompt (too long, ...)
+    is an error with nothing half-written on stdout.
+    """
+    pieces = llm.stream(prompt_ids, args.max_gen_len, args.temperature, args.top_p, prefix)
+    first = next(pieces, "")
     if llm.parallel.is_main:
-        print(prompt, end="", flush=True)
-    for piece in llm.stream(prompt_ids, args.max_gen_len, args.temperature, args.top_p, prefix):
+        print(prompt + first, end="", flush=True)
+    for piece in pieces:
         if llm.parallel.is_main:
             print(piece, end="", flush=True)
     if llm.parallel.is_main:
