@@ -55,7 +55,8 @@ def test_eos_stops_each_row(llm: Llama):
     ids, _ = llm.generate([[1], LILY["prompt_ids"]], max_gen_len=40, temperature=0)
     assert ids == [FROM_BOS[:13], LILY["generated_ids"][:40]]
     steps = list(llm.generate_steps([[1]], max_gen_len=100, temperature=0))
-    assert len(steps) == 14, "generation must stop once every row has produced EOS"
+    # Generation stops once every row has produced EOS: at once on CPU; a GPU checks every few steps.
+    assert len(steps) == 14 if llm.parallel.device.type == "cpu" else 14 <= len(steps) <= 24
     assert "".join(llm.stream([1], 100, temperature=0)) == llm.tokenizer.decode(FROM_BOS[:13])
 
 
@@ -76,7 +77,7 @@ def test_echo_logprobs_equal_a_full_forward(llm: Llama):
         assert row == prompt + new_row and len(row_lp) == len(row) == len(prompt) + 12
         assert row_lp[0] == 0.0, "the first token has no prediction (Meta reports 0)"
         with torch.inference_mode():
-            logits = llm.model(torch.tensor([row]), 0)[0]
+            logits = llm.model(torch.tensor([row], device=llm.parallel.device), 0)[0].cpu()
         expected = torch.log_softmax(logits, dim=-1)[:-1].gather(-1, torch.tensor(row[1:])[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(row_lp[1:]), expected, rtol=0, atol=1e-4)
         torch.testing.assert_close(torch.tensor(new_lp), torch.tensor(row_lp[len(prompt) :]), rtol=0, atol=1e-5)
@@ -115,7 +116,7 @@ def test_top_p_generation_is_seeded_and_stays_in_the_nucleus(world1):
     for prompt, row in zip(prompts, ids[3]):
         full = prompt + row
         with torch.inference_mode():
-            logits = model(torch.tensor([full]), 0)[0]
+            logits = model(torch.tensor([full], device=runs[3].parallel.device), 0)[0].cpu()
         for pos in range(len(prompt), len(full)):
             assert full[pos] in nucleus(logits[pos - 1], temperature, top_p), f"position {pos} sampled outside the top-p nucleus"
 

@@ -181,8 +181,8 @@ def test_logits_match_meta_reference(world1, device: str, name: str):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["stories260K", "llama2-style"])
 def test_cache_prefill_decode_and_chunks_equal_one_full_forward(world1, device: str, name: str):
-    """Prefill-then-decode, chunked prefill and the cache-free (training) forward all give the
-    logits of one full forward over the same tokens."""
+    """Prefill-then-decode (eager, and the static-shape step torch.compile uses), chunked prefill
+    and the cache-free (training) forward all give the logits of one full forward."""
     args, state = model_and_state(name)
     tokens = random_tokens(args, 2, 24).to(device)
     model = build(args, state, device)
@@ -190,6 +190,11 @@ def test_cache_prefill_decode_and_chunks_equal_one_full_forward(world1, device: 
         full = model(tokens, 0)
         decoded = [model(tokens[:, :9], 0)] + [model(tokens[:, pos : pos + 1], pos) for pos in range(9, 24)]
         torch.testing.assert_close(torch.cat(decoded, dim=1), full, rtol=0, atol=SAME_ATOL)
+        static = [model(tokens[:, :9], 0)]
+        for pos in range(9, 24):
+            pos_tensor = torch.tensor([pos], device=device)
+            static.append(model.output(model.decode_hidden(tokens[:, pos : pos + 1], pos_tensor)).float())
+        torch.testing.assert_close(torch.cat(static, dim=1), full, rtol=0, atol=SAME_ATOL)
         bounds = [0, 5, 6, 17, 24]
         chunks = [model(tokens[:, a:b], a) for a, b in zip(bounds, bounds[1:])]
         torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=SAME_ATOL)
