@@ -72,7 +72,6 @@ def main(argv=None) -> None:
     if args.ckpt_dir is None or args.num_shards is None:
         raise UserError("give --ckpt_dir DIR and --num_shards N (or --plan)")
     dtype = None if args.dtype in (None, "keep") else parse_dtype(args.dtype)
-    signal.signal(signal.SIGTERM, interrupt)
     out_dir = reshard(args.ckpt_dir, args.num_shards, args.out_dir, dtype, args.force, args.verify)
     n = args.num_shards
     verified = ", verified bit-identical" if args.verify else ""
@@ -81,4 +80,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupt)
     run_cli(main)
