@@ -1,0 +1,93 @@
+"""Helpers shared by the benchmark scripts: device sync, copy bandwidth, peak memory, output.
+
+Every figure a bench prints is measured in the same run, on the same device, so ratios such as
+"fraction of the memory roofline" compare like with like.
+"""
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
+    """Fastest of `repeats` timed calls in seconds: other jobs on a shared machine only slow runs down."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def copy_bandwidth(device: torch.device, n_bytes: int = 256 << 20, repeats: int = 10) -> float:
+    """Memory-copy bandwidth in bytes/s, counting bytes read + written (the STREAM-copy convention).
+
+    The buffer is far larger than any CPU cache, so this is DRAM (or HBM) bandwidth.
+    """
+    src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    seconds = best_time(lambda: dst.copy_(src), device, repeats=repeats, warmup=2)
+    return 2 * n_bytes / seconds
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA allocator stats, or Linux's RSS high-water mark)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # writing 5 to clear_refs resets VmHWM (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: the peak then covers the whole process lifetime
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes since `reset_peak_memory`: torch.cuda.max_memory_allocated, or the CPU RSS high-water mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def emit_json(record: dict, path: Optional[Path] = None) -> None:
+    """Print one JSON line (and append it to `path` if given), the machine-readable result."""
+    line = json.dumps(record, sort_keys=False)
+    print(line, flush=True)
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def format_table(records: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A Markdown table of `records`; columns are (key, header, format spec such as '.1f')."""
+    header = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    rows = []
+    for record in records:
+        cells = [_cell(record.get(key), spec) for key, _, spec in columns]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join([header, rule, *rows])
+
+
+def _cell(value: object, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)

@@ -1,0 +1,41 @@
+"""torchrun worker for test_compile.py: greedy ids of one checkpoint, eager and torch.compiled, at TP=world.
+
+    torchrun --nproc_per_node 2 tests/compile_worker.py --ckpt DIR --tokenizer TOK --out FILE
+
+Rank 0 saves {"eager": ids, "compiled": ids, "compiled_logprobs": ...} to FILE (every rank computes
+them: tensor-parallel ranks run in lockstep).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when not pip-installed
+from llama import checkpoint, distributed  # noqa: E402
+from llama.generation import Llama  # noqa: E402
+from llama.tokenizer import Tokenizer  # noqa: E402
+
+PROMPTS = [[1, 403, 407, 261, 378], [1, 317, 269]]
+GEN_LEN = 12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    parallel = distributed.setup()
+    tokenizer = Tokenizer(args.tokenizer)
+    model = checkpoint.load_model(args.ckpt, tokenizer.n_words, 32, len(PROMPTS), torch.float32, parallel.device, parallel.tp_rank, parallel.tp_size)
+    eager, _ = Llama(model, tokenizer, parallel).generate(PROMPTS, GEN_LEN, temperature=0.0)
+    compiled, logprobs = Llama(model, tokenizer, parallel, compile=True).generate(PROMPTS, GEN_LEN, temperature=0.0, logprobs=True)
+    if parallel.is_main:
+        torch.save({"eager": eager, "compiled": compiled, "compiled_logprobs": logprobs}, args.out)
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()
