@@ -137,6 +137,8 @@ def open_shards(paths: Sequence[Path]) -> list[dict[str, torch.Tensor]]:
             shards.append(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
         except Exception as err:  # torch raises many types for truncated or foreign files
             raise UserError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+        if not isinstance(shards[-1], dict) or not all(isinstance(t, torch.Tensor) for t in shards[-1].values()):
+            raise UserError(f"{path} is not a checkpoint shard: expected a dict of weight name -> tensor")
     keys = set(shards[0])
     for path, shard in zip(paths[1:], shards[1:]):
         if set(shard) != keys:

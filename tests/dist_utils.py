@@ -29,5 +29,5 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 300) -
 
 def python(script: str | Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python script args` (world size 1) from the repo root."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
