@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator
 
 import pytest
 
@@ -33,7 +34,7 @@ BAD_INPUTS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Future]:
+def runs(tmp_path_factory) -> Iterator[dict[str, Future]]:
     tmp = tmp_path_factory.mktemp("cli")
     for directory, files in (("no_params", ["consolidated.00.pth", "tokenizer.model"]), ("no_shards", ["params.json", "tokenizer.model"])):
         (tmp / directory).mkdir()

@@ -87,7 +87,10 @@ def test_echo_logprobs_equal_a_full_forward(llm: Llama):
 
 # --- sampling ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("temperature,top_p,kept", [(1.0, 0.7, [0.625, 0.375]), (1.0, 0.85, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95]), (0.5, 0.7, [0.25 / 0.34, 0.09 / 0.34])])
+@pytest.mark.parametrize(
+    "temperature,top_p,kept",
+    [(1.0, 0.7, [0.625, 0.375]), (1.0, 0.85, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95]), (0.5, 0.7, [0.25 / 0.34, 0.09 / 0.34])],
+)
 def test_sample_draws_from_the_renormalised_nucleus(temperature: float, top_p: float, kept: list[float]):
     """probs (0.5, 0.3, 0.15, 0.05): the nucleus is the smallest top set reaching top_p, after the
     temperature (T=0.5 squares the odds: 0.685, 0.247, ... so 0.7 keeps two)."""

@@ -84,7 +84,8 @@ def meta_reference_logits(args: ModelArgs, state: dict, tokens: torch.Tensor) ->
         attn = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(batch, seq_len, -1)
         h = h + attn @ w[p + "attention.wo.weight"].T
         x = norm(h, w[p + "ffn_norm.weight"])
-        h = h + (F.silu(x @ w[p + "feed_forward.w1.weight"].T) * (x @ w[p + "feed_forward.w3.weight"].T)) @ w[p + "feed_forward.w2.weight"].T
+        gate, up = x @ w[p + "feed_forward.w1.weight"].T, x @ w[p + "feed_forward.w3.weight"].T
+        h = h + (F.silu(gate) * up) @ w[p + "feed_forward.w2.weight"].T
     return norm(h, w["norm.weight"]) @ w["output.weight"].T
 
 
@@ -103,7 +104,10 @@ def test_model_args_from_meta_params():
     llama1_7b = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-06, "vocab_size": -1}
     args = checkpoint.model_args(llama1_7b, 32000)
     assert (args.vocab_size, args.kv_heads, args.head_dim, args.norm_eps) == (32000, 32, 128, 1e-6)
-    llama2_70b = {"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8, "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1}
+    llama2_70b = {
+        "dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8,
+        "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1,
+    }
     args = checkpoint.model_args(llama2_70b, 32000)
     assert (args.kv_heads, args.head_dim, args.hidden_dim) == (8, 128, 28672)
     with pytest.raises(UserError, match="unknown keys"):

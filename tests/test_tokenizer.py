@@ -24,7 +24,11 @@ def test_files_and_special_ids(name: str):
     assert (tok.n_words, tok.bos_id, tok.eos_id, tok.pad_id) == (meta["vocab_size"], meta["bos_id"], meta["eos_id"], meta["pad_id"])
 
 
-@pytest.mark.parametrize("name,case", [(name, case) for name in FILES for case in CASES[name]["cases"]], ids=lambda v: v if isinstance(v, str) else v["name"])
+@pytest.mark.parametrize(
+    "name,case",
+    [(name, case) for name in FILES for case in CASES[name]["cases"]],
+    ids=lambda v: v if isinstance(v, str) else v["name"],
+)
 def test_encode_decode(name: str, case: dict):
     tok = TOKENIZERS[name]
     assert tok.encode(case["text"], bos=False, eos=False) == case["ids"]
