@@ -35,6 +35,7 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_batch_size", type=int, default=4, help="rows the KV cache holds")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt and nothing else")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (CUDA graphs on GPU); the first prompts pay the compile time")
 
 
 def print_results(llm: Llama, prompts: list[str], results: list[dict], as_json: bool) -> None:
@@ -68,7 +69,7 @@ def stream_one(llm: Llama, prompt: str, prompt_ids: list[int], args: argparse.Na
 def main() -> None:
     args = parse_args()
     prompts = args.prompt or DEFAULT_PROMPTS
-    llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed)
+    llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed, compile=args.compile)
     try:
         if args.chat:
             system = [{"role": "system", "content": args.system}] if args.system else []
