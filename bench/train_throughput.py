@@ -1,0 +1,162 @@
+"""Prompt-tuning speed: tokens/s, peak memory and model FLOP/s of ft_main.py's training step.
+
+One step is what ft_main.py runs: forward of the frozen model with the soft prompt in front,
+chunked cross-entropy, backward to the prompt only, gradient clipping, AdamW.
+
+    python bench/train_throughput.py                                   # CPU: stories260K and 110M
+    python bench/train_throughput.py --shapes 110M --batch_size 2 --seq_len 128
+    python bench/train_throughput.py --shapes 7B --layers 2 --batch_size 1 --seq_len 128
+    torchrun --nproc_per_node 2 bench/train_throughput.py --shapes 110M   # tensor parallel; rank 0 prints
+    python bench/train_throughput.py --device cuda --dtype bfloat16 --shapes 7B --batch_size 8 --seq_len 512
+
+stories260K is the bundled checkpoint; 110M (dim 768, 12 layers, 12 heads, vocab 32000) and 7B
+(Llama 2 7B shapes; 2 layers on CPU unless --layers) get random weights drawn on the device. The
+batches are random tokens whose first quarter is unlabelled (like an instruction prompt), so
+the loss covers three quarters of the positions. Prints one JSON line per configuration, then
+a Markdown table.
+"""
+
+import argparse
+import os
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from bench.common import emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
+from bench.generate import SHAPES, STORIES, device_name, random_model, shape_args  # noqa: E402
+from llama import checkpoint, distributed, train  # noqa: E402
+from llama.data import IGNORE_INDEX  # noqa: E402
+from llama.errors import UserError, run_cli  # noqa: E402
+from llama.model import ModelArgs, Transformer  # noqa: E402
+from llama.prompt_tuning import SoftPrompt  # noqa: E402
+from llama.tokenizer import Tokenizer  # noqa: E402
+
+TABLE = [
+    ("shape", "shape", ""), ("layers", "layers", ""), ("dtype", "dtype", ""), ("tp", "TP", ""), ("batch_size", "batch", ""),
+    ("seq_len", "seq", ""), ("n_virtual_tokens", "P", ""), ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ".0f"),
+    ("model_gflop_s", "model GFLOP/s", ".1f"), ("peak_mem_gib", "peak GiB", ".2f"), ("weights_gib", "weights GiB", ".2f"),
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES), help="default: stories260K 110M (CPU), all (CUDA)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="frozen weights: float32, bfloat16, float16 (default float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--batch_size", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seq_len", type=int, default=128, help="tokens per sequence (after the soft prompt)")
+    parser.add_argument("--n_virtual_tokens", type=int, default=16, help="rows of the soft prompt")
+    parser.add_argument("--layers", type=int, default=None, help="layers of the random shapes (default: all)")
+    parser.add_argument("--chunk_size", type=int, default=256, help="positions per cross-entropy chunk")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps; the fastest is reported")
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines to this file")
+    args = parser.parse_args(argv)
+    args.shapes = args.shapes or (list(SHAPES) if args.device == "cuda" else ["stories260K", "110M"])
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if min(args.batch_size, args.seq_len, args.n_virtual_tokens, args.steps, args.chunk_size) < 1:
+        raise UserError("--batch_size, --seq_len, --n_virtual_tokens, --steps and --chunk_size must be >= 1")
+    return args
+
+
+def matmul_params(args: ModelArgs) -> int:
+    """Weights that multiply every token: all layers' projections and the output head (not the embedding lookup)."""
+    q_out, kv_out = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    per_layer = args.dim * (2 * q_out + 2 * kv_out) + 3 * args.dim * args.hidden_dim
+    return args.n_layers * per_layer + args.vocab_size * args.dim
+
+
+def load(shape: str, cli: argparse.Namespace, parallel: distributed.Parallel) -> Transformer:
+    """This rank's frozen model for a shape, with RoPE for prompt + sequence and no KV cache."""
+    dtype, positions = checkpoint.parse_dtype(cli.dtype), cli.n_virtual_tokens + cli.seq_len
+    if SHAPES[shape] is None:
+        vocab = Tokenizer(STORIES / "tokenizer.model").n_words
+        model = checkpoint.load_model(STORIES, vocab, positions, cli.batch_size, dtype, parallel.device, parallel.tp_rank, parallel.tp_size)
+    else:
+        model = random_model(shape_args(shape, cli.layers, cli.device), dtype, parallel, cli.batch_size, positions)
+    model.setup_caches(cli.batch_size, positions, kv_cache=False)
+    return model
+
+
+def synthetic_batch(args: ModelArgs, cli: argparse.Namespace, device: torch.device) -> train.Batch:
+    """Random tokens (the same on every rank); the first quarter is unlabelled, like a prompt."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab_size, (cli.batch_size, cli.seq_len), generator=gen)
+    labels = ids.clone()
+    labels[:, : cli.seq_len // 4] = IGNORE_INDEX
+    return ids.to(device), labels.to(device)
+
+
+def run_config(shape: str, cli: argparse.Namespace, parallel: distributed.Parallel) -> dict:
+    device, dtype = parallel.device, checkpoint.parse_dtype(cli.dtype)
+    reset_peak_memory(device)
+    model = load(shape, cli, parallel)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    prompt = SoftPrompt(0.02 * torch.randn(cli.n_virtual_tokens, model.args.dim, generator=torch.Generator().manual_seed(0))).to(device)
+    optimizer = torch.optim.AdamW([prompt.weight], lr=1e-3)
+    autocast = partial(torch.autocast, device.type, dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext
+    batch = [synthetic_batch(model.args, cli, device)]
+
+    def step() -> None:
+        train.accumulate_gradients(model, prompt, batch, cli.chunk_size, None, autocast)
+        torch.nn.utils.clip_grad_norm_([prompt.weight], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocator, kernels, optimizer state
+    times = []
+    for _ in range(cli.steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = min(times)  # other jobs on a shared machine only slow steps down
+    tokens_per_s = cli.batch_size * cli.seq_len / seconds
+    # Model FLOPs per token = 4 x params, not the usual 6 x params of full training: the forward
+    # costs 2 x params, the backward must still carry activation gradients through every layer
+    # down to the prompt (another 2 x params), but the frozen weights need no weight gradients
+    # (the 2 x params full training adds). Attention scores and the P prompt positions are left out.
+    flops_per_s = 4 * matmul_params(model.args) * tokens_per_s
+    return {
+        "shape": shape, "layers": model.args.n_layers, "device": device_name(device), "dtype": cli.dtype, "tp": parallel.tp_size,
+        "batch_size": cli.batch_size, "seq_len": cli.seq_len, "n_virtual_tokens": cli.n_virtual_tokens,
+        "step_ms": 1e3 * seconds, "tokens_per_s": tokens_per_s, "model_gflop_s": flops_per_s / 1e9,
+        "peak_mem_gib": peak_memory(device) / 2**30, "weights_gib": weights * parallel.tp_size / 2**30,
+    }
+
+
+def main() -> None:
+    cli = parse_args()
+    if cli.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA initialises: distributed.setup picks the CPU
+    elif not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible: run on a GPU machine or pass --device cpu")
+    if cli.threads:
+        torch.set_num_threads(cli.threads)
+    parallel = distributed.setup()
+    try:
+        if parallel.is_main:
+            print(f"# {device_name(parallel.device)}, torch {torch.__version__}, {cli.dtype}, TP={parallel.tp_size}", flush=True)
+        records = []
+        for shape in tqdm(cli.shapes, desc="configurations", disable=not parallel.is_main, file=sys.stderr):
+            record = run_config(shape, cli, parallel)
+            records.append(record)
+            if parallel.is_main:
+                emit_json(record, cli.out)
+        if parallel.is_main:
+            print(format_table(records, TABLE), flush=True)
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,232 @@
+"""Soft-prompt tuning of a frozen Llama: `python ft_main.py` or `torchrun --nproc_per_node N ft_main.py`.
+
+The world is tp x dp processes (`--tp`, default all of them): the model is split over the tp
+ranks of a group, every rank holds the whole soft prompt, and each data-parallel group reads
+different batches. Only the prompt (n_virtual_tokens x dim numbers) is trained; the backbone is
+frozen, so no weight gradients are computed or stored.
+
+Outputs in --out_dir: prompt.pt (this project's format), peft/ (Hugging Face PEFT prompt-tuning
+adapter), ckpt.pt (for --resume), metrics.jsonl (plot it with `python -m llama.plot`).
+"""
+
+import argparse
+import math
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from fairscale.nn.model_parallel import initialize as fs_init
+from tqdm import tqdm
+
+from llama import checkpoint, data, distributed, train
+from llama.errors import UserError, run_cli
+from llama.prompt_tuning import INITS, SoftPrompt, export_peft, init_prompt, save_prompt
+from llama.model import Transformer
+from llama.tokenizer import Tokenizer
+
+# Options a resumed run may change; everything else comes from the checkpoint, so it continues exactly.
+RESUMABLE_OVERRIDES = {"max_steps", "eval_interval", "eval_batches", "ckpt_interval", "resume", "out_dir"}
+DEFAULT_INIT_TEXT = "Below is an instruction. Write a response that completes the request."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt_dir", default="ckpts/stories260K", help="frozen base model (Meta layout, any shard count)")
+    p.add_argument("--tokenizer_path", default=None, help="default: <ckpt_dir>/tokenizer.model")
+    p.add_argument("--data", default="datasets/alpaca_en_demo.json", help="alpaca-format JSON list or JSONL")
+    p.add_argument("--template", default="alpaca", help=f"prompt template: {', '.join(data.TEMPLATES)}")
+    p.add_argument("--field_map", default=None, help="map field names, e.g. instruction=prompt,output=completion")
+    p.add_argument("--train_on_inputs", action="store_true", help="also learn the prompt/template tokens")
+    p.add_argument("--max_seq_len", type=int, default=256, help="tokens per example (longer ones are cut)")
+    p.add_argument("--val_fraction", type=float, default=0.05, help="share of records held out for eval")
+    p.add_argument("--max_examples", type=int, default=None, help="use only this many records")
+    p.add_argument("--group_by_length", action="store_true", help="batch examples of similar length (less padding)")
+    p.add_argument("--n_virtual_tokens", type=int, default=16, help="rows of the soft prompt")
+    p.add_argument("--init", default="text", choices=INITS, help="prompt init: text, vocab or random")
+    p.add_argument("--init_text", default=DEFAULT_INIT_TEXT, help="text whose token embeddings start the prompt (--init text)")
+    p.add_argument("--batch_size", type=int, default=8, help="examples per micro-batch on each data-parallel rank")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max_steps", type=int, default=100, help="optimizer steps to run")
+    p.add_argument("--lr", type=float, default=0.03, help="peak learning rate (prompts like large ones)")
+    p.add_argument("--min_lr", type=float, default=None, help="end of the cosine decay; default lr / 10")
+    p.add_argument("--warmup_steps", type=int, default=10, help="linear warmup steps")
+    p.add_argument("--lr_decay_steps", type=int, default=None, help="step the cosine reaches min_lr; default max_steps")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the prompt's gradient norm (0 = off)")
+    p.add_argument("--eval_interval", type=int, default=25, help="steps between eval losses")
+    p.add_argument("--eval_batches", type=int, default=0, help="held-out batches per eval (0 = all)")
+    p.add_argument("--ckpt_interval", type=int, default=50, help="steps between checkpoints")
+    p.add_argument("--chunk_size", type=int, default=256, help="positions per cross-entropy chunk (bounds logits memory)")
+    p.add_argument("--dtype", default="auto", help="frozen weights: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per group (default: the whole world)")
+    p.add_argument("--seed", type=int, default=0, help="prompt init, data order and split")
+    p.add_argument("--out_dir", default="runs/prompt_tuning", help="where outputs and checkpoints go")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir/ckpt.pt")
+    return p
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, Optional[dict]]:
+    """Command-line options, or on --resume the checkpoint's options (+ the few that may change)."""
+    args = build_parser().parse_args(argv)
+    if not args.resume:
+        return args, None
+    saved = train.load_checkpoint(Path(args.out_dir) / "ckpt.pt")
+    probe = build_parser()  # the same parser with None defaults tells which options were typed
+    probe.set_defaults(**{name: None for name in vars(args)})
+    typed = {name: value for name, value in vars(probe.parse_args(argv)).items() if value is not None}
+    config = saved["config"]
+    for name, value in typed.items():
+        if name not in RESUMABLE_OVERRIDES and value != config.get(name):
+            raise UserError(f"--{name} {value} differs from the checkpoint's {config.get(name)}: a resumed run keeps its "
+                            f"options (only {', '.join(sorted(RESUMABLE_OVERRIDES - {'resume', 'out_dir'}))} may change)")
+    return argparse.Namespace(**{**config, **typed}), saved
+
+
+def resolve(args: argparse.Namespace, parallel: distributed.Parallel) -> argparse.Namespace:
+    """Fill defaults that depend on others or on the device, and check ranges once."""
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if parallel.device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    checkpoint.parse_dtype(args.dtype)
+    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    args.lr_decay_steps = args.lr_decay_steps or args.max_steps
+    args.tokenizer_path = args.tokenizer_path or str(Path(args.ckpt_dir) / "tokenizer.model")
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "ckpt_interval", "chunk_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> SoftPrompt:
+    args, saved = parse_args(argv)
+    parallel = distributed.setup(args.tp)
+    try:
+        return tune(resolve(args, parallel), parallel, saved)
+    finally:
+        distributed.teardown()
+
+
+@dataclass
+class Run:
+    """Everything the loop works on, built by `prepare`."""
+
+    model: Transformer
+    prompt: SoftPrompt
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], AbstractContextManager]
+    batches: train.TrainBatches
+    val_batches: list[train.Batch]
+    step: int
+
+
+def prepare(args: argparse.Namespace, parallel: distributed.Parallel, saved: Optional[dict]) -> Run:
+    """Load the frozen model and the data, make the prompt and optimizer, restore a checkpoint."""
+    device, dtype = parallel.device, checkpoint.parse_dtype(args.dtype)
+    torch.manual_seed(args.seed)
+    tokenizer = Tokenizer(args.tokenizer_path)
+    positions = args.n_virtual_tokens + args.max_seq_len  # the prompt takes positions 0..P-1
+    model = checkpoint.load_model(Path(args.ckpt_dir), tokenizer.n_words, positions, args.batch_size, dtype, device, parallel.tp_rank, parallel.tp_size)
+    model.setup_caches(args.batch_size, positions, kv_cache=False)  # training needs RoPE only
+    splits = data.build_splits(args.data, tokenizer, args.template, args.max_seq_len, args.val_fraction, args.seed,
+                               args.train_on_inputs, data.parse_field_map(args.field_map), args.max_examples, show_progress=parallel.is_main)
+    if parallel.is_main:
+        print(splits.summary(), flush=True)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+
+    prompt = init_prompt(model, tokenizer, args.n_virtual_tokens, args.init, args.init_text, args.seed).to(device)
+    optimizer = torch.optim.AdamW([prompt.weight], lr=args.lr, weight_decay=args.weight_decay)
+    use_amp = device.type == "cuda" and dtype != torch.float32  # CPU trains in float32
+    autocast = partial(torch.autocast, device.type, dtype=dtype) if use_amp else nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and dtype == torch.float16)
+    step, position = 0, {}
+    if saved is not None:
+        prompt.weight.data.copy_(saved["prompt"])
+        optimizer.load_state_dict(saved["optimizer"])
+        step, position = saved["step"], saved["data"]
+        train.set_rng_state(saved["rng"])
+    batches = train.TrainBatches(splits.train, args.batch_size, args.seed, parallel.dp_rank, parallel.dp_size, args.group_by_length, pad_id, **position)
+    val_batches = train.eval_batches(splits.val, args.batch_size, parallel.dp_rank, parallel.dp_size, pad_id, args.eval_batches)
+    return Run(model, prompt, optimizer, scaler, autocast, batches, val_batches, step)
+
+
+def tune(args: argparse.Namespace, parallel: distributed.Parallel, saved: Optional[dict]) -> SoftPrompt:
+    """The loop: eval now and then; fetch micro-batches; set lr; gradients; clip; step; log; checkpoint."""
+    run = prepare(args, parallel, saved)
+    model, prompt, optimizer, scaler, step = run.model, run.prompt, run.optimizer, run.scaler, run.step
+    out_dir, is_main, dp_group = Path(args.out_dir), parallel.is_main, data_parallel_group()
+    metrics = train.MetricsLog(out_dir / "metrics.jsonl", resume_step=step if saved else None) if is_main else None
+    evaluate = partial(train.estimate_loss, model, batches=run.val_batches, chunk_size=args.chunk_size, dp_group=dp_group, autocast=run.autocast)
+    untuned_loss = evaluate(None)[0] if run.val_batches else math.nan  # the figure to beat
+    last_ckpt = step if saved else None
+    progress = tqdm(total=args.max_steps, initial=step, desc="prompt tuning", disable=not is_main)
+    while step < args.max_steps:
+        if step % args.eval_interval == 0 and run.val_batches:
+            log_eval(metrics, progress, step, evaluate(prompt), untuned_loss)
+
+        micro_batches, n_tokens = zip(*(run.batches.next() for _ in range(args.grad_accum)))
+        lr = train.get_lr(step, args.lr, args.min_lr, args.warmup_steps, args.lr_decay_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        start = time.perf_counter()
+        loss, n_labels = train.accumulate_gradients(model, prompt, micro_batches, args.chunk_size, dp_group, run.autocast, scaler.scale)
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([prompt.weight], args.grad_clip or math.inf))
+        if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm)):
+            raise UserError(diverged_message(step + 1, loss, grad_norm, out_dir, last_ckpt))
+        scaler.step(optimizer)  # an fp16 step with inf gradients is skipped and the scale lowered
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if is_main:
+            tokens_per_s = sum(n_tokens) * parallel.dp_size / (time.perf_counter() - start)  # this rank's share x dp ranks
+            metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "label_tokens": n_labels,
+                           "tokens_per_s": tokens_per_s, "peak_mem_mb": train.peak_memory_mb(parallel.device)})
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            progress.update()
+        if step % args.ckpt_interval == 0 or step == args.max_steps:
+            if is_main:
+                save_all(args, run, step, lr, out_dir)
+            last_ckpt = step
+    progress.close()
+    if run.val_batches:
+        log_eval(metrics, None, step, evaluate(prompt), untuned_loss)
+    if is_main:
+        print(f"done: {step} steps; prompt in {out_dir / 'prompt.pt'} and {out_dir / 'peft'}", flush=True)
+    return prompt
+
+
+def log_eval(metrics: Optional[train.MetricsLog], progress: Optional[tqdm], step: int, result: tuple[float, float], untuned_loss: float) -> None:
+    """Record the held-out loss next to the untuned model's (rank 0 only)."""
+    if metrics is None:
+        return
+    loss, ppl = result
+    metrics.write({"step": step, "eval_loss": loss, "eval_ppl": ppl, "eval_loss_untuned": untuned_loss})
+    (progress.write if progress else print)(f"step {step}: eval loss {loss:.4f} (perplexity {ppl:.2f}); untuned model {untuned_loss:.4f}")
+
+
+def data_parallel_group():
+    """fairscale's group of ranks holding the same model slice; they sum their gradients."""
+    return fs_init.get_data_parallel_group()
+
+
+def save_all(args: argparse.Namespace, run: Run, step: int, lr: float, out_dir: Path) -> None:
+    """ckpt.pt (to resume), prompt.pt (this project's format) and peft/ (Hugging Face PEFT), each atomic."""
+    schedule = {"lr": args.lr, "min_lr": args.min_lr, "warmup_steps": args.warmup_steps, "decay_steps": args.lr_decay_steps, "last_lr": lr}
+    train.save_checkpoint(out_dir / "ckpt.pt", run.prompt, run.optimizer, schedule, step, run.batches.state(), vars(args))
+    save_prompt(run.prompt, out_dir / "prompt.pt", {"base_model": args.ckpt_dir, "template": args.template, "step": step})
+    export_peft(run.prompt, out_dir / "peft", args.ckpt_dir, args.tokenizer_path, run.model.args.n_layers, run.model.args.n_heads)
+
+
+def diverged_message(step: int, loss: float, grad_norm: float, out_dir: Path, last_ckpt: Optional[int]) -> str:
+    last = (f"the last good checkpoint is {out_dir / 'ckpt.pt'} (step {last_ckpt}; continue with --resume)"
+            if last_ckpt is not None else "no checkpoint was written yet")
+    return f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; lower --lr or --grad_clip (or use float32); {last}"
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,255 @@
+"""Soft prompts (Lester et al. 2021): a trained [n_virtual_tokens, dim] matrix placed before the tokens.
+
+The frozen model sees `[prompt rows, token embeddings]` (see `Transformer.hidden_states(prefix=)`),
+so the prompt lives in the same space as token embeddings. Under tensor parallelism every rank
+holds the full prompt: `ParallelEmbedding` gathers the embedding dim, so initial values agree,
+and the first column-parallel layer all-reduces the gradient flowing back, so updates agree.
+
+Two file formats:
+- the project's own `prompt.pt`: `{"prompt_embeddings": tensor, "config": {...}}`;
+- Hugging Face PEFT's prompt-tuning adapter: a directory with `adapter_config.json`
+  (`peft_type: PROMPT_TUNING`) and `adapter_model.bin` holding `{"prompt_embeddings": tensor}`,
+  so a prompt trained here loads into a PEFT stack over the same base model, and back.
+"""
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Optional
+
+import torch
+from torch import nn
+
+from llama.errors import UserError
+from llama.model import Transformer
+from llama.tokenizer import Tokenizer
+
+INITS = ("text", "vocab", "random")
+PROJECT_FORMAT = "llama-mp-soft-prompt"
+PEFT_CONFIG, PEFT_WEIGHTS, PEFT_SAFETENSORS = "adapter_config.json", "adapter_model.bin", "adapter_model.safetensors"
+# Our init names <-> PEFT's PromptTuningInit values.
+PEFT_INIT = {"text": "TEXT", "vocab": "RANDOM_DISCRETE", "random": "RANDOM"}
+
+
+class SoftPrompt(nn.Module):
+    """The trained prefix: float32 master weights [n_virtual_tokens, dim] whatever the model dtype."""
+
+    def __init__(self, embeddings: torch.Tensor, config: Optional[dict] = None):
+        super().__init__()
+        self.weight = nn.Parameter(embeddings.detach().float().clone())
+        self.config = dict(config or {})
+
+    @property
+    def n_virtual_tokens(self) -> int:
+        return self.weight.size(0)
+
+    @property
+    def dim(self) -> int:
+        return self.weight.size(1)
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        """The prefix for a batch, [batch_size, n_virtual_tokens, dim] (a view, no copy)."""
+        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def init_prompt(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    n_virtual_tokens: int,
+    init: str = "text",
+    init_text: str = "",
+    seed: int = 0,
+) -> SoftPrompt:
+    """A new prompt initialised from the model's own embeddings (identical on every TP rank).
+
+    `text`: embeddings of `init_text`'s tokens, repeated or cut to length (PEFT's TEXT);
+    `vocab`: embeddings of randomly drawn vocabulary tokens (PEFT's RANDOM_DISCRETE);
+    `random`: Gaussian noise at the scale of the real embeddings, so the first layer sees
+    inputs of the size it was trained on. Random draws use a CPU generator seeded alike on all ranks.
+    """
+    if n_virtual_tokens < 1:
+        raise UserError(f"--n_virtual_tokens must be at least 1, got {n_virtual_tokens}")
+    if init not in INITS:
+        raise UserError(f"unknown prompt init '{init}': choose one of {', '.join(INITS)}")
+    gen = torch.Generator().manual_seed(seed)
+    vocab, dim = model.args.vocab_size, model.args.dim
+    device = model.tok_embeddings.weight.device
+    if init == "text":
+        ids = tokenizer.encode(init_text, bos=False, eos=False)
+        if not ids:
+            raise UserError("--init_text is empty: give a text describing the task, or use --init vocab")
+        ids = (ids * (n_virtual_tokens // len(ids) + 1))[:n_virtual_tokens]
+    else:
+        ids = torch.randint(0, vocab, (n_virtual_tokens,), generator=gen).tolist()
+    with torch.no_grad():
+        embeddings = model.tok_embeddings(torch.tensor(ids, device=device)).float()
+        if init == "random":
+            noise = torch.randn(n_virtual_tokens, dim, generator=gen).to(device)
+            embeddings = noise * embeddings.std()
+    config = {"init": init, "init_text": init_text if init == "text" else None, "seed": seed, "dim": dim}
+    return SoftPrompt(embeddings, config)
+
+
+def save_prompt(prompt: SoftPrompt, path: str | Path, extra: Optional[dict] = None) -> Path:
+    """Write the project's format (`prompt.pt`) atomically."""
+    config = {**prompt.config, **(extra or {}), "n_virtual_tokens": prompt.n_virtual_tokens, "dim": prompt.dim}
+    state = {"format": PROJECT_FORMAT, "prompt_embeddings": prompt.weight.detach().cpu().clone(), "config": config}
+    return atomic_torch_save(state, Path(path))
+
+
+def export_peft(prompt: SoftPrompt, out_dir: str | Path, base_model: str = "", tokenizer_path: str = "", n_layers: int = 0, n_heads: int = 0) -> Path:
+    """Write a PEFT prompt-tuning adapter directory (adapter_config.json + adapter_model.bin).
+
+    `inference_mode: true` tells PEFT to load the saved embeddings instead of re-initialising.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    init = prompt.config.get("init", "random")
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "inference_mode": True,
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "auto_mapping": None,
+        "num_virtual_tokens": prompt.n_virtual_tokens,
+        "token_dim": prompt.dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": n_heads,
+        "num_layers": n_layers,
+        "prompt_tuning_init": PEFT_INIT.get(init, "RANDOM"),
+        "prompt_tuning_init_text": prompt.config.get("init_text") if init == "text" else None,
+        "tokenizer_name_or_path": tokenizer_path if init == "text" else None,
+        "tokenizer_kwargs": None,
+    }
+    atomic_torch_save({"prompt_embeddings": prompt.weight.detach().cpu().clone()}, out_dir / PEFT_WEIGHTS)
+    atomic_write_text(json.dumps(config, indent=2) + "\n", out_dir / PEFT_CONFIG)
+    return out_dir
+
+
+def load_prompt(path: str | Path, dim: Optional[int] = None) -> SoftPrompt:
+    """Read a prompt in either format: a `prompt.pt` file or a PEFT adapter directory.
+
+    With `dim` (the model's), a prompt of another width is a UserError naming both.
+    """
+    path = Path(path)
+    if path.is_dir():
+        prompt = _load_peft(path)
+    elif path.is_file():
+        prompt = _load_project(path)
+    else:
+        raise UserError(f"adapter {path} not found: pass a prompt.pt file or a PEFT adapter directory (train one with ft_main.py)")
+    if dim is not None:
+        check_dim(prompt, dim, path)
+    return prompt
+
+
+def check_dim(prompt: SoftPrompt, dim: int, path: str | Path) -> None:
+    """A prompt only fits models of its own width."""
+    if prompt.dim != dim:
+        raise UserError(f"adapter {path} has embedding dim {prompt.dim} but the model has dim {dim}: use an adapter trained for this model")
+
+
+def _load_project(path: Path) -> SoftPrompt:
+    state = _torch_load(path)
+    if not isinstance(state, dict) or state.get("format") != PROJECT_FORMAT:
+        raise UserError(f"{path} is not a prompt file written by ft_main.py (expected format '{PROJECT_FORMAT}')")
+    return SoftPrompt(_check_matrix(state["prompt_embeddings"], path), state.get("config", {}))
+
+
+def _load_peft(path: Path) -> SoftPrompt:
+    config_path = path / PEFT_CONFIG
+    if not config_path.is_file():
+        raise UserError(f"{path} has no {PEFT_CONFIG}: not a PEFT adapter directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_path} is not valid JSON ({err})") from None
+    if config.get("peft_type") != "PROMPT_TUNING":
+        raise UserError(f"{path} is a {config.get('peft_type')} adapter; only PEFT PROMPT_TUNING adapters are soft prompts")
+    if (path / PEFT_WEIGHTS).is_file():
+        weights = _torch_load(path / PEFT_WEIGHTS)
+    elif (path / PEFT_SAFETENSORS).is_file():
+        weights = read_safetensors(path / PEFT_SAFETENSORS)
+    else:
+        raise UserError(f"{path} has neither {PEFT_WEIGHTS} nor {PEFT_SAFETENSORS}")
+    if "prompt_embeddings" not in weights:
+        raise UserError(f"{path} holds {sorted(weights)[:3]}, not 'prompt_embeddings'")
+    embeddings = _check_matrix(weights["prompt_embeddings"], path)
+    expected = config.get("num_virtual_tokens", 0) * (config.get("num_transformer_submodules") or 1)
+    if embeddings.size(0) != expected or embeddings.size(1) != config.get("token_dim", embeddings.size(1)):
+        raise UserError(f"{path}: prompt_embeddings {tuple(embeddings.shape)} disagree with num_virtual_tokens/token_dim in {PEFT_CONFIG}")
+    inits = {v: k for k, v in PEFT_INIT.items()}
+    ours = {"init": inits.get(config.get("prompt_tuning_init"), "random"), "init_text": config.get("prompt_tuning_init_text"), "peft_config": config}
+    return SoftPrompt(embeddings, ours)
+
+
+def _check_matrix(tensor, path: Path) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or not tensor.is_floating_point():
+        raise UserError(f"{path}: prompt embeddings must be a 2-d float tensor [n_virtual_tokens, dim]")
+    return tensor
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated, foreign or pickled-code files
+        raise UserError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file (recent PEFT's default), without the safetensors package.
+
+    The format is an 8-byte little-endian header length, a JSON header naming each tensor's
+    dtype, shape and byte range, then the raw little-endian data.
+    """
+    data = path.read_bytes()
+    try:
+        (header_len,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + header_len])
+        body = data[8 + header_len :]
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            raw = bytearray(body[start:end])
+            tensors[name] = torch.frombuffer(raw, dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]).clone()
+    except (struct.error, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise UserError(f"{path} is not a readable float safetensors file ({type(err).__name__}: {err})") from None
+    return tensors
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write through a temporary file in the target directory, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_torch_save(obj, path: Path) -> Path:
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(text: str, path: Path) -> Path:
+    return atomic_write_bytes(text.encode("utf-8"), path)

@@ -1,0 +1,258 @@
+"""The pieces of ft_main.py's training loop: schedule, loss, gradients, eval, checkpoints, metrics.
+
+Each is a small named function so the loop reads top to bottom and the tests can check the
+pieces the loop really uses (same loss whatever the chunking or gradient accumulation).
+"""
+
+import json
+import math
+import random
+import resource
+import sys
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llama import data
+from llama.data import IGNORE_INDEX
+from llama.errors import UserError
+from llama.model import Transformer
+from llama.prompt_tuning import SoftPrompt, atomic_torch_save, atomic_write_text
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [B, T], labels [B, T]
+
+
+class TrainBatches:
+    """This data-parallel rank's training batches, epoch after epoch (reshuffled by seed and epoch).
+
+    (epoch, position) is the whole state, so a checkpoint holding it resumes on the very next batch.
+    """
+
+    def __init__(self, examples: Sequence[data.Example], batch_size: int, seed: int, dp_rank: int, dp_size: int,
+                 group_by_length: bool, pad_id: int, epoch: int = 0, position: int = 0):
+        self.examples, self.pad_id = examples, pad_id
+        self.lengths = [len(example.input_ids) for example in examples]
+        self.order = partial(data.batch_indices, self.lengths, batch_size, seed, dp_rank=dp_rank, dp_size=dp_size, group_by_length=group_by_length)
+        self.epoch, self.position = epoch, position
+        self.batches = self.order(epoch=epoch)
+
+    def next(self) -> tuple[Batch, int]:
+        """The next padded batch and its number of real (non-pad) tokens."""
+        if self.position == len(self.batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self.batches = self.order(epoch=self.epoch)
+        indices = self.batches[self.position]
+        self.position += 1
+        return data.collate([self.examples[i] for i in indices], self.pad_id), sum(self.lengths[i] for i in indices)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+def eval_batches(examples: Sequence[data.Example], batch_size: int, dp_rank: int, dp_size: int, pad_id: int, limit: int = 0) -> list[Batch]:
+    """This data-parallel rank's share of the held-out examples, in order, as padded batches (limit 0 = all)."""
+    mine = examples[dp_rank::dp_size]
+    batches = [data.collate(mine[i : i + batch_size], pad_id) for i in range(0, len(mine), batch_size)]
+    return batches[:limit] if limit else batches
+
+
+def get_lr(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """Linear warmup to `lr` over warmup_steps, then cosine decay to `min_lr` at decay_steps (step counts from 0)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """Tokens that are predicted: position t predicts labels[t + 1], so the first label never counts."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _chunk_loss(output: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output(hidden).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(output: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Summed next-token cross-entropy of the labelled positions, `chunk_size` positions at a time.
+
+    Only positions with a label are projected onto the vocabulary. Each chunk's float32
+    logits [chunk, vocab] are recomputed in backward (activation checkpointing) instead of
+    being kept, so at most one chunk's logits exist at a time: for a 32000-token vocabulary
+    that is the difference between O(batch x seq x vocab) and O(chunk x vocab) memory.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    hidden, targets = hidden[:, :-1][keep], targets[keep]  # [N, dim], [N]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_chunk_loss, output, h, t, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(output, h, t)
+    return total
+
+
+def summed_loss(model: Transformer, prompt: SoftPrompt, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Summed token loss of one micro-batch with the soft prompt in front (positions 0..P-1)."""
+    hidden = model.hidden_states(input_ids, 0, prompt(input_ids.size(0)))
+    return chunked_cross_entropy(model.output, hidden, labels, chunk_size)
+
+
+def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the data-parallel group (a no-op with one data-parallel rank)."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def accumulate_gradients(
+    model: Transformer,
+    prompt: SoftPrompt,
+    micro_batches: Sequence[Batch],
+    chunk_size: int,
+    dp_group=None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+) -> tuple[float, int]:
+    """Fill prompt.weight.grad for one optimizer step; return (mean token loss, label tokens).
+
+    The loss is the sum of token losses over every micro-batch on every data-parallel rank,
+    divided by the number of label tokens in all of them. Counting first means each
+    micro-batch is weighted by its real tokens, so batch 4 x accum 1 equals batch 2 x accum 2
+    exactly, and summing (not averaging) the gradients over data-parallel ranks gives the
+    gradient of that global token mean. TP ranks of one group see the same batch and get the
+    same gradient through the all-reduce in the column-parallel layers' backward.
+    """
+    device = prompt.weight.device
+    n_labels = torch.tensor(float(sum(count_label_tokens(labels) for _, labels in micro_batches)), device=device)
+    n_labels = all_reduce_sum(n_labels, dp_group).clamp(min=1.0)
+    total = torch.zeros((), device=device)
+    if prompt.weight.grad is None:
+        prompt.weight.grad = torch.zeros_like(prompt.weight)
+    for input_ids, labels in micro_batches:
+        with autocast():
+            loss = summed_loss(model, prompt, input_ids.to(device), labels.to(device), chunk_size) / n_labels
+        if loss.requires_grad:  # a micro-batch with no label token adds nothing
+            scale(loss).backward()
+        total += loss.detach()
+    all_reduce_sum(prompt.weight.grad, dp_group)
+    return float(all_reduce_sum(total, dp_group)), int(n_labels)
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: Transformer,
+    prompt: Optional[SoftPrompt],
+    batches: Sequence[Batch],
+    chunk_size: int,
+    dp_group=None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[float, float]:
+    """(mean token loss, perplexity) over held-out batches of every data-parallel rank; no prompt = untuned model."""
+    device = model.tok_embeddings.weight.device
+    sums = torch.zeros(2, device=device)  # loss sum, label tokens
+    for input_ids, labels in batches:
+        input_ids, labels = input_ids.to(device), labels.to(device)
+        prefix = None if prompt is None else prompt(input_ids.size(0))
+        with autocast():
+            hidden = model.hidden_states(input_ids, 0, prefix)
+            sums[0] += chunked_cross_entropy(model.output, hidden, labels, chunk_size)
+        sums[1] += count_label_tokens(labels)
+    loss_sum, n_labels = all_reduce_sum(sums, dp_group).tolist()
+    loss = loss_sum / max(n_labels, 1.0)
+    return loss, math.exp(min(loss, 50.0))
+
+
+def rng_state() -> dict:
+    """Every random generator the run could touch, to resume it exactly."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    """random.setstate needs tuples; a saved state may come back with lists."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_checkpoint(path: Path, prompt: SoftPrompt, optimizer: torch.optim.Optimizer, schedule: dict, step: int, data_position: dict, config: dict) -> Path:
+    """Everything needed to continue exactly, written atomically (temp file + rename)."""
+    state = {
+        "prompt": prompt.weight.detach().cpu().clone(),
+        "prompt_config": prompt.config,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule,
+        "step": step,
+        "data": data_position,
+        "rng": rng_state(),
+        "config": config,
+    }
+    return atomic_torch_save(state, Path(path))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by save_checkpoint (weights only: no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--resume: no checkpoint at {path}; start without --resume, or pass the --out_dir of the run to continue")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator high-water mark, or the RSS high-water mark on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written, so a crash loses nothing."""
+
+    def __init__(self, path: Path, resume_step: Optional[int] = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():  # drop what came after the checkpoint: the resumed run redoes it
+            kept = [r for r in read_metrics(self.path) if r["step"] < resume_step or (r["step"] == resume_step and "loss" in r)]
+            atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), self.path)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
