@@ -103,13 +103,13 @@ def split_sizes(args: ModelArgs) -> dict[str, int]:
     }
 
 
-def check_shardable(args: ModelArgs, n: int) -> None:
+def check_shardable(args: ModelArgs, n: int, unit: str = "shards") -> None:
     """Error naming every size that `n` does not divide, and the shard counts that would work."""
     sizes = split_sizes(args)
     bad = [f"{name}={size}" for name, size in sizes.items() if size % n]
     if bad:
         ok = [k for k in range(1, max(sizes.values()) + 1) if all(s % k == 0 for s in sizes.values())]
-        raise UserError(f"{n} shards do not divide {', '.join(bad)}; shard counts that work: {ok}")
+        raise UserError(f"{n} {unit} do not divide {', '.join(bad)}; numbers of {unit} that work: {ok}")
 
 
 def shard_paths(ckpt_dir: Path) -> list[Path]:
@@ -236,7 +236,7 @@ def load_model(
     ckpt_dir = Path(ckpt_dir)
     params = read_params(ckpt_dir / "params.json")
     args = model_args(params, vocab_size, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    check_shardable(args, tp_size)
+    check_shardable(args, tp_size, unit="tensor-parallel ranks")
     shards = open_shards(shard_paths(ckpt_dir))
     check_against_args(shards, args)
     model = build_empty(args, dtype)

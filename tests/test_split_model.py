@@ -218,7 +218,7 @@ def make_bad_input(case: str, tmp: Path) -> tuple[Path, int, str]:
         edit_shard(ckpt / "consolidated.00.pth", lambda s: s.update({"layers.0.attention.wq.bias": torch.zeros(64)}))
         return ckpt, 2, "unknown weight 'layers.0.attention.wq.bias'"
     if case == "N does not divide":
-        return copy_ckpt(STORIES, ckpt), 8, "8 shards do not divide n_kv_heads=4, hidden_dim=172; shard counts that work: [1, 2, 4]"
+        return copy_ckpt(STORIES, ckpt), 8, "8 shards do not divide n_kv_heads=4, hidden_dim=172; numbers of shards that work: [1, 2, 4]"
     raise AssertionError(case)
 
 
