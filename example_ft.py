@@ -45,8 +45,7 @@ def main(argv=None) -> None:
         if len(texts) == 1 and not args.json:
             stream_one(llm, texts[0], prompt_ids[0], args, prefix)
             return
-        ids, _ = llm.generate(prompt_ids, args.max_gen_len, args.temperature, args.top_p, prefix=prefix)
-        results = [{"prompt_ids": p, "ids": out, "text": llm.decode_continuation(p, out)} for p, out in zip(prompt_ids, ids)]
+        results = llm.complete(prompt_ids, args.max_gen_len, args.temperature, args.top_p, prefix=prefix)
         print_results(llm, texts, results, args.json)
     finally:
         distributed.teardown()

@@ -264,10 +264,17 @@ class Llama:
         return ids
 
     def complete(
-        self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6, top_p: float = 0.9, logprobs: bool = False, echo: bool = False
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        prefix: Optional[torch.Tensor] = None,
     ) -> list[dict]:
-        """Complete token prompts; {"prompt_ids", "ids", "text"} (+ "logprobs") per prompt."""
-        ids, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        """Complete token prompts (after an optional soft prompt); {"prompt_ids", "ids", "text"} (+ "logprobs") each."""
+        ids, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, prefix)
         results = []
         for row, prompt in enumerate(prompt_tokens):
             result = {"prompt_ids": prompt, "ids": ids[row], "text": self.decode_continuation([] if echo else prompt, ids[row])}
