@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench.common import copy_bandwidth, emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
@@ -68,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per configuration; the best is reported")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines to this file")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's operator table of one generation (stderr)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     args.device = args.device or ("cuda" if cuda else "cpu")
@@ -197,6 +199,8 @@ def run_config(llm: Llama, shape: str, layers: str, batch: int, cli: argparse.Na
         runs.append(time_generation(llm, prompt_lists, cli.gen_len))
         peaks.append(peak_memory(device))
     peak, bandwidth = max(peaks), max(bandwidths)
+    if cli.profile:
+        print_profile(llm, prompt_lists, cli.gen_len)
     step_rates = [steps / seconds for _, seconds, steps in runs if steps > 0]
     steps = max(s for _, _, s in runs)
     weights, kv = bytes_per_step(llm.model, batch, cli.prompt_len + (steps + 1) / 2)
@@ -216,6 +220,17 @@ def run_config(llm: Llama, shape: str, layers: str, batch: int, cli: argparse.Na
         "roofline_tok_s": batch * roofline_steps,
         "roofline_fraction": max(step_rates) / roofline_steps,
     }
+
+
+def print_profile(llm: Llama, prompts: list[list[int]], gen_len: int) -> None:
+    """torch.profiler's table of one generation, most self time first: where a decoding step goes."""
+    cuda = llm.parallel.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        time_generation(llm, prompts, gen_len)
+    if llm.parallel.is_main:
+        table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=20)
+        print(table, file=sys.stderr, flush=True)
 
 
 def device_name(device: torch.device) -> str:

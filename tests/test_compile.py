@@ -4,7 +4,8 @@ The static step attends over the whole preallocated cache with a position mask i
 slice, so it must give the eager step's tokens: it reproduces llama2.c's golden ids eagerly,
 and, compiled by inductor under torchrun at TP=2, gives the same greedy ids and log-probs as
 eager decoding at TP=2 and at TP=1. One compiled model (1 layer, GQA 8:4) keeps this fast:
-inductor compiles C++ kernels, about 30-70 s on 2 shared cores.
+inductor compiles C++ kernels, about 30-70 s on 2 shared cores. With CUDA, the compiled step
+(CUDA graphs) also reproduces the golden ids on stories260K.
 """
 
 import json
@@ -19,7 +20,7 @@ from dist_utils import torchrun
 from llama import checkpoint
 from llama.generation import Llama, decode_one_token
 from llama.tokenizer import Tokenizer
-from references import GOLDEN, REPO, STORIES_TOKENIZER, load_stories
+from references import GOLDEN, REPO, STORIES_TOKENIZER, load_stories, needs_cuda
 
 TINY_PARAMS = {"dim": 64, "n_layers": 1, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 512, "multiple_of": 32}
 # Compiled kernels sum in another order than eager ones: float32 log-probs differ by ~1e-6.
@@ -73,3 +74,13 @@ def test_compiled_tp2_equals_eager(world1, tiny_ckpt, tmp_path):
     assert got["eager"] == tp1_ids, "TP=2 eager differs from TP=1"
     assert got["compiled"] == tp1_ids, "TP=2 compiled differs from eager"
     torch.testing.assert_close(torch.tensor(got["compiled_logprobs"]), torch.tensor(tp1_lps), rtol=0, atol=LOGPROB_ATOL)
+
+
+@needs_cuda
+def test_compiled_cuda_graphs_reproduce_golden_ids(world1):
+    """mode="reduce-overhead": the step replays as a CUDA graph; float32 ids equal llama2.c's."""
+    case = GOLDEN["greedy_bos_200"]
+    tokenizer = Tokenizer(STORIES_TOKENIZER)
+    llm = Llama(load_stories("cuda", max_batch_size=1, max_seq_len=512), tokenizer, world1, compile=True)
+    ids, _ = llm.generate([case["prompt_ids"]], case["n_generated"], temperature=0.0)
+    assert ids[0] == case["generated_ids"]
