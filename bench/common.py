@@ -12,6 +12,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from llama import distributed
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so wall-clock timings cover it."""
@@ -98,3 +100,13 @@ def _cell(value: object, spec: str) -> str:
     if value is None:
         return "-"
     return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)
+
+
+def start(threads: Optional[int], dtype: str, describe: Callable[[torch.device], str]) -> distributed.Parallel:
+    """Set CPU threads, join the process groups and print the run's header line (rank 0)."""
+    if threads:
+        torch.set_num_threads(threads)
+    parallel = distributed.setup()
+    if parallel.is_main:
+        print(f"# {describe(parallel.device)}, torch {torch.__version__}, {dtype}, TP={parallel.tp_size}", flush=True)
+    return parallel

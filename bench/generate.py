@@ -31,7 +31,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.common import copy_bandwidth, emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
+from bench.common import start, copy_bandwidth, emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
 from llama import checkpoint, distributed  # noqa: E402
 from llama.errors import UserError, run_cli  # noqa: E402
 from llama.generation import Llama, prefill  # noqa: E402
@@ -252,12 +252,8 @@ def measure_bandwidth(device: torch.device) -> float:
 
 def main() -> None:
     cli = parse_args()
-    if cli.threads:
-        torch.set_num_threads(cli.threads)
-    parallel = distributed.setup()
+    parallel = start(cli.threads, cli.dtype, device_name)
     try:
-        if parallel.is_main:
-            print(f"# {device_name(parallel.device)}, torch {torch.__version__}, {cli.dtype}, TP={parallel.tp_size}", flush=True)
         records = []
         configs = [(shape, batch) for shape in cli.shapes for batch in cli.batch]
         progress = tqdm(total=len(configs), desc="configurations", disable=not parallel.is_main, file=sys.stderr)

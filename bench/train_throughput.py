@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.common import emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
+from bench.common import start, emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
 from bench.generate import SHAPES, STORIES, device_name, random_model, shape_args  # noqa: E402
 from llama import checkpoint, distributed, train  # noqa: E402
 from llama.data import IGNORE_INDEX  # noqa: E402
@@ -140,12 +140,8 @@ def main() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA initialises: distributed.setup picks the CPU
     elif not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible: run on a GPU machine or pass --device cpu")
-    if cli.threads:
-        torch.set_num_threads(cli.threads)
-    parallel = distributed.setup()
+    parallel = start(cli.threads, cli.dtype, device_name)
     try:
-        if parallel.is_main:
-            print(f"# {device_name(parallel.device)}, torch {torch.__version__}, {cli.dtype}, TP={parallel.tp_size}", flush=True)
         records = []
         for shape in tqdm(cli.shapes, desc="configurations", disable=not parallel.is_main, file=sys.stderr):
             record = run_config(shape, cli, parallel)
