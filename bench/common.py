@@ -5,6 +5,8 @@ Every figure a bench prints is measured in the same run, on the same device, so 
 """
 
 import json
+import os
+import platform
 import resource
 import time
 from pathlib import Path
@@ -110,3 +112,14 @@ def start(threads: Optional[int], dtype: str, describe: Callable[[torch.device],
     if parallel.is_main:
         print(f"# {describe(parallel.device)}, torch {torch.__version__}, {dtype}, TP={parallel.tp_size}", flush=True)
     return parallel
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return platform.processor() or "cpu"

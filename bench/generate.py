@@ -16,8 +16,6 @@ configuration, then a Markdown table.
 
 import argparse
 import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.common import start, copy_bandwidth, emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
+from bench.common import start, device_name, copy_bandwidth, emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
 from llama import checkpoint, distributed  # noqa: E402
 from llama.errors import UserError, run_cli  # noqa: E402
 from llama.generation import Llama, prefill  # noqa: E402
@@ -231,17 +229,6 @@ def print_profile(llm: Llama, prompts: list[list[int]], gen_len: int) -> None:
     if llm.parallel.is_main:
         table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=20)
         print(table, file=sys.stderr, flush=True)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return platform.processor() or "cpu"
 
 
 def measure_bandwidth(device: torch.device) -> float:

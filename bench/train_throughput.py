@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.common import start, emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
-from bench.generate import SHAPES, STORIES, device_name, random_model, shape_args  # noqa: E402
+from bench.common import start, device_name, emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
+from bench.generate import SHAPES, STORIES, random_model, shape_args  # noqa: E402
 from llama import checkpoint, distributed, train  # noqa: E402
 from llama.data import IGNORE_INDEX  # noqa: E402
 from llama.errors import UserError, run_cli  # noqa: E402

@@ -129,14 +129,19 @@ def shard_paths(ckpt_dir: Path) -> list[Path]:
     return [numbered[i] for i in sorted(numbered)]
 
 
+def load_file(path: Path, mmap: bool = True):
+    """torch.load with weights only (no pickled code runs); an unreadable file is a UserError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises many types for truncated, foreign or pickled-code files
+        raise UserError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+
+
 def open_shards(paths: Sequence[Path]) -> list[dict[str, torch.Tensor]]:
-    """Memory-map every shard (weights only: no pickled code runs); nothing is read yet."""
+    """Memory-map every shard; nothing is read yet."""
     shards = []
     for path in paths:
-        try:
-            shards.append(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as err:  # torch raises many types for truncated or foreign files
-            raise UserError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+        shards.append(load_file(path))
         if not isinstance(shards[-1], dict) or not all(isinstance(t, torch.Tensor) for t in shards[-1].values()):
             raise UserError(f"{path} is not a checkpoint shard: expected a dict of weight name -> tensor")
     keys = set(shards[0])

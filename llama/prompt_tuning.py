@@ -22,6 +22,7 @@ from typing import BinaryIO, Callable, Optional
 import torch
 from torch import nn
 
+from llama.checkpoint import load_file
 from llama.errors import UserError
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
@@ -153,7 +154,7 @@ def check_dim(prompt: SoftPrompt, dim: int, path: str | Path) -> None:
 
 
 def _load_project(path: Path) -> SoftPrompt:
-    state = _torch_load(path)
+    state = load_file(path)
     if not isinstance(state, dict) or state.get("format") != PROJECT_FORMAT:
         raise UserError(f"{path} is not a prompt file written by ft_main.py (expected format '{PROJECT_FORMAT}')")
     return SoftPrompt(_check_matrix(state["prompt_embeddings"], path), state.get("config", {}))
@@ -170,7 +171,7 @@ def _load_peft(path: Path) -> SoftPrompt:
     if config.get("peft_type") != "PROMPT_TUNING":
         raise UserError(f"{path} is a {config.get('peft_type')} adapter; only PEFT PROMPT_TUNING adapters are soft prompts")
     if (path / PEFT_WEIGHTS).is_file():
-        weights = _torch_load(path / PEFT_WEIGHTS)
+        weights = load_file(path / PEFT_WEIGHTS)
     elif (path / PEFT_SAFETENSORS).is_file():
         weights = read_safetensors(path / PEFT_SAFETENSORS)
     else:
@@ -190,13 +191,6 @@ def _check_matrix(tensor, path: Path) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or not tensor.is_floating_point():
         raise UserError(f"{path}: prompt embeddings must be a 2-d float tensor [n_virtual_tokens, dim]")
     return tensor
-
-
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # truncated, foreign or pickled-code files
-        raise UserError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

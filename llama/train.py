@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llama import data
+from llama.checkpoint import load_file
 from llama.data import IGNORE_INDEX
 from llama.errors import UserError
 from llama.model import Transformer
@@ -222,10 +223,7 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}; start without --resume, or pass the --out_dir of the run to continue")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+    return load_file(path, mmap=False)
 
 
 def peak_memory_mb(device: torch.device) -> float:
