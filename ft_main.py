@@ -129,8 +129,8 @@ def prepare(args: argparse.Namespace, parallel: distributed.Parallel, saved: Opt
     torch.manual_seed(args.seed)
     tokenizer = Tokenizer(args.tokenizer_path)
     positions = args.n_virtual_tokens + args.max_seq_len  # the prompt takes positions 0..P-1
-    model = checkpoint.load_model(Path(args.ckpt_dir), tokenizer.n_words, positions, args.batch_size, dtype, device, parallel.tp_rank, parallel.tp_size)
-    model.setup_caches(args.batch_size, positions, kv_cache=False)  # training needs RoPE only
+    model = checkpoint.load_model(Path(args.ckpt_dir), tokenizer.n_words, positions, args.batch_size, dtype, device,
+                                  parallel.tp_rank, parallel.tp_size, kv_cache=False)  # training needs RoPE only
     splits = data.build_splits(args.data, tokenizer, args.template, args.max_seq_len, args.val_fraction, args.seed,
                                args.train_on_inputs, data.parse_field_map(args.field_map), args.max_examples, show_progress=parallel.is_main)
     if parallel.is_main:

@@ -234,8 +234,12 @@ def load_model(
     device: torch.device,
     tp_rank: int = 0,
     tp_size: int = 1,
+    kv_cache: bool = True,
 ) -> Transformer:
-    """Load this rank's slice of an M-shard checkpoint into a model split over tp_size ranks."""
+    """Load this rank's slice of an M-shard checkpoint into a model split over tp_size ranks.
+
+    The KV caches are allocated for generation; training passes kv_cache=False (RoPE table only).
+    """
     from tqdm import tqdm
 
     ckpt_dir = Path(ckpt_dir)
@@ -252,7 +256,7 @@ def load_model(
         weights[key] = piece.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(weights, strict=True, assign=True)
     model.requires_grad_(False)
-    model.setup_caches(max_batch_size, max_seq_len)
+    model.setup_caches(max_batch_size, max_seq_len, kv_cache)
     return model.eval()
 
 
