@@ -59,6 +59,11 @@ def decode_one_token(model: Transformer, tokens: torch.Tensor, start_pos: int | 
     return model.output(model.hidden_states(tokens, start_pos)).float()
 
 
+def first_stop(ids: list[int], start: int, stop_ids: frozenset[int]) -> int:
+    """Index of the first stop token in ids[start:] (len(ids) if none): where a completion ends."""
+    return next((i for i in range(start, len(ids)) if ids[i] in stop_ids), len(ids))
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
@@ -151,6 +156,7 @@ class Llama:
             is_prompt[row, : len(prompt)] = True
         token_lp = torch.zeros(n_rows, total_len, device=device) if logprobs else None
         finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        stop_ids = torch.tensor(sorted(self.tokenizer.stop_ids), dtype=torch.long, device=device)
         batch_prefix = None if prefix is None else prefix.unsqueeze(0).expand(n_rows, -1, -1)
 
         logits = prefill(model, tokens[:, :shortest], batch_prefix, all_logits=logprobs and echo)
@@ -164,7 +170,7 @@ class Llama:
             tokens[:, cur_pos] = next_token
             if logprobs:
                 token_lp[:, cur_pos] = token_logprobs(logits[:, -1], next_token)
-            finished |= ~is_prompt[:, cur_pos] & (next_token == self.tokenizer.eos_id)
+            finished |= ~is_prompt[:, cur_pos] & torch.isin(next_token, stop_ids)
             yield cur_pos, tokens, token_lp
             if (cur_pos - shortest + 1) % self.eos_check_every == 0 and finished.all():
                 break
@@ -179,7 +185,7 @@ class Llama:
         echo: bool = False,
         prefix: Optional[torch.Tensor] = None,
     ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
-        """Generated ids per prompt (with the prompt if echo), cut at the first EOS."""
+        """Generated ids per prompt (with the prompt if echo), cut at the first stop token."""
         end, tokens, token_lp = 0, None, None
         for end, tokens, token_lp in self.generate_steps(prompt_tokens, max_gen_len, temperature, top_p, prefix, logprobs, echo):
             pass
@@ -188,9 +194,8 @@ class Llama:
             start, stop = (0 if echo else len(prompt)), min(end + 1, len(prompt) + max_gen_len)
             ids = tokens[row, start:stop].tolist()  # shorter prompts ran longer: cut to max_gen_len
             lps = token_lp[row, start:stop].tolist() if logprobs else []
-            if self.tokenizer.eos_id in ids[len(prompt) - start :]:
-                cut = ids.index(self.tokenizer.eos_id, len(prompt) - start)
-                ids, lps = ids[:cut], lps[:cut]
+            cut = first_stop(ids, len(prompt) - start, self.tokenizer.stop_ids)
+            ids, lps = ids[:cut], lps[:cut]
             out_tokens.append(ids)
             out_lp.append(lps)
         return out_tokens, (out_lp if logprobs else None)
@@ -211,7 +216,7 @@ class Llama:
         shown = ""
         for pos, tokens, _ in self.generate_steps([prompt], max_gen_len, temperature, top_p, prefix):
             ids = tokens[0, len(prompt) : pos + 1].tolist()
-            if ids and ids[-1] == self.tokenizer.eos_id:
+            if ids and ids[-1] in self.tokenizer.stop_ids:
                 return
             text = self.decode_continuation(prompt, ids)
             if len(text) > len(shown) and not text.endswith("\ufffd"):

@@ -22,6 +22,8 @@ class Tokenizer:
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         self.pad_id: int = self.sp.pad_id()
+        self.stop_ids: frozenset[int] = frozenset({self.eos_id})
+        """Generation stops at any of these (Llama 2: just EOS)."""
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
         """Ids of `text`, optionally wrapped in BOS/EOS."""

@@ -1,0 +1,1 @@
+"""llama-mp: a pure-PyTorch Llama with fairscale tensor parallelism (reshard, infer, serve, tune)."""
