@@ -10,6 +10,7 @@ features and all-reduce their result, and the embedding keeps a slice of the emb
 Each rank therefore owns n_heads / tp query heads and n_kv_heads / tp key/value heads.
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -94,9 +95,10 @@ def precompute_rope(head_dim: int, end: int, theta: float, device=None) -> torch
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of x [B, T, H, D] by the angles in rope [T, D/2, 2] (float32 arithmetic)."""
+    """Rotate pairs of x [B, T, H, D] by the angles in rope [T, D/2, 2], or [B, T, D/2, 2] when
+    each row sits at its own positions (a server's batch); float32 arithmetic."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    rope = rope.view(1, pairs.size(1), 1, pairs.size(3), 2)
+    rope = rope.view(-1, pairs.size(1), 1, pairs.size(3), 2)
     real = pairs[..., 0] * rope[..., 0] - pairs[..., 1] * rope[..., 1]
     imag = pairs[..., 1] * rope[..., 0] + pairs[..., 0] * rope[..., 1]
     return torch.stack([real, imag], dim=-1).flatten(3).type_as(x)
@@ -146,9 +148,16 @@ class KVCache(nn.Module):
 
         An int start_pos returns positions 0..end only, so eager decoding reads no more than is
         filled. A position tensor (the static-shape step of `Transformer.decode_hidden`) returns
-        the whole cache, every step the same shape; its mask hides the unfilled positions.
+        the whole cache, every step the same shape; its mask hides the unfilled positions. That
+        tensor is [1] (all rows at one position) or [B] with T = 1: row b writes at start_pos[b],
+        so rows of different lengths decode together (continuous batching in llama/serve.py).
         """
         batch = k.size(0)
+        if isinstance(start_pos, torch.Tensor) and start_pos.numel() > 1:
+            rows = torch.arange(batch, device=k.device)
+            self.k[rows, :, start_pos] = k[:, :, 0]  # advanced indices around a slice: [B, H, D]
+            self.v[rows, :, start_pos] = v[:, :, 0]
+            return self.k[:batch], self.v[:batch]
         if isinstance(start_pos, torch.Tensor):
             self.k[:batch].index_copy_(2, start_pos, k)
             self.v[:batch].index_copy_(2, start_pos, v)
@@ -157,6 +166,16 @@ class KVCache(nn.Module):
         self.k[:batch, :, start_pos:end] = k
         self.v[:batch, :, start_pos:end] = v
         return self.k[:batch, :, :end], self.v[:batch, :, :end]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows start..stop-1 that shares this one's memory.
+
+        Swapped in for a forward pass, it lets one request's prompt fill its own row of a batch
+        whose other rows are mid-generation (a server admitting a request into a free slot).
+        """
+        view = copy.copy(self)  # the same module state, then its own buffer dict of views
+        view._buffers = {"k": self.k[start:stop], "v": self.v[start:stop]}
+        return view
 
 
 def causal_mask(n_queries: int, n_keys: int, device) -> Optional[torch.Tensor]:
@@ -291,15 +310,17 @@ class Transformer(nn.Module):
         return self.norm(h[:, n_prefix:])
 
     def decode_hidden(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [B, 1, dim] of one token per row at position `pos` (a [1] tensor).
+        """Final-norm hidden states [B, 1, dim] of one token per row at position `pos`.
 
         The static-shape twin of `hidden_states` for torch.compile, as in gpt-fast: the position
         is data, not a Python int, and attention covers the whole preallocated cache with the
         positions after `pos` masked, so every step runs the same kernels on the same shapes and
-        can be replayed as one CUDA graph. Needs the KV caches.
+        can be replayed as one CUDA graph. Needs the KV caches. `pos` is [1] (every row at the
+        same position) or [B] (each row at its own: rows that joined a server's batch at
+        different times), the mask and RoPE angles then per row.
         """
         positions = torch.arange(self.max_seq_len, device=pos.device)
-        mask = (positions <= pos).view(1, 1, 1, -1)
+        mask = (positions <= pos.view(-1, 1)).view(pos.size(0), 1, 1, -1)
         h, rope = self.tok_embeddings(tokens), self.rope[pos]
         for layer in self.layers:
             h = layer(h, pos, rope, mask)

@@ -1,0 +1,149 @@
+"""The OpenAI wire format: request bodies (validated strictly), response and stream-chunk bodies.
+
+Only the fields this server honours are declared; unknown fields are ignored, as OpenAI-style
+servers commonly do, but a declared field of the wrong type is a 400. `return_token_ids`
+(vLLM's extension) adds `prompt_token_ids` and `token_ids` to each choice.
+"""
+
+import time
+import uuid
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llama.scheduler import Piece, TokenLogprob
+
+MAX_TOP_LOGPROBS = 5
+"""OpenAI's limit for legacy completions; enough for a margin check (top-2)."""
+
+
+class Strict(BaseModel):
+    """No coercion ("5" is not 5) and unknown fields ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class GenerationFields(Strict):
+    """Fields shared by both endpoints."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    return_token_ids: bool = False
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return tuple(s for s in stops if s)
+
+
+class CompletionRequest(GenerationFields):
+    prompt: Union[str, list[int]]
+    """A string, or token ids (a single prompt)."""
+    max_tokens: Optional[int] = 16  # OpenAI's default for /v1/completions
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatRequest(GenerationFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    """OpenAI's error object, which its client turns into BadRequestError, AuthenticationError, ..."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+class Reply:
+    """One response's id, timestamps and body builders for either endpoint."""
+
+    def __init__(self, chat: bool, model: str, decode_token, prompt_ids: list[int], token_ids: bool):
+        self.chat, self.model, self.decode_token = chat, model, decode_token
+        self.prompt_ids, self.token_ids = prompt_ids, token_ids
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _envelope(self, object_: str, choice: dict) -> dict:
+        return {"id": self.id, "object": object_, "created": self.created, "model": self.model, "choices": [choice]}
+
+    def logprobs(self, logprobs: list[TokenLogprob], offset: int) -> dict:
+        """Per-token logprobs in the chat ({"content": [...]}) or legacy completion layout."""
+        if self.chat:
+            return {"content": [self._chat_logprob(lp) for lp in logprobs]}
+        tokens = [self.decode_token(lp.id) for lp in logprobs]
+        offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{self.decode_token(i): v for i, v in lp.top} for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    def _chat_logprob(self, lp: TokenLogprob) -> dict:
+        def entry(token_id: int, value: float) -> dict:
+            text = self.decode_token(token_id)
+            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+        return {**entry(lp.id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+
+    def _choice(self, text: str, ids: list[int], logprobs: Optional[dict], finish: Optional[str], delta: bool, first: bool = True) -> dict:
+        if self.chat:
+            message = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
+            choice = {"index": 0, ("delta" if delta else "message"): message, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if self.token_ids:
+            choice["token_ids"] = ids
+            if first:
+                choice["prompt_token_ids"] = self.prompt_ids
+        return choice
+
+    def full(self, text: str, ids: list[int], logprobs: Optional[dict], finish: str) -> dict:
+        object_ = "chat.completion" if self.chat else "text_completion"
+        body = self._envelope(object_, self._choice(text, ids, logprobs, finish, delta=False))
+        return {**body, "usage": usage(len(self.prompt_ids), len(ids))}
+
+    def chunk(self, piece: Optional[Piece], logprobs: Optional[dict], first: bool) -> dict:
+        """A stream chunk with a piece's text (None: the chat stream's opening role chunk); the
+        first chunk carries the prompt's ids when token ids are asked for."""
+        object_ = "chat.completion.chunk" if self.chat else "text_completion"
+        if piece is None:
+            choice = self._choice("", [], None, None, delta=True, first=first)
+            choice["delta"] = {"role": "assistant", "content": ""}
+            return self._envelope(object_, choice)
+        finish = None if piece.finish_reason == "cancelled" else piece.finish_reason
+        return self._envelope(object_, self._choice(piece.text, piece.ids, logprobs, finish, delta=True, first=first))
+
+    def usage_chunk(self, completion_tokens: int) -> dict:
+        object_ = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": object_, "created": self.created, "model": self.model, "choices": [],
+                "usage": usage(len(self.prompt_ids), completion_tokens)}

@@ -1,0 +1,348 @@
+"""The OpenAI-compatible server (serve.py) against example.py and the official `openai` client.
+
+One `torchrun --nproc_per_node 2 serve.py` job (gloo, CPU) serves the whole module; its
+completions are compared with `example.py --json` (a separate world-size-1 process). The
+in-process tests at the top check the per-row decoding step and the scheduler's pieces.
+
+Exact greedy ids across different arithmetic: the server decodes with TP=2 (all-reduced
+partial sums), several rows per step and attention over the whole masked cache; example.py
+with TP=1, one prompt batch and attention over the filled positions only. Each difference only
+reorders float32 sums, which moves a stories260K logit (|logit| < ~20, sums of <= 512 terms
+over 5 layers) by well under 1e-4 (a few hundred float32 ulps at 20). Wherever the top-1 and
+top-2 logits of a step are more than MARGIN apart the argmax cannot differ, so every compared
+step is checked for that margin with the server's own top-2 logprobs (their difference is the
+logit difference). The golden data's one near-tie, margin 0.0042 at position 185 of the BOS run,
+would still pass; an actual tie would fail the margin check, not silently compare ids.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from dist_utils import REPO, free_port, python
+from llama.batching import prefill_row
+from llama.model import Transformer
+from llama.scheduler import Piece, QueueFull, Request, Sampling, Scheduler, ShuttingDown, safe_end, stop_string_end
+
+MARGIN = 1e-3  # > 10x the largest reordering error argued above
+API_KEY = "sk-test-key"
+MAX_SEQ_LEN = 256
+PROMPTS = {  # prompt -> max_tokens: different prompt lengths and completion lengths
+    "Once upon a time": 64,
+    "Lily and Tom went to the park": 40,
+    "The cat": 52,
+    "One day, a little boy named Tim found a big red ball in the garden": 30,
+}
+CHAT_USER = "Tell me a story about a dog."
+STORIES = REPO / "ckpts" / "stories260K"
+
+
+# ---------------------------------------------------------------- in-process: the batched step
+
+@pytest.fixture(scope="module")
+def stories_llm():
+    from llama import distributed
+    from llama.generation import Llama
+
+    llm = Llama.build(STORIES, max_seq_len=64, max_batch_size=4)
+    yield llm
+    distributed.teardown()
+
+
+def alone_logits(model: Transformer, ids: list[int]) -> torch.Tensor:
+    """Last-position logits of `ids` in one forward from position 0 (batch 1, cache row 0)."""
+    with torch.inference_mode():
+        return model(torch.tensor([ids]), 0)[0, -1]
+
+
+def test_rows_at_their_own_positions_match_each_row_alone(stories_llm):
+    """Prefill three prompts into rows 2, 0, 1 (rows 0/1 after row 2 is filled), decode one token
+    per row at its own position in one step: each row's logits equal that sequence run alone."""
+    from llama.batching import decode_rows
+
+    model, tok = stories_llm.model, stories_llm.tokenizer
+    prompts = [tok.encode(p, bos=True, eos=False) for p in PROMPTS][:3]
+    nexts = [7, 100, 300]
+    expected = [alone_logits(model, p + [n]) for p, n in zip(prompts, nexts)]
+    rows = [2, 0, 1]
+    with torch.inference_mode():
+        for row, prompt in zip(rows, prompts):
+            first = prefill_row(model, row, prompt, torch.device("cpu"))
+            torch.testing.assert_close(first, alone_logits(model, prompt), rtol=0, atol=1e-4)  # as below
+        for row, prompt in zip(rows, prompts):  # alone_logits overwrote row 0: refill every row
+            prefill_row(model, row, prompt, torch.device("cpu"))
+        tokens, positions = [0] * 3, [0] * 3
+        for row, prompt, n in zip(rows, prompts, nexts):
+            tokens[row], positions[row] = n, len(prompt)
+        logits = decode_rows(stories_llm, tokens, positions)
+    for row, want in zip(rows, expected):
+        # reordered float32 sums only (masked full-cache attention, 3-row GEMMs): see the module note
+        torch.testing.assert_close(logits[row], want, rtol=0, atol=1e-4)
+
+
+def test_stop_strings_and_held_back_text():
+    assert stop_string_end("a cat. The dog", ("dog", "."), 0) == 5
+    assert stop_string_end("a cat", ("dog",), 0) is None
+    assert safe_end("a big do", ("dog",)) == len("a big ")  # "do" may start "dog"
+    assert safe_end("caf\ufffd", ()) == 3  # a character still missing bytes
+    assert safe_end("plain", ("xyz",)) == 5
+
+
+def test_queue_bound_and_shutdown(stories_llm):
+    """No step loop runs, so nothing leaves the queue: the second request finds it full."""
+    scheduler = Scheduler(stories_llm, max_queue=1)
+    job = lambda: Request([1, 2], Sampling(max_new=4), lambda piece: None)  # noqa: E731
+    scheduler.submit(job())
+    with pytest.raises(QueueFull):
+        scheduler.submit(job())
+    received: list[Piece] = []
+    queued = scheduler.waiting[0]
+    queued.deliver = received.append
+    scheduler.stop()
+    assert scheduler.next_plan().stop and received[0].finish_reason == "cancelled"
+    with pytest.raises(ShuttingDown):
+        scheduler.submit(job())
+
+
+# ---------------------------------------------------------------- the served job
+
+@pytest.fixture(scope="module")
+def server():
+    """`torchrun --nproc_per_node 2 serve.py` on a free port, until the module's last test stops it."""
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "serve.py", "--port", str(port), "--max_batch_size", "4",
+        "--max_seq_len", str(MAX_SEQ_LEN), "--api_key", API_KEY,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"serve.py exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("serve.py did not answer /health within 120 s")
+        time.sleep(0.2)
+    yield proc, url
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[1]}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def example_json(*args: str) -> dict[str, dict]:
+    """example.py --json results by prompt (world size 1: the reference run)."""
+    out = python(REPO / "example.py", "--json", "--max_seq_len", str(MAX_SEQ_LEN), *args, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return {r["prompt"]: r for r in map(json.loads, out.stdout.splitlines())}
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, dict]:
+    prompts = [arg for p in PROMPTS for arg in ("--prompt", p)]
+    return example_json("--max_gen_len", str(max(PROMPTS.values())), *prompts)
+
+
+def assert_margins(top_logprobs: list[dict[str, float]]) -> None:
+    """Every step's top-1 beats its top-2 by more than MARGIN (see the module note)."""
+    for step, top in enumerate(top_logprobs):
+        first, second = sorted(top.values(), reverse=True)[:2]
+        assert first - second > MARGIN, f"near-tie at generated token {step}: {top}"
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=5).json()
+
+
+def complete(client: openai.OpenAI, prompt: str, max_tokens: int, **kwargs):
+    return client.completions.create(
+        model="stories260K", prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=2,
+        extra_body={"return_token_ids": True}, **kwargs,
+    )
+
+
+def test_greedy_completion_equals_example(client, reference):
+    prompt = "Once upon a time"
+    choice = complete(client, prompt, PROMPTS[prompt]).choices[0]
+    assert choice.prompt_token_ids == reference[prompt]["prompt_ids"]
+    assert len(choice.logprobs.top_logprobs) == len(choice.token_ids)
+    assert_margins(choice.logprobs.top_logprobs)
+    assert choice.token_ids == reference[prompt]["ids"]
+    assert choice.text == reference[prompt]["text"]
+    assert choice.finish_reason == "length"
+
+
+def test_stream_concatenates_to_the_same_text(client, reference):
+    prompt = "Once upon a time"
+    chunks = list(client.completions.create(model="stories260K", prompt=prompt, max_tokens=PROMPTS[prompt], temperature=0, stream=True))
+    assert len(chunks) > 10  # really streamed, not one chunk
+    assert "".join(c.choices[0].text for c in chunks) == reference[prompt]["text"]
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+
+
+def test_stop_string_ends_the_text_before_it(client, reference):
+    prompt = "Once upon a time"
+    full = reference[prompt]["text"]
+    choice = client.completions.create(model="stories260K", prompt=prompt, max_tokens=64, temperature=0, stop=[" Lily"]).choices[0]
+    assert (choice.text, choice.finish_reason) == (full[: full.index(" Lily")], "stop")
+
+
+def test_chat_uses_the_chat_template(client):
+    expected = next(iter(example_json("--chat", "--max_gen_len", "16", "--prompt", CHAT_USER).values()))
+    response = client.chat.completions.create(
+        model="stories260K", messages=[{"role": "user", "content": CHAT_USER}], max_tokens=16, temperature=0,
+        logprobs=True, top_logprobs=2, extra_body={"return_token_ids": True},
+    )
+    choice = response.choices[0]
+    assert choice.prompt_token_ids == expected["prompt_ids"]
+    assert_margins([{t.token + str(i): t.logprob for i, t in enumerate(step.top_logprobs)} for step in choice.logprobs.content])
+    assert choice.token_ids == expected["ids"]
+    assert choice.message.content == expected["text"]
+    assert response.usage.prompt_tokens == len(expected["prompt_ids"])
+
+
+def test_concurrent_clients_get_what_they_get_alone_in_shared_steps(server, client, reference):
+    url = server[1]
+    before = health(url)
+    start = threading.Barrier(len(PROMPTS))
+
+    def run(prompt: str, max_tokens: int):
+        start.wait()
+        return complete(client, prompt, max_tokens).choices[0]
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        choices = list(pool.map(run, PROMPTS, PROMPTS.values()))
+    after = health(url)
+    for (prompt, max_tokens), choice in zip(PROMPTS.items(), choices):
+        assert_margins(choice.logprobs.top_logprobs)
+        assert choice.token_ids == reference[prompt]["ids"][:max_tokens], prompt
+        assert reference[prompt]["text"].startswith(choice.text)
+    steps = after["decode_steps"] - before["decode_steps"]
+    rows = after["decoded_tokens"] - before["decoded_tokens"]
+    generated = sum(len(c.token_ids) for c in choices)
+    # one row per step would make steps == rows; batched, rows/step is near 4 early on
+    assert rows == generated - len(PROMPTS)  # each first token comes from its prefill
+    assert steps < 0.75 * rows, (steps, rows)
+    assert after["max_rows_decoded"] >= 3
+
+
+BAD_REQUESTS = [  # (name, path, headers, body, status, param)
+    ("malformed JSON", "/v1/completions", {}, b'{"prompt": "x", ', 400, None),
+    ("prompt of wrong type", "/v1/completions", {}, {"prompt": 5}, 400, "prompt"),
+    ("max_tokens a string", "/v1/completions", {}, {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    ("temperature a string", "/v1/chat/completions", {}, {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ("messages not a list", "/v1/chat/completions", {}, {"messages": "hello"}, 400, "messages"),
+    ("unknown role", "/v1/chat/completions", {}, {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role"),
+    ("assistant last", "/v1/chat/completions", {}, {"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
+    ("prompt too long", "/v1/completions", {}, {"prompt": [1] * MAX_SEQ_LEN}, 400, "prompt"),
+    ("max_tokens 0", "/v1/completions", {}, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens negative", "/v1/chat/completions", {}, {"messages": [{"role": "user", "content": "x"}], "max_tokens": -3}, 400, "max_tokens"),
+    ("n = 2", "/v1/completions", {}, {"prompt": "x", "n": 2}, 400, "n"),
+    ("missing API key", "/v1/completions", {"Authorization": None}, {"prompt": "x"}, 401, None),
+    ("wrong API key", "/v1/completions", {"Authorization": "Bearer nope"}, {"prompt": "x"}, 401, None),
+    ("unknown path", "/v1/engines", {}, {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("name,path,headers,body,status,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_gets_4xx_and_server_keeps_serving(server, client, name, path, headers, body, status, param):
+    url = server[1]
+    all_headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **headers}
+    all_headers = {k: v for k, v in all_headers.items() if v is not None}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{url}{path}", content=content, headers=all_headers, timeout=10)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param, error
+    assert complete(client, "Once upon a time", 2).choices[0].finish_reason == "length"
+
+
+def test_openai_client_raises_its_own_error_classes(server):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server[1]}/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=f"{server[1]}/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="max_seq_len"):
+        good.completions.create(model="stories260K", prompt=[1] * MAX_SEQ_LEN, max_tokens=4)
+    assert [m.id for m in good.models.list()] == ["stories260K"]
+
+
+def test_disconnect_mid_stream_frees_the_row(server, client, reference):
+    """A client hangs up after its first chunk of a 250-token stream; another request started
+    meanwhile still completes, and the row is freed long before 250 steps would have run."""
+    url = server[1]
+    before = health(url)
+    body = {"prompt": "Once upon a time", "max_tokens": MAX_SEQ_LEN - 6, "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with ThreadPoolExecutor(1) as pool:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            other = pool.submit(complete, client, "The cat", PROMPTS["The cat"])
+        choice = other.result(timeout=30).choices[0]
+    assert choice.token_ids == reference["The cat"]["ids"][: PROMPTS["The cat"]]
+    deadline = time.monotonic() + 10
+    while (now := health(url))["active"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert now["active"] == 0 and now["cancelled"] == before["cancelled"] + 1
+    assert now["decoded_tokens"] - before["decoded_tokens"] < 200  # the hung-up stream stopped early
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The torchrun job's worker processes (children of the launcher)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the torchrun workers through /proc")
+def test_sigterm_stops_every_rank_cleanly(server):
+    """SIGTERM to every rank (what torchrun does on its own SIGTERM) with a stream in flight:
+    the stream ends, every worker exits 0 (so torchrun does too) within a few seconds."""
+    proc, url = server
+    body = {"prompt": "Once upon a time", "max_tokens": MAX_SEQ_LEN - 6, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as response:
+        lines = response.iter_lines()
+        next(lines)
+        pids = worker_pids(proc.pid)
+        assert len(pids) == 2
+        start = time.monotonic()
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        for _ in lines:  # the server finishes or cancels the stream, then closes it
+            pass
+    output, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0, output
+    assert time.monotonic() - start < 10
+    assert "stopped: all 2 ranks left the step loop" in output
+    assert "Traceback" not in output
