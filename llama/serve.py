@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import AsyncIterator, Optional
 
+import torch
 import torch.distributed as dist
 import uvicorn
 from fastapi import Depends, FastAPI, Header, Request
@@ -234,6 +235,8 @@ def serve_http(llm: Llama, sock: socket.socket, args: argparse.Namespace) -> Non
 
     def engine() -> None:
         try:
+            if llm.parallel.device.type == "cuda":
+                torch.cuda.set_device(llm.parallel.device)  # the current device is per host thread
             run_steps(llm, scheduler)
         except BaseException as err:  # a rank died or a bug: stop serving, say why once
             failure.append(err)

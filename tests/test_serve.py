@@ -15,6 +15,7 @@ logit difference). The golden data's one near-tie, margin 0.0042 at position 185
 would still pass; an actual tie would fail the margin check, not silently compare ids.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -31,7 +33,9 @@ import pytest
 import torch
 
 from dist_utils import REPO, free_port, python
-from llama.batching import prefill_row
+from llama import distributed
+from llama.batching import decode_rows, prefill_row
+from llama.generation import Llama
 from llama.model import Transformer
 from llama.scheduler import Piece, QueueFull, Request, Sampling, Scheduler, ShuttingDown, safe_end, stop_string_end
 
@@ -52,9 +56,6 @@ STORIES = REPO / "ckpts" / "stories260K"
 
 @pytest.fixture(scope="module")
 def stories_llm():
-    from llama import distributed
-    from llama.generation import Llama
-
     llm = Llama.build(STORIES, max_seq_len=64, max_batch_size=4)
     yield llm
     distributed.teardown()
@@ -69,8 +70,6 @@ def alone_logits(model: Transformer, ids: list[int]) -> torch.Tensor:
 def test_rows_at_their_own_positions_match_each_row_alone(stories_llm):
     """Prefill three prompts into rows 2, 0, 1 (rows 0/1 after row 2 is filled), decode one token
     per row at its own position in one step: each row's logits equal that sequence run alone."""
-    from llama.batching import decode_rows
-
     model, tok = stories_llm.model, stories_llm.tokenizer
     prompts = [tok.encode(p, bos=True, eos=False) for p in PROMPTS][:3]
     nexts = [7, 100, 300]
@@ -117,40 +116,61 @@ def test_queue_bound_and_shutdown(stories_llm):
 
 # ---------------------------------------------------------------- the served job
 
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+
 @pytest.fixture(scope="module")
-def server():
-    """`torchrun --nproc_per_node 2 serve.py` on a free port, until the module's last test stops it."""
-    port = free_port()
+def server(tmp_path_factory):
+    """`torchrun --nproc_per_node 2 serve.py` on a free port, until the module's last test stops it.
+
+    Its output goes to a file (a pipe nobody reads could fill and block the server)."""
+    port, log = free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), "serve.py", "--port", str(port), "--max_batch_size", "4",
         "--max_seq_len", str(MAX_SEQ_LEN), "--api_key", API_KEY,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # its own session: teardown can end the launcher and its workers together, whatever happened
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"serve.py exited with {proc.returncode}:\n{proc.stdout.read()}")
+            pytest.fail(f"serve.py exited with {proc.returncode}:\n{log.read_text()}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 break
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
-            proc.kill()
+            stop_group(proc)
             pytest.fail("serve.py did not answer /health within 120 s")
         time.sleep(0.2)
-    yield proc, url
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    try:
+        yield Served(proc, url, log)
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the launcher and its workers (one process group), then SIGKILL to any left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server[1]}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
 def example_json(*args: str) -> dict[str, dict]:
@@ -225,7 +245,7 @@ def test_chat_uses_the_chat_template(client):
 
 
 def test_concurrent_clients_get_what_they_get_alone_in_shared_steps(server, client, reference):
-    url = server[1]
+    url = server.url
     before = health(url)
     start = threading.Barrier(len(PROMPTS))
 
@@ -269,7 +289,7 @@ BAD_REQUESTS = [  # (name, path, headers, body, status, param)
 
 @pytest.mark.parametrize("name,path,headers,body,status,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_request_gets_4xx_and_server_keeps_serving(server, client, name, path, headers, body, status, param):
-    url = server[1]
+    url = server.url
     all_headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **headers}
     all_headers = {k: v for k, v in all_headers.items() if v is not None}
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -284,8 +304,8 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(server, client, name, pat
 
 def test_openai_client_raises_its_own_error_classes(server):
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{server[1]}/v1", api_key="wrong", max_retries=0).models.list()
-    good = openai.OpenAI(base_url=f"{server[1]}/v1", api_key=API_KEY, max_retries=0)
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError, match="max_seq_len"):
         good.completions.create(model="stories260K", prompt=[1] * MAX_SEQ_LEN, max_tokens=4)
     assert [m.id for m in good.models.list()] == ["stories260K"]
@@ -294,7 +314,7 @@ def test_openai_client_raises_its_own_error_classes(server):
 def test_disconnect_mid_stream_frees_the_row(server, client, reference):
     """A client hangs up after its first chunk of a 250-token stream; another request started
     meanwhile still completes, and the row is freed long before 250 steps would have run."""
-    url = server[1]
+    url = server.url
     before = health(url)
     body = {"prompt": "Once upon a time", "max_tokens": MAX_SEQ_LEN - 6, "temperature": 0, "stream": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -329,7 +349,7 @@ def worker_pids(parent: int) -> list[int]:
 def test_sigterm_stops_every_rank_cleanly(server):
     """SIGTERM to every rank (what torchrun does on its own SIGTERM) with a stream in flight:
     the stream ends, every worker exits 0 (so torchrun does too) within a few seconds."""
-    proc, url = server
+    proc, url = server.proc, server.url
     body = {"prompt": "Once upon a time", "max_tokens": MAX_SEQ_LEN - 6, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as response:
         lines = response.iter_lines()
@@ -341,7 +361,8 @@ def test_sigterm_stops_every_rank_cleanly(server):
             os.kill(pid, signal.SIGTERM)
         for _ in lines:  # the server finishes or cancels the stream, then closes it
             pass
-    output, _ = proc.communicate(timeout=15)
+    proc.wait(timeout=15)
+    output = server.log.read_text()
     assert proc.returncode == 0, output
     assert time.monotonic() - start < 10
     assert "stopped: all 2 ranks left the step loop" in output
