@@ -1,11 +1,11 @@
 """Serving throughput: requests/s, tokens/s and time to first token at 1, 4 and 8 concurrent clients.
 
-Each shape is measured twice in the same run: first example.py's path in this process (one
-greedy `Llama.generate` per prompt, no server), then through `serve.py` (a subprocess, or
-`torchrun` with --nproc > 1) with C client threads each sending --requests streamed greedy
-completions back to back. Every request's tokens/s is completion tokens / request latency
-(prefill included), the same definition for both; aggregate tokens/s is all completion tokens
-/ the phase's wall time.
+Each shape is measured twice in the same run: first example.py's path in this process (greedy
+`Llama.generate` on C prompts at once, no server: C = 1 is the single-request baseline, larger C
+a static batch, the most batching gives on this machine), then through `serve.py` (a
+subprocess, or `torchrun` with --nproc > 1) with C client threads each sending --requests
+streamed greedy completions back to back. tokens/s is all completion tokens / wall time
+(prefill included) in both; TTFT is the time to a request's first streamed text.
 
     python bench/serve.py                                  # stories260K and a random 110M-shaped model
     python bench/serve.py --shapes 110M --clients 1 4 --gen_len 32 --threads 2
@@ -52,7 +52,7 @@ STORY_PROMPTS = ["Once upon a time", "Lily and Tom went to the park", "The cat",
 TABLE = [
     ("shape", "shape", ""), ("mode", "mode", ""), ("clients", "clients", ""), ("requests", "requests", ""),
     ("req_s", "req/s", ".2f"), ("tok_s", "tok/s", ".1f"), ("vs_one_client", "x 1 client", ".2f"),
-    ("vs_example", "x example.py", ".2f"), ("ttft_ms", "TTFT ms (median)", ".1f"), ("per_request_tok_s", "tok/s per request", ".1f"),
+    ("vs_example", "x example.py 1 prompt", ".2f"), ("vs_static", "x static batch", ".2f"), ("ttft_ms", "TTFT ms (median)", ".1f"), ("per_request_tok_s", "tok/s per request", ".1f"),
 ]
 
 
@@ -61,13 +61,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8], help="concurrent clients per phase")
     parser.add_argument("--requests", type=int, default=3, help="requests each client sends, one after another")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each phase; the fastest is reported (other jobs only slow runs down)")
     parser.add_argument("--gen_len", type=int, default=64, help="max_tokens per request")
     parser.add_argument("--prompt_len", type=int, default=16, help="prompt tokens of the random-weight shapes")
     parser.add_argument("--nproc", type=int, default=1, help="tensor-parallel ranks of the server")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per process (default: cores / nproc)")
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
-    if min(args.clients) < 1 or args.requests < 1 or args.gen_len < 2 or args.nproc < 1:
+    if min(args.clients) < 1 or args.requests < 1 or args.repeats < 1 or args.gen_len < 2 or args.nproc < 1:
         raise UserError("--clients, --requests, --nproc must be >= 1 and --gen_len >= 2")
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
     return args
@@ -91,19 +92,25 @@ def prompts_for(shape: str, count: int, prompt_len: int) -> list:
     return torch.randint(3, SHAPES[shape]["vocab_size"], (count, prompt_len), generator=gen).tolist()
 
 
-def example_baseline(ckpt_dir: Path, prompts: list, cli: argparse.Namespace, max_seq_len: int) -> float:
-    """Best single-request tokens/s of example.py's path (Llama.generate, one prompt, greedy)."""
+def example_rates(ckpt_dir: Path, prompts: list, cli: argparse.Namespace, max_seq_len: int) -> dict[int, dict]:
+    """example.py's path without a server: `Llama.generate` on B prompts at once (greedy), for B
+    in --clients. B = 1 is the single-request baseline; larger B is a static batch, the most
+    batching can give on this machine, against which the server's concurrent clients compare."""
     torch.set_num_threads(cli.threads)
-    llm = Llama.build(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=1, tp_size=1)
+    llm = Llama.build(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max(cli.clients), tp_size=1)
+    encode = lambda p: llm.tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else p  # noqa: E731
     try:
-        rates = []
-        for i, prompt in enumerate(prompts[: cli.requests + 1]):
-            ids = llm.tokenizer.encode(prompt, bos=True, eos=False) if isinstance(prompt, str) else prompt
-            start = time.perf_counter()
-            out, _ = llm.generate([ids], cli.gen_len, temperature=0.0)
-            if i > 0:  # the first is a warm-up
-                rates.append(len(out[0]) / (time.perf_counter() - start))
-        return max(rates)
+        llm.generate([encode(prompts[0])], 4, temperature=0.0)  # warm-up
+        rates = {}
+        for batch in cli.clients:
+            best = 0.0
+            for r in range(cli.repeats):
+                ids = [encode(prompts[(r * batch + i) % len(prompts)]) for i in range(batch)]
+                start = time.perf_counter()
+                out, _ = llm.generate(ids, cli.gen_len, temperature=0.0)
+                best = max(best, sum(map(len, out)) / (time.perf_counter() - start))
+            rates[batch] = best
+        return rates
     finally:
         del llm
         distributed.teardown()
@@ -191,9 +198,12 @@ def bench_shape(shape: str, cli: argparse.Namespace, workdir: Path) -> list[dict
     max_seq_len = 2 * (cli.prompt_len + 16) + cli.gen_len  # the story prompts are < 16 tokens
     base = {"bench": "serve", "device": device_name(torch.device("cpu")), "torch": torch.__version__, "shape": shape,
             "threads": cli.threads, "tp": cli.nproc, "gen_len": cli.gen_len}
-    example_tok_s = example_baseline(ckpt_dir, prompts, cli, max_seq_len)
-    records = [{**base, "mode": "example.py", "clients": 1, "requests": cli.requests, "per_request_tok_s": example_tok_s,
-                "tok_s": example_tok_s, "vs_example": 1.0}]
+    example = example_rates(ckpt_dir, prompts, cli, max_seq_len)
+    records = []
+    for batch, tok_s in example.items():
+        records.append({**base, "mode": "example.py (static batch)", "clients": batch, "tok_s": tok_s,
+                        "vs_one_client": tok_s / example[min(example)], "vs_example": tok_s / example[1] if 1 in example else None})
+        emit_json(records[-1], cli.out)
     port = free_port()
     server = start_server(ckpt_dir, port, cli, max_seq_len)
     try:
@@ -202,10 +212,12 @@ def bench_shape(shape: str, cli: argparse.Namespace, workdir: Path) -> list[dict
             one_request(http, url, prompts[0], 4)  # warm-up
         one_client = None
         for clients in cli.clients:
-            record = {**base, "mode": "server", **run_phase(url, prompts, clients, cli)}
+            record = max((run_phase(url, prompts, clients, cli) for _ in range(cli.repeats)), key=lambda r: r["tok_s"])
+            record = {**base, "mode": "server", **record}
             one_client = one_client or (record["tok_s"] if clients == 1 else None)
             record["vs_one_client"] = record["tok_s"] / one_client if one_client else None
-            record["vs_example"] = record["per_request_tok_s"] / example_tok_s
+            record["vs_example"] = record["tok_s"] / example[1] if 1 in example else None
+            record["vs_static"] = record["tok_s"] / example[clients]
             records.append(record)
             emit_json(record, cli.out)
     finally:

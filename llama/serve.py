@@ -214,7 +214,9 @@ def sse(body: dict) -> str:
 def bind(host: str, port: int) -> tuple[Optional[socket.socket], Optional[str]]:
     """Rank 0's listening socket, bound before serving so that a taken port is a clear error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # With proto IPPROTO_TCP (not 0) asyncio sets TCP_NODELAY on each connection; without it
+    # Nagle's algorithm holds small writes (a stream's chunks) for the client's delayed ACK, ~40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
