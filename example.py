@@ -18,7 +18,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_args(parser)
     parser.add_argument("--prompt", action="append", help="prompt to complete (repeatable); default: two story openings")
-    parser.add_argument("--chat", action="store_true", help="treat each prompt as a user message in the Llama 2 chat template")
+    parser.add_argument("--chat", action="store_true", help="treat each prompt as a user message in the model family's chat format (Llama 2 or 3)")
     parser.add_argument("--system", default=None, help="system prompt for --chat")
     return parser.parse_args(argv)
 
@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
     """Options shared with example_ft.py."""
     parser.add_argument("--ckpt_dir", default="ckpts/stories260K", help="Meta model directory (params.json, consolidated.NN.pth)")
-    parser.add_argument("--tokenizer_path", default=None, help="default: <ckpt_dir>/tokenizer.model")
+    parser.add_argument("--tokenizer_path", default=None, help="default: <ckpt_dir>/tokenizer.model, else <ckpt_dir>/original/tokenizer.model")
     parser.add_argument("--max_gen_len", type=int, default=64, help="tokens to generate per prompt")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (temperature > 0)")
