@@ -16,7 +16,7 @@ from llama.data import IGNORE_INDEX
 from llama.errors import UserError
 from llama.generation import Llama
 from llama.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, find_tokenizer, load_tokenizer
-from references import DATA, LLAMA2_TOKENIZER, REPO
+from references import DATA, GOLDEN as STORIES_GOLDEN, LLAMA2_TOKENIZER, REPO, load_stories
 
 LLAMA3_TOKENIZER = DATA / "tokenizers" / "llama3" / "tokenizer.model"
 LLAMA3_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"  # shared/data/MANIFEST.md
@@ -76,6 +76,19 @@ def test_chat_prompts(tok: TiktokenTokenizer, prompt: dict):
     """Llama.chat_tokens (what --chat and chat_completion feed) gives Meta's ChatFormat ids."""
     assert Llama.chat_tokens(SimpleNamespace(tokenizer=tok), prompt["messages"]) == prompt["ids"]
     assert prompt["ids"][-4:] == ASSISTANT_HEADER
+
+
+def test_generation_stops_at_any_stop_id(world1):
+    """A stop set like Llama 3's (several ids): each row ends before the first one it emits.
+    llama2.c's greedy run from BOS emits FROM_BOS[13] first at step 13 and FROM_BOS[20] at step 20."""
+    from_bos = STORIES_GOLDEN["greedy_bos_256"]["generated_ids"]
+    assert [from_bos.index(from_bos[i]) for i in (13, 20)] == [13, 20]
+    stub = SimpleNamespace(pad_id=-1, eos_id=2, stop_ids=frozenset({from_bos[20], from_bos[13]}))
+    llm = Llama(load_stories(), stub, world1)
+    assert llm.generate([[1]], max_gen_len=40, temperature=0)[0] == [from_bos[:13]]
+    assert 511 not in from_bos[:40]
+    stub.stop_ids = frozenset({from_bos[20], 511})
+    assert llm.generate([[1]], max_gen_len=40, temperature=0)[0] == [from_bos[:20]]
 
 
 def test_bad_chat_message_is_a_user_error(tok: TiktokenTokenizer):
