@@ -247,10 +247,11 @@ def rank_slice(key: str, pieces: Sequence[torch.Tensor], rank: int, n_ranks: int
 
 
 def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Unsharded shape of every weight the model loads, as Meta's files store them."""
+    """Unsharded shape of every weight the model loads, as Meta's files store them, in the
+    model's own order (that of `Transformer.state_dict()` and of Meta's files)."""
     dim, hidden, vocab = args.dim, args.hidden_dim, args.vocab_size
     q_out, kv_out = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
-    shapes = {"tok_embeddings.weight": (vocab, dim), "norm.weight": (dim,), "output.weight": (vocab, dim)}
+    shapes = {"tok_embeddings.weight": (vocab, dim)}
     for i in range(args.n_layers):
         shapes.update({
             f"layers.{i}.attention.wq.weight": (q_out, dim),
@@ -263,6 +264,7 @@ def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             f"layers.{i}.attention_norm.weight": (dim,),
             f"layers.{i}.ffn_norm.weight": (dim,),
         })
+    shapes.update({"norm.weight": (dim,), "output.weight": (vocab, dim)})
     return shapes
 
 
