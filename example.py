@@ -35,7 +35,14 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_batch_size", type=int, default=4, help="rows the KV cache holds")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt and nothing else")
+    parser.add_argument("--rope_scaling_factor", type=float, default=None,
+                        help="Llama 3.1+: override the RoPE scaling factor the checkpoint states (Meta's files: 8; HF's 3.2 configs: 32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (CUDA graphs on GPU); the first prompts pay the compile time")
+
+
+def rope_override(args: argparse.Namespace) -> dict | None:
+    """--rope_scaling_factor as an override of the checkpoint's RoPE scaling constants."""
+    return {"factor": args.rope_scaling_factor} if args.rope_scaling_factor is not None else None
 
 
 def print_results(llm: Llama, prompts: list[str], results: list[dict], as_json: bool) -> None:
@@ -69,7 +76,8 @@ def stream_one(llm: Llama, prompt: str, prompt_ids: list[int], args: argparse.Na
 def main() -> None:
     args = parse_args()
     prompts = args.prompt or DEFAULT_PROMPTS
-    llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed, compile=args.compile)
+    llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed, compile=args.compile,
+                      rope_scaling=rope_override(args))
     try:
         if args.chat:
             system = [{"role": "system", "content": args.system}] if args.system else []

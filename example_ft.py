@@ -8,7 +8,7 @@ Only rank 0 prints. With --json, stdout holds one JSON object per instruction an
 
 import argparse
 
-from example import add_generation_args, print_results, stream_one
+from example import add_generation_args, print_results, rope_override, stream_one
 from llama import data, distributed
 from llama.errors import run_cli
 from llama.generation import Llama
@@ -35,7 +35,8 @@ def main(argv=None) -> None:
     records = [{"instruction": i, "input": args.input, "output": ""} for i in instructions]
     texts = [data.render(record, args.template)[0] for record in records]
     prompt = None if args.no_adapter else load_prompt(args.adapter)
-    llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed, compile=args.compile)
+    llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed, compile=args.compile,
+                      rope_scaling=rope_override(args))
     try:
         prefix = None
         if prompt is not None:

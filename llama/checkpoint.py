@@ -109,6 +109,8 @@ def model_args(params: Mapping, vocab_size: Optional[int] = None, **overrides) -
             value = params.pop(meta_key)
             if value is not None:
                 params["rope_scaling"] = {**(params.get("rope_scaling") or META_ROPE_SCALING), name: value}
+    if overrides.get("rope_scaling"):  # override single constants over the checkpoint's (or Meta's)
+        overrides["rope_scaling"] = {**(params.get("rope_scaling") or META_ROPE_SCALING), **overrides["rope_scaling"]}
     known = set(ModelArgs.__dataclass_fields__) - {"vocab_parallel_embedding"}
     unknown = sorted(set(params) - known)
     if unknown:

@@ -85,8 +85,12 @@ class Llama:
         seed: int = 1,
         tp_size: Optional[int] = None,
         compile: bool = False,
+        rope_scaling: Optional[dict] = None,
     ) -> "Llama":
-        """Load a Meta model directory (any shard count) split over this job's tensor-parallel ranks."""
+        """Load a model directory (Meta, any shard count, or Hugging Face) split over this job's tensor-parallel ranks.
+
+        `rope_scaling` overrides Llama 3 RoPE scaling constants the checkpoint states (or Meta's defaults).
+        """
         ckpt_dir = Path(ckpt_dir)
         if not ckpt_dir.is_dir():
             raise UserError(f"checkpoint directory {ckpt_dir} not found (see README: ckpts/)")
@@ -95,7 +99,8 @@ class Llama:
         parallel = distributed.setup(tp_size)
         torch.manual_seed(seed)
         model = checkpoint.load_model(
-            ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size, torch_dtype, parallel.device, parallel.tp_rank, parallel.tp_size
+            ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size, torch_dtype, parallel.device, parallel.tp_rank, parallel.tp_size,
+            **({"rope_scaling": rope_scaling} if rope_scaling else {}),
         )
         return Llama(model, tokenizer, parallel, seed, compile)
 
