@@ -92,11 +92,12 @@ def read_params(path: Path) -> dict:
     return params
 
 
-def model_args(params: Mapping, vocab_size: Optional[int] = None, **overrides) -> ModelArgs:
+def model_args(params: Mapping, vocab_size: Optional[int] = None, source: str = "params.json", **overrides) -> ModelArgs:
     """ModelArgs from params.json; `vocab_size: -1` is filled from the tokenizer, a mismatch is an error.
 
     Keys of Llama 3.x releases that do not change the text forward (vision, quantization) are
-    dropped with a note on stderr; truly unknown keys are an error.
+    dropped with a note on stderr; truly unknown keys are an error. `source` names the file the
+    params came from in messages (config.json for a Hugging Face folder).
     """
     params = dict(params)
     ignored = sorted(set(params) & IGNORED_PARAMS)
@@ -126,13 +127,13 @@ def model_args(params: Mapping, vocab_size: Optional[int] = None, **overrides) -
             args.vocab_size = vocab_size
         elif args.vocab_size != vocab_size:
             raise UserError(
-                f"tokenizer has {vocab_size} tokens but params.json says vocab_size {args.vocab_size}: "
+                f"tokenizer has {vocab_size} tokens but {source} says vocab_size {args.vocab_size}: "
                 "use the tokenizer.model that came with this checkpoint"
             )
     if args.vocab_size <= 0:
-        raise UserError("vocab_size is unknown: set it in params.json or pass the model's tokenizer")
+        raise UserError(f"vocab_size is unknown: set it in {source} or pass the model's tokenizer")
     if args.dim % args.n_heads:
-        raise UserError(f"dim {args.dim} is not divisible by n_heads {args.n_heads} in params.json")
+        raise UserError(f"dim {args.dim} is not divisible by n_heads {args.n_heads} in {source}")
     return args
 
 

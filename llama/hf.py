@@ -217,7 +217,7 @@ class HFCheckpoint(Checkpoint):
     def __init__(self, path: Path, vocab_size: Optional[int] = None, **overrides):
         self.path = Path(path)
         self.config = read_config(self.path / CONFIG)
-        self.args = model_args(params_from_config(self.config, self.path / CONFIG), vocab_size, **overrides)
+        self.args = model_args(params_from_config(self.config, self.path / CONFIG), vocab_size, CONFIG, **overrides)
         self.args.vocab_parallel_embedding = self.args.vocab_size >= LLAMA3_MIN_VOCAB  # as Meta's Llama 3 code
         files = weight_files(self.path)
         self.paths = sorted(set(files.values()))
