@@ -12,15 +12,19 @@ Bad input: one `error:` line, exit 2, nothing written.
 
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from dist_utils import REPO, torchrun
-from llama.checkpoint import PARTIAL, load_model, open_checkpoint, shard_state_dict
+from llama.checkpoint import PARTIAL, load_model, model_args, open_checkpoint, random_state_dict, shard_state_dict
 from llama.errors import run_cli
 from references import GOLDEN, LLAMA2_TOKENIZER, STORIES
 
@@ -386,3 +390,22 @@ def test_rerun_replaces_a_killed_conversion_without_force(capsys, stories_hf, tm
     assert code == 0, err
     assert not (out / PARTIAL).exists()
     assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == {p.name: p.read_bytes() for p in stories_hf.glob("*.safetensors")}
+
+
+def test_sigterm_during_a_conversion_leaves_nothing(tmp_path):
+    """`python split_model.py` killed with SIGTERM while writing: no output folder, exit 130."""
+    params = {"dim": 512, "n_layers": 6, "n_heads": 8, "vocab_size": 512, "multiple_of": 256}  # ~75 MB in float32
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(random_state_dict(model_args(params)), src / "consolidated.00.pth")
+    (src / "params.json").write_text(json.dumps(params))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "split_model.py", "--ckpt_dir", str(src), "--out_format", "hf", "--out_dir", str(out), "--max_shard_size", "10MB"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any((out / PARTIAL).glob("*.safetensors")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)  # until the first file is being written
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert not out.exists()
