@@ -8,7 +8,9 @@ What goes in follows llama.cpp's own `convert_hf_to_gguf.py` for `LlamaForCausal
   converter permutes HF's q/k rows *back* to Meta's order (`LlamaModel.permute`, the inverse of
   `to_hf_rows`). Our readers hand out Meta-layout tensors, so they go in as they are;
 - Llama 3.1+ RoPE scaling as a `rope_freqs.weight` tensor of per-frequency divisors;
-- the SentencePiece vocabulary (tokens, scores, types as `_create_vocab_sentencepiece`).
+- the vocabulary: SentencePiece (Llama 1/2) as `_create_vocab_sentencepiece` writes it (tokens,
+  scores, types); Meta's Llama 3 tiktoken file as the converter writes the Hub's tokenizer.json made
+  from it (model gpt2, pre-tokenizer llama-bpe, byte-level tokens, merges rebuilt from the ranks).
 Norms and other 1-D tensors stay float32 (llama.cpp's kernels expect that); q8_0 quantizes each
 2-D weight whose rows split into 32-value blocks, and writes the others as float16, as llama.cpp
 does when a tensor cannot be quantized.
@@ -120,8 +122,45 @@ def sentencepiece_vocab(gguf, tok, vocab_size: int) -> dict:
             "ids": {k: v for k, v in ids.items() if v >= 0}, "add_bos": True, "add_eos": False}
 
 
+def byte_level_merges(ranks: dict[bytes, int], as_text) -> list[str]:
+    """The merge list a BPE engine needs to reproduce tiktoken's ranks, as transformers' TikTokenConverter
+    (which made the Hub's Llama 3 tokenizer.json) and llama.cpp's Tekken vocab reconstruct it: for each
+    token in rank order, every split into two tokens, ordered by the ranks of the halves."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        splits.sort(key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
+        merges += [f"{as_text(left)} {as_text(right)}" for left, right in splits]
+    return merges
+
+
+def tiktoken_vocab(gguf, tok, path: Path, vocab_size: int) -> dict:
+    """tokenizer.ggml.* of Meta's Llama 3 tiktoken file as llama.cpp's converter writes it from the Hub's
+    tokenizer.json: model gpt2, pre-tokenizer "llama-bpe" (Meta's split pattern), the BPE tokens in
+    GPT-2's byte-to-unicode form, the merges, and the 256 special tokens as control tokens."""
+    import hashlib
+
+    from tiktoken.load import load_tiktoken_bpe
+
+    try:
+        from gguf.vocab import bytes_to_unicode
+    except ImportError:
+        raise UserError("exporting a Llama 3 vocabulary needs a newer gguf package: pip install -U gguf") from None
+    byte_chars = bytes_to_unicode()
+    as_text = lambda token: "".join(byte_chars[b] for b in token)  # noqa: E731
+    ranks = load_tiktoken_bpe(str(path), expected_hash=hashlib.sha256(path.read_bytes()).hexdigest())
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    kinds = [int(gguf.TokenType.UNUSED)] * vocab_size
+    for token, rank in ranks.items():
+        tokens[rank], kinds[rank] = as_text(token), int(gguf.TokenType.NORMAL)
+    for text, token_id in tok.special_tokens.items():
+        tokens[token_id], kinds[token_id] = text, int(gguf.TokenType.CONTROL)
+    return {"model": "gpt2", "pre": "llama-bpe", "tokens": tokens, "types": kinds, "merges": byte_level_merges(ranks, as_text),
+            "ids": {"bos": tok.bos_id, "eos": tok.eos_id}, "add_bos": True, "add_eos": False}
+
+
 def vocabulary(gguf, ckpt: Checkpoint) -> dict:
-    """The model's vocabulary in llama.cpp's terms; refused when it cannot be exported exactly."""
+    """The model's vocabulary in llama.cpp's terms (SentencePiece or Llama 3 tiktoken)."""
     from llama.tokenizer import load_tokenizer
 
     path = ckpt.tokenizer_file()
@@ -129,12 +168,11 @@ def vocabulary(gguf, ckpt: Checkpoint) -> dict:
         raise UserError(f"no tokenizer.model in {ckpt.path} (or its original/): a GGUF file carries the vocabulary, "
                         "so put the model's tokenizer.model there")
     tok = load_tokenizer(path)
-    if tok.family != "llama2":
-        raise UserError(f"{path} is a Llama 3 (tiktoken) tokenizer: its GGUF vocabulary (BPE tokens, merges) is not "
-                        "exported yet; convert with --out_format hf and use llama.cpp's convert_hf_to_gguf.py")
     if tok.n_words > ckpt.args.vocab_size:
         raise UserError(f"{path} has {tok.n_words} tokens but the model's vocab_size is {ckpt.args.vocab_size}: "
                         "use the tokenizer.model that came with this checkpoint")
+    if tok.family == "llama3":
+        return tiktoken_vocab(gguf, tok, path, ckpt.args.vocab_size)
     return sentencepiece_vocab(gguf, tok, ckpt.args.vocab_size)
 
 
@@ -289,7 +327,8 @@ class GGUFWriter:
     @staticmethod
     def needed_bytes(ckpt: Checkpoint, num_shards: int, prepared: dict) -> int:
         gguf = prepared["gguf"]
-        vocab_bytes = sum(len(t.encode()) + 16 for t in prepared["vocab"]["tokens"])
+        vocab = prepared["vocab"]
+        vocab_bytes = sum(len(t.encode()) + 16 for t in vocab["tokens"] + vocab.get("merges", []))
         return sum(tensor_bytes(gguf, shape, qtype) + 64 for _, _, shape, qtype in prepared["tensors"]) + vocab_bytes + 2**20
 
     @staticmethod

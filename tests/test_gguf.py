@@ -4,7 +4,9 @@ References: the stories260K Meta weights as torch loads them, its params.json an
 description in golden.json (metadata), sentencepiece itself (vocabulary: the bundled 512-piece
 model and Meta's 32000-piece Llama 2 model), transformers' `llama3` RoPE initialisation (the
 rope_freqs factors), the same weights written as an HF folder (same tensors), and
-the `gguf` package's own quantizer/dequantizer for q8_0. Bad input: one `error:` line, nothing written.
+the `gguf` package's own quantizer/dequantizer for q8_0; for Llama 3, transformers' TikTokenConverter
+(what the Hub's tokenizer.json holds, which llama.cpp's converter reads) and Meta's own ids for the
+golden cases. Bad input: one `error:` line, nothing written.
 """
 
 import json
@@ -42,8 +44,8 @@ def gguf_name(meta_key: str) -> str:
     return f"{TOP_NAMES[parts[0]]}.weight"
 
 
-def export(src: Path, out: Path, dtype: str = "float32") -> Path:
-    return convert(src, "gguf", out_dir=out, dtype=dtype, verify_output=True, progress=False) / "model.gguf"
+def export(src: Path, out: Path, dtype: str = "float32", verify: bool = True) -> Path:
+    return convert(src, "gguf", out_dir=out, dtype=dtype, verify_output=verify, progress=False) / "model.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +132,7 @@ def random_ckpt(path: Path, params: dict, tokenizer: Path, seed: int = 0) -> Pat
 def test_llama2_vocabulary_with_bytes_and_controls(tmp_path):
     """Meta's 32000-piece Llama 2 model: 256 byte pieces, <s>/</s> controls, <unk> (a tiny random model carries it)."""
     params = {"dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 32000, "multiple_of": 32}
-    path = export(random_ckpt(tmp_path / "llama2", params, LLAMA2_TOKENIZER), tmp_path / "out")
+    path = export(random_ckpt(tmp_path / "llama2", params, LLAMA2_TOKENIZER), tmp_path / "out", verify=False)  # read once, below
     assert_vocab_is_sentencepieces(path, LLAMA2_TOKENIZER)
 
 
@@ -234,6 +236,54 @@ def test_llama31_rope_scaling_is_a_rope_freqs_tensor_of_transformers_factors(tmp
     assert reader.get_field("llama.context_length").contents() == 131072
 
 
+@pytest.fixture(scope="module")
+def llama3_vocab(tmp_path_factory) -> dict:
+    """The tokenizer.ggml.* fields of a tiny random Llama 3.1-shaped model carrying Meta's tiktoken file."""
+    tmp = tmp_path_factory.mktemp("llama3")
+    params = {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 128256, "multiple_of": 32,
+              "rope_theta": 500000.0, "use_scaled_rope": True}
+    out = convert(random_ckpt(tmp / "ckpt", params, LLAMA3_TOKENIZER), "gguf", out_dir=tmp / "out", progress=False)
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+    return {k.removeprefix("tokenizer.ggml."): f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+
+
+def test_llama3_vocabulary_is_what_the_hub_tokenizer_json_holds(llama3_vocab):
+    """llama.cpp's converter reads Llama 3 from the Hub's tokenizer.json, which transformers' TikTokenConverter
+    makes from Meta's file: the same byte-level tokens and merges (280147), specials as control tokens."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    vocab, merges = TikTokenConverter().extract_vocab_merges_from_model(str(LLAMA3_TOKENIZER))
+    cases = json.loads((DATA / "llama3_tokenizer_cases.json").read_text())
+    assert (llama3_vocab["model"], llama3_vocab["pre"]) == ("gpt2", "llama-bpe")
+    tokens, types = llama3_vocab["tokens"], llama3_vocab["token_type"]
+    assert len(tokens) == len(types) == cases["n_words"] == 128256
+    assert tokens[:len(vocab)] == sorted(vocab, key=vocab.get)
+    assert llama3_vocab["merges"] == [f"{left} {right}" for left, right in merges] and len(merges) == 280147
+    assert types == [gguf.TokenType.NORMAL] * len(vocab) + [gguf.TokenType.CONTROL] * 256
+    for text, token_id in cases["special_tokens"].items():
+        assert tokens[token_id] == text
+    assert (llama3_vocab["bos_token_id"], llama3_vocab["eos_token_id"]) == (cases["bos_id"], cases["eos_id"])
+    assert llama3_vocab["add_bos_token"] is True and "scores" not in llama3_vocab
+
+
+def test_llama3_vocabulary_tokenizes_as_metas_tokenizer(llama3_vocab):
+    """A BPE engine that is not tiktoken (HF `tokenizers`, with llama.cpp's llama-bpe settings: Meta's split
+    pattern, byte-level, whole words taken as they are) given only the exported tokens and merges
+    reproduces the ids Meta's own tokenizer gave for every golden case."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from tokenizers.models import BPE
+
+    cases = json.loads((DATA / "llama3_tokenizer_cases.json").read_text())
+    tokens = llama3_vocab["tokens"][:128000]
+    merges = [tuple(m.split(" ")) for m in llama3_vocab["merges"]]
+    bpe = Tokenizer(BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False, ignore_merges=True))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(cases["pat_str"]), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert len(cases["cases"]) > 5
+    for case in cases["cases"]:
+        assert bpe.encode(case["text"], add_special_tokens=False).ids == case["ids"], case["text"][:40]
+
+
 def run_main(capsys, *argv) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: split_model.main([str(a) for a in argv]))
@@ -252,7 +302,7 @@ def test_cli_writes_model_gguf_and_manifest(capsys, tmp_path):
 BAD = {
     "unsupported dtype": ("--dtype bfloat16 is not a GGUF type", "bfloat16"),
     "gguf not installed": ("pip install -e .[gguf]", "float32"),
-    "llama 3 tokenizer": ("Llama 3 (tiktoken) tokenizer", "float32"),
+    "tokenizer of another model": ("has 32000 tokens but the model's vocab_size is 512", "float32"),
     "no tokenizer": ("no tokenizer.model", "float32"),
 }
 
@@ -263,13 +313,13 @@ def test_bad_input_is_one_error_line_and_nothing_written(monkeypatch, capsys, tm
     ckpt = STORIES
     if case == "gguf not installed":
         monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
-    if case in ("llama 3 tokenizer", "no tokenizer"):
+    if case in ("tokenizer of another model", "no tokenizer"):
         ckpt = tmp_path / "ckpt"
         shutil.copytree(STORIES, ckpt)
         if case == "no tokenizer":
             (ckpt / "tokenizer.model").unlink()
         else:
-            shutil.copyfile(LLAMA3_TOKENIZER, ckpt / "tokenizer.model")
+            shutil.copyfile(LLAMA2_TOKENIZER, ckpt / "tokenizer.model")
     out_dir = tmp_path / "out"
     code, out, err = run_main(capsys, "--ckpt_dir", ckpt, "--out_format", "gguf", "--out_dir", out_dir, "--dtype", dtype)
     assert code == 2 and out == ""
