@@ -120,10 +120,13 @@ def test_vocabulary_is_sentencepieces(exports):
     assert_vocab_is_sentencepieces(exports["float32"], STORIES_TOKENIZER)
 
 
-def random_ckpt(path: Path, params: dict, tokenizer: Path, seed: int = 0) -> Path:
-    """A 1-shard Meta checkpoint with random weights and the given tokenizer."""
+def random_ckpt(path: Path, params: dict, tokenizer: Path, seed: int = 0, tied: bool = False) -> Path:
+    """A 1-shard Meta checkpoint with random weights and the given tokenizer (tied: no output.weight, as Llama 3.2 1B)."""
     path.mkdir(parents=True)
-    torch.save(random_state_dict(model_args(params), seed=seed), path / "consolidated.00.pth")
+    state = random_state_dict(model_args(params), seed=seed)
+    if tied:
+        del state["output.weight"]
+    torch.save(state, path / "consolidated.00.pth")
     (path / "params.json").write_text(json.dumps(params))
     shutil.copyfile(tokenizer, path / "tokenizer.model")
     return path
@@ -234,6 +237,14 @@ def test_llama31_rope_scaling_is_a_rope_freqs_tensor_of_transformers_factors(tmp
     reader = gguf.GGUFReader(str(path))
     assert reader.get_field("llama.rope.freq_base").contents() == 500000.0
     assert reader.get_field("llama.context_length").contents() == 131072
+
+
+def test_tied_embeddings_write_no_output_tensor(tmp_path):
+    """llama.cpp uses token_embd for the output projection when output.weight is absent (its tied-model path)."""
+    params = {"dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 512, "multiple_of": 32}
+    ckpt = random_ckpt(tmp_path / "tied", params, STORIES_TOKENIZER, tied=True)
+    stored = tensors_of(export(ckpt, tmp_path / "out"))
+    assert "output.weight" not in stored and "token_embd.weight" in stored and len(stored) == 2 + 9
 
 
 @pytest.fixture(scope="module")
