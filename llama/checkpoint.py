@@ -435,14 +435,21 @@ def build_empty(args: ModelArgs, dtype: torch.dtype) -> Transformer:
 
     fairscale's layers allocate with the legacy `torch.Tensor(...)` constructor, which ignores
     `torch.device("meta")`; building in the target dtype at least halves that transient memory
-    for 16-bit models, and with one rank the pages are never touched.
+    for 16-bit models. With several ranks, fairscale also builds each whole matrix and copies
+    this rank's part into the weight, touching all its pages: a rank would hold its weights twice
+    while loading (built + read). Every weight is replaced, so that step is skipped here and the
+    pages are never touched.
     """
-    previous = torch.get_default_dtype()
+    from fairscale.nn.model_parallel import layers
+
+    previous, initialize = torch.get_default_dtype(), layers._initialize_affine_weight
     torch.set_default_dtype(dtype)
+    layers._initialize_affine_weight = lambda *args, **kwargs: None
     try:
         return Transformer(args)
     finally:
         torch.set_default_dtype(previous)
+        layers._initialize_affine_weight = initialize
 
 
 def rope_freqs(args: ModelArgs, dtype: torch.dtype = torch.float32) -> torch.Tensor:
