@@ -26,7 +26,7 @@ from llama import checkpoint, data, distributed, train
 from llama.errors import UserError, run_cli
 from llama.prompt_tuning import INITS, SoftPrompt, export_peft, init_prompt, save_prompt
 from llama.model import Transformer
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import find_tokenizer, load_tokenizer
 
 # Options a resumed run may change; everything else comes from the checkpoint, so it continues exactly.
 RESUMABLE_OVERRIDES = {"max_steps", "eval_interval", "eval_batches", "ckpt_interval", "resume", "out_dir"}
@@ -36,7 +36,7 @@ DEFAULT_INIT_TEXT = "Below is an instruction. Write a response that completes th
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_dir", default="ckpts/stories260K", help="frozen base model (Meta layout, any shard count)")
-    p.add_argument("--tokenizer_path", default=None, help="default: <ckpt_dir>/tokenizer.model")
+    p.add_argument("--tokenizer_path", default=None, help="default: <ckpt_dir>/tokenizer.model, else <ckpt_dir>/original/tokenizer.model")
     p.add_argument("--data", default="datasets/alpaca_en_demo.json", help="alpaca-format JSON list or JSONL")
     p.add_argument("--template", default="alpaca", help=f"prompt template: {', '.join(data.TEMPLATES)}")
     p.add_argument("--field_map", default=None, help="map field names, e.g. instruction=prompt,output=completion")
@@ -93,7 +93,7 @@ def resolve(args: argparse.Namespace, parallel: distributed.Parallel) -> argpars
     checkpoint.parse_dtype(args.dtype)
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.lr_decay_steps = args.lr_decay_steps or args.max_steps
-    args.tokenizer_path = args.tokenizer_path or str(Path(args.ckpt_dir) / "tokenizer.model")
+    args.tokenizer_path = str(find_tokenizer(args.ckpt_dir, args.tokenizer_path))
     for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "ckpt_interval", "chunk_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -127,7 +127,7 @@ def prepare(args: argparse.Namespace, parallel: distributed.Parallel, saved: Opt
     """Load the frozen model and the data, make the prompt and optimizer, restore a checkpoint."""
     device, dtype = parallel.device, checkpoint.parse_dtype(args.dtype)
     torch.manual_seed(args.seed)
-    tokenizer = Tokenizer(args.tokenizer_path)
+    tokenizer = load_tokenizer(args.tokenizer_path)
     positions = args.n_virtual_tokens + args.max_seq_len  # the prompt takes positions 0..P-1
     model = checkpoint.load_model(Path(args.ckpt_dir), tokenizer.n_words, positions, args.batch_size, dtype, device,
                                   parallel.tp_rank, parallel.tp_size, kv_cache=False)  # training needs RoPE only
