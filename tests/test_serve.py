@@ -263,10 +263,12 @@ def test_concurrent_clients_get_what_they_get_alone_in_shared_steps(server, clie
     steps = after["decode_steps"] - before["decode_steps"]
     rows = after["decoded_tokens"] - before["decoded_tokens"]
     generated = sum(len(c.token_ids) for c in choices)
-    # one row per step would make steps == rows; batched, rows/step is near 4 early on
-    assert rows == generated - len(PROMPTS)  # each first token comes from its prefill
-    assert steps < 0.75 * rows, (steps, rows)
-    assert after["max_rows_decoded"] >= 3
+    # each first token comes from its prefill (and none of these meets EOS within max_tokens)
+    assert generated == sum(PROMPTS.values()) and rows == generated - len(PROMPTS)
+    # Rows decoded beyond one per step: 0 if no two requests ever shared a step, 182 - 63 = 119
+    # if all four joined the first step. Requests that reach the engine a few steps apart (HTTP
+    # handling on a loaded machine) still share most steps; 20 leaves room for that.
+    assert rows - steps >= 20, (steps, rows)
 
 
 BAD_REQUESTS = [  # (name, path, headers, body, status, param)
