@@ -12,12 +12,14 @@ from llama.serve import main
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_dir", default="ckpts/stories260K", help="Meta model directory (params.json, consolidated.NN.pth)")
-    parser.add_argument("--tokenizer_path", default=None, help="default: <ckpt_dir>/tokenizer.model")
+    parser.add_argument("--ckpt_dir", default="ckpts/stories260K", help="model directory (Meta: params.json, consolidated.NN.pth; or Hugging Face)")
+    parser.add_argument("--tokenizer_path", default=None, help="default: <ckpt_dir>/tokenizer.model, else <ckpt_dir>/original/tokenizer.model")
     parser.add_argument("--max_seq_len", type=int, default=512, help="positions per request (prompt + completion)")
     parser.add_argument("--max_batch_size", type=int, default=4, help="requests decoded together (rows of the KV cache)")
     parser.add_argument("--max_queue", type=int, default=64, help="requests waiting for a row; beyond them a 503")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--rope_scaling_factor", type=float, default=None,
+                        help="Llama 3.1+: override the RoPE scaling factor the checkpoint states (as in example.py)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (all rows every step; CUDA graphs on GPU)")
     parser.add_argument("--seed", type=int, default=1, help="torch seed at load; requests without a seed get a random one")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

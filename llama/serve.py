@@ -53,7 +53,7 @@ def sampling_for(body: GenerationFields, max_tokens: Optional[int], n_prompt: in
         raise APIError(400, "only n=1 is supported: send one request per completion", "n")
     room = max_seq_len - n_prompt
     if room < 1:
-        raise APIError(400, f"the prompt has {n_prompt} tokens but --max_seq_len is {max_seq_len}: shorten it to at most {max_seq_len - 1} tokens",
+        raise APIError(400, f"the prompt has {n_prompt} tokens but this server's --max_seq_len is {max_seq_len}: shorten it to at most {max_seq_len - 1} tokens",
                        "prompt", "context_length_exceeded")
     if max_tokens is not None and max_tokens <= 0:
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
@@ -272,7 +272,9 @@ def follow(llm: Llama) -> None:
 def main(args: argparse.Namespace) -> None:
     if args.max_queue < 0 or args.max_batch_size < 1:
         raise UserError("--max_queue must be >= 0 and --max_batch_size >= 1")
-    llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed, compile=args.compile)
+    rope = {"factor": args.rope_scaling_factor} if args.rope_scaling_factor is not None else None
+    llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed,
+                      compile=args.compile, rope_scaling=rope)
     try:
         sock, error = bind(args.host, args.port) if llm.parallel.is_main else (None, None)
         error = broadcast(error, llm.parallel.device)
