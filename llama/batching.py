@@ -45,6 +45,8 @@ class Planner(Protocol):
 
 def broadcast(obj: object, device: torch.device) -> object:
     """Rank 0's `obj` on every rank (the others pass None): a plan is a pickle of a few hundred bytes."""
+    if dist.get_world_size() == 1:
+        return obj  # one process: nothing to send (a tiny model's step is ~1 ms, pickling is not free)
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
     return box[0]
