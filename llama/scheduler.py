@@ -103,6 +103,7 @@ class Scheduler:
         self.fixed_rows = llm.compiled_step is not None  # a compiled step keeps one shape: all rows
         self.cond = threading.Condition()
         self.stopping = False
+        self.refusing = False
         self.decoding: list[int] = []
         self.stats = {"decode_steps": 0, "decoded_tokens": 0, "max_rows_decoded": 0, "prefills": 0, "completed": 0, "cancelled": 0}
 
@@ -110,7 +111,7 @@ class Scheduler:
 
     def submit(self, request: Request) -> None:
         with self.cond:
-            if self.stopping:
+            if self.refusing:
                 raise ShuttingDown()
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull()
@@ -125,9 +126,19 @@ class Scheduler:
             request.cancelled = True
             self.cond.notify()
 
-    def stop(self) -> None:
+    def refuse(self) -> None:
+        """Take no new requests (ShuttingDown); those already in keep going."""
         with self.cond:
-            self.stopping = True
+            self.refusing = True
+
+    def idle(self) -> bool:
+        with self.cond:
+            return not self.waiting and not any(self.rows)
+
+    def stop(self) -> None:
+        """Cancel every request and end the step loop at its next plan."""
+        with self.cond:
+            self.refusing = self.stopping = True
             self.cond.notify()
 
     def snapshot(self) -> dict:

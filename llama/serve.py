@@ -5,9 +5,10 @@ on an engine thread; every other rank runs the same step loop on its main thread
 no socket. HTTP handlers validate a request, hand it to the scheduler (llama/scheduler.py)
 and wait on an asyncio queue that the engine thread fills with pieces of text.
 
-Shutdown (SIGTERM or Ctrl-C on rank 0, or SIGTERM to every rank as torchrun sends it): uvicorn
-stops accepting and gives open requests --shutdown_timeout seconds, the scheduler cancels what
-is left and broadcasts a stop plan, every rank leaves its loop, meets at a barrier and exits 0.
+Shutdown (SIGTERM or Ctrl-C on rank 0, or SIGTERM to every rank as torchrun sends it): the
+server stops accepting, open requests get --shutdown_timeout seconds to finish, the ones still
+running are cancelled (a stream ends with an error event, a plain request gets a 503), the
+scheduler broadcasts a stop plan, every rank leaves its loop, meets at a barrier and exits 0.
 The other ranks ignore the signal itself: they stop when rank 0 tells them to.
 """
 
@@ -193,8 +194,9 @@ class Server:
                 first = False
             while True:
                 piece = await pieces.get()
-                if piece.finish_reason == "cancelled":
-                    return  # shutting down: end the stream without [DONE]
+                if piece.finish_reason == "cancelled":  # shutting down: an error event ends the stream
+                    yield sse(error_body("the server is shutting down: the completion was cut short", "server_error"))
+                    return
                 lp = reply.logprobs(piece.logprobs, offset) if job.sampling.top_logprobs is not None else None
                 yield sse(reply.chunk(piece, lp, first))
                 first, offset = False, offset + len(piece.text)
@@ -226,13 +228,36 @@ def bind(host: str, port: int) -> tuple[Optional[socket.socket], Optional[str]]:
     return sock, None
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server whose shutdown first lets open requests finish, then cancels the rest.
+
+    Cancelled jobs end their streams with an error event (and non-streamed ones with a 503), so
+    every client gets a complete response instead of a connection cut mid-body.
+    """
+
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, grace_s: float):
+        super().__init__(config)
+        self.scheduler, self.grace_s = scheduler, grace_s
+
+    async def shutdown(self, sockets: Optional[list[socket.socket]] = None) -> None:
+        for server in self.servers:  # stop accepting
+            server.close()
+        self.scheduler.refuse()
+        deadline = asyncio.get_running_loop().time() + self.grace_s
+        while not self.scheduler.idle() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        self.scheduler.stop()
+        await super().shutdown(sockets)
+
+
 def serve_http(llm: Llama, sock: socket.socket, args: argparse.Namespace) -> None:
     """Rank 0: the engine thread runs the step loop, uvicorn runs on this (main) thread."""
     scheduler = Scheduler(llm, args.max_queue)
     model_name = args.model_name or Path(args.ckpt_dir).name
     app = Server(llm, scheduler, model_name, args.api_key).app
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout, lifespan="off")
-    server = uvicorn.Server(config)
+    # the jobs are cancelled after --shutdown_timeout; uvicorn's own timeout only backs that up
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=2.0, lifespan="off")
+    server = GracefulServer(config, scheduler, args.shutdown_timeout)
     failure: list[BaseException] = []
 
     def engine() -> None:
