@@ -200,7 +200,7 @@ class KVCache(nn.Module):
         filled. A position tensor (the static-shape step of `Transformer.decode_hidden`) returns
         the whole cache, every step the same shape; its mask hides the unfilled positions. That
         tensor is [1] (all rows at one position) or [B] with T = 1: row b writes at start_pos[b],
-        so rows of different lengths decode together (continuous batching in llama/serve.py).
+        so rows of different lengths decode together (continuous batching, llama/batching.py).
         """
         batch = k.size(0)
         if isinstance(start_pos, torch.Tensor) and start_pos.numel() > 1:
