@@ -123,19 +123,16 @@ class Served:
     log: Path
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`torchrun --nproc_per_node 2 serve.py` on a free port, until the module's last test stops it.
+def start_server(log: Path, nproc: int, *args: str) -> tuple[subprocess.Popen, str]:
+    """serve.py on a free port (torchrun for nproc > 1), once /health answers.
 
-    Its output goes to a file (a pipe nobody reads could fill and block the server)."""
-    port, log = free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "serve.py", "--port", str(port), "--max_batch_size", "4",
-        "--max_seq_len", str(MAX_SEQ_LEN), "--api_key", API_KEY, "--shutdown_timeout", "2",
-    ]
+    Its output goes to `log` (a pipe nobody reads could fill and block the server); its own
+    session lets teardown end the launcher and its workers together, whatever happened."""
+    port = free_port()
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, "serve.py", "--port", str(port), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    # its own session: teardown can end the launcher and its workers together, whatever happened
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -145,13 +142,21 @@ def server(tmp_path_factory):
             pytest.fail(f"serve.py exited with {proc.returncode}:\n{log.read_text()}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
+                return proc, url
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
             stop_group(proc)
             pytest.fail("serve.py did not answer /health within 120 s")
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`torchrun --nproc_per_node 2 serve.py`, until the module's last test stops it."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    args = ["--max_batch_size", "4", "--max_seq_len", str(MAX_SEQ_LEN), "--api_key", API_KEY, "--shutdown_timeout", "2"]
+    proc, url = start_server(log, 2, *args)
     try:
         yield Served(proc, url, log)
     finally:
@@ -332,6 +337,31 @@ def test_disconnect_mid_stream_frees_the_row(server, client, reference):
         time.sleep(0.05)
     assert now["active"] == 0 and now["cancelled"] == before["cancelled"] + 1
     assert now["decoded_tokens"] - before["decoded_tokens"] < 200  # the hung-up stream stopped early
+
+
+def test_full_queue_gets_503_and_a_freed_row_admits_the_next(tmp_path):
+    """One row, a queue of one (`python serve.py`, world size 1): a long stream holds the row,
+    a second request waits, a third gets 503; when the stream hangs up the waiting one runs."""
+    # 1000 greedy tokens without EOS (checked with example.py) hold the row for ~2 s or more
+    proc, url = start_server(tmp_path / "serve.log", 1, "--max_batch_size", "1", "--max_queue", "1", "--max_seq_len", "1024")
+    try:
+        body = {"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0, "stream": True}
+        short = {"prompt": "The cat", "max_tokens": 8, "temperature": 0}
+        with ThreadPoolExecutor(1) as pool:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+                lines = response.iter_lines()  # held: a dropped line iterator closes the response
+                next(lines)
+                waiting = pool.submit(httpx.post, f"{url}/v1/completions", json=short, timeout=30)
+                deadline = time.monotonic() + 10
+                while (now := health(url))["queued"] != 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert now["queued"] == 1 and now["active"] == 1, now
+                busy = httpx.post(f"{url}/v1/completions", json=short, timeout=30)
+                assert busy.status_code == 503 and busy.json()["error"]["code"] == "overloaded", busy.text
+            done = waiting.result(timeout=30)
+        assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] == "length"
+    finally:
+        stop_group(proc)
 
 
 def worker_pids(parent: int) -> list[int]:
