@@ -377,25 +377,33 @@ class MetaCheckpoint(Checkpoint):
         return full_shape(source, self.pieces(source), self.args.vocab_parallel_embedding)
 
 
-def open_checkpoint(path: str | Path, vocab_size: Optional[int] = None, **overrides) -> Checkpoint:
-    """The reader for the model directory `path`, chosen by its config file.
-
-    `params.json` -> Meta layout, `config.json` -> Hugging Face folder. `vocab_size` (the
-    tokenizer's) must match the model's; `overrides` replace ModelArgs fields (max_seq_len, ...).
-    """
+def model_format(path: str | Path) -> str:
+    """'meta' (params.json) or 'hf' (config.json); anything else, e.g. a folder left by an
+    interrupted conversion, is a UserError saying what it is."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint directory {path} not found")
     if (path / "params.json").is_file():
-        return MetaCheckpoint(path, vocab_size, **overrides)
+        return "meta"
     if (path / "config.json").is_file():
-        from llama.hf import HFCheckpoint
-
-        return HFCheckpoint(path, vocab_size, **overrides)
+        return "hf"
     if (path / PARTIAL).is_dir():
         raise UserError(f"{path} holds only the partial output of an interrupted conversion ({PARTIAL}): "
                         "rerun the split_model.py command that writes it")
     raise UserError(f"{path} is not a model directory: it needs params.json (Meta layout) or config.json (Hugging Face)")
+
+
+def open_checkpoint(path: str | Path, vocab_size: Optional[int] = None, **overrides) -> Checkpoint:
+    """The reader for the model directory `path`, chosen by its config file (see `model_format`).
+
+    `vocab_size` (the tokenizer's) must match the model's; `overrides` replace ModelArgs fields
+    (max_seq_len, ...).
+    """
+    if model_format(path) == "meta":
+        return MetaCheckpoint(Path(path), vocab_size, **overrides)
+    from llama.hf import HFCheckpoint
+
+    return HFCheckpoint(Path(path), vocab_size, **overrides)
 
 
 def load_model(

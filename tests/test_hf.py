@@ -359,7 +359,7 @@ def make_bad_input(case: str, tmp: Path, hf_dir: Path) -> tuple[list, str]:
     if case == "killed conversion":
         (ckpt / PARTIAL).mkdir(parents=True)
         (ckpt / PARTIAL / "model-00001-of-00003.safetensors").write_bytes(b"\0" * 100)
-        return ["example", "--ckpt_dir", ckpt, "--tokenizer_path", STORIES / "tokenizer.model"], "partial output of an interrupted conversion"
+        return ["example", "--ckpt_dir", ckpt], "partial output of an interrupted conversion"
     raise AssertionError(case)
 
 
