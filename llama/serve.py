@@ -54,8 +54,8 @@ def sampling_for(body: GenerationFields, max_tokens: Optional[int], n_prompt: in
         raise APIError(400, "only n=1 is supported: send one request per completion", "n")
     room = max_seq_len - n_prompt
     if room < 1:
-        raise APIError(400, f"the prompt has {n_prompt} tokens but this server's --max_seq_len is {max_seq_len}: shorten it to at most {max_seq_len - 1} tokens",
-                       "prompt", "context_length_exceeded")
+        message = f"the prompt has {n_prompt} tokens but this server's --max_seq_len is {max_seq_len}: shorten it to at most {max_seq_len - 1}"
+        raise APIError(400, message, "prompt", "context_length_exceeded")
     if max_tokens is not None and max_tokens <= 0:
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     max_new = room if max_tokens is None else min(max_tokens, room)
@@ -112,7 +112,8 @@ class Server:
         if self.api_key is None:
             return
         if authorization is None or not hmac.compare_digest(authorization.encode(), f"Bearer {self.api_key}".encode()):
-            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>' with the server's --api_key", code="invalid_api_key")
+            message = "missing or incorrect API key: send 'Authorization: Bearer <key>' with the server's --api_key"
+            raise APIError(401, message, code="invalid_api_key")
 
     async def health(self) -> dict:
         """Liveness plus the scheduler's counters (decode_steps vs decoded_tokens shows shared steps)."""
@@ -149,7 +150,8 @@ class Server:
         try:
             self.scheduler.submit(job)
         except QueueFull:
-            raise APIError(503, "the server is busy (every batch row and the queue are full): retry later", type_="server_error", code="overloaded") from None
+            message = "the server is busy (every batch row and the queue are full): retry later"
+            raise APIError(503, message, type_="server_error", code="overloaded") from None
         except ShuttingDown:
             raise APIError(503, "the server is shutting down", type_="server_error") from None
         reply = Reply(chat, self.model_name, lambda i: self.llm.tokenizer.decode([i]), prompt, body.return_token_ids)
