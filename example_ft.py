@@ -8,7 +8,7 @@ Only rank 0 prints. With --json, stdout holds one JSON object per instruction an
 
 import argparse
 
-from example import add_generation_args, print_results, stream_one
+from example import add_generation_args, print_results, rope_override, stream_one
 from llama import data, distributed
 from llama.errors import run_cli
 from llama.generation import Llama
@@ -32,16 +32,18 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     data.check_template(args.template)
     instructions = args.instruction or DEFAULT_INSTRUCTIONS
-    texts = [data.render({"instruction": i, "input": args.input, "output": ""}, args.template)[0] for i in instructions]
+    records = [{"instruction": i, "input": args.input, "output": ""} for i in instructions]
+    texts = [data.render(record, args.template)[0] for record in records]
     prompt = None if args.no_adapter else load_prompt(args.adapter)
-    llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed, compile=args.compile)
+    llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed, compile=args.compile,
+                      rope_scaling=rope_override(args))
     try:
         prefix = None
         if prompt is not None:
             check_dim(prompt, llm.model.args.dim, args.adapter)
             prefix = prompt.weight.detach().to(llm.parallel.device)
             llm.model.setup_caches(args.max_batch_size, prompt.n_virtual_tokens + args.max_seq_len)  # room for the prefix
-        prompt_ids = [llm.tokenizer.encode(text, bos=True, eos=False) for text in texts]
+        prompt_ids = [data.encode(record, llm.tokenizer, args.template)[0] for record in records]
         if len(texts) == 1 and not args.json:
             stream_one(llm, texts[0], prompt_ids[0], args, prefix)
             return

@@ -30,7 +30,7 @@ from llama import checkpoint, data, distributed, lora, methods, train
 from llama.errors import UserError, run_cli
 from llama.model import Transformer
 from llama.prompt_tuning import INITS
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import find_tokenizer, load_tokenizer
 
 # Options a resumed run may change; everything else comes from the checkpoint, so it continues exactly.
 RESUMABLE_OVERRIDES = {"max_steps", "eval_interval", "eval_batches", "ckpt_interval", "resume", "out_dir"}
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="prompt", choices=list(methods.METHODS), help="what trains: a soft prompt, LoRA adapters, or all weights")
     p.add_argument("--ckpt_dir", default="ckpts/stories260K", help="frozen base model (Meta layout, any shard count)")
-    p.add_argument("--tokenizer_path", default=None, help="default: <ckpt_dir>/tokenizer.model")
+    p.add_argument("--tokenizer_path", default=None, help="default: <ckpt_dir>/tokenizer.model, else <ckpt_dir>/original/tokenizer.model")
     p.add_argument("--data", default="datasets/alpaca_en_demo.json", help="alpaca-format JSON list or JSONL")
     p.add_argument("--template", default="alpaca", help=f"prompt template: {', '.join(data.TEMPLATES)}")
     p.add_argument("--field_map", default=None, help="map field names, e.g. instruction=prompt,output=completion")
@@ -105,7 +105,7 @@ def resolve(args: argparse.Namespace, parallel: distributed.Parallel) -> argpars
     args.lr = methods.METHODS[args.method].defaults["lr"] if args.lr is None else args.lr
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.lr_decay_steps = args.lr_decay_steps or args.max_steps
-    args.tokenizer_path = args.tokenizer_path or str(Path(args.ckpt_dir) / "tokenizer.model")
+    args.tokenizer_path = str(find_tokenizer(args.ckpt_dir, args.tokenizer_path))
     if args.method == "lora":
         lora.parse_targets(args.lora_targets)
     for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "ckpt_interval", "chunk_size", "lora_rank"):
@@ -141,7 +141,7 @@ def prepare(args: argparse.Namespace, parallel: distributed.Parallel, saved: Opt
     """Load the model and the data, make what trains and its optimizer, restore a checkpoint."""
     device, dtype = parallel.device, checkpoint.parse_dtype(args.dtype)
     torch.manual_seed(args.seed)
-    tokenizer = Tokenizer(args.tokenizer_path)
+    tokenizer = load_tokenizer(args.tokenizer_path)
     method = methods.make_method(args, parallel)
     model = method.build(tokenizer, Path(args.out_dir) if saved else None)
     splits = data.build_splits(args.data, tokenizer, args.template, args.max_seq_len, args.val_fraction, args.seed,

@@ -1,11 +1,16 @@
-"""Reshard a Meta checkpoint into N tensor-parallel shards, or plan how many cards a model needs.
+"""Every checkpoint transform: reshard, convert Meta <-> Hugging Face, export GGUF, plan memory.
 
   python split_model.py --ckpt_dir DIR --num_shards N [--out_dir OUT] [--dtype keep] [--force] [--verify]
+  python split_model.py --ckpt_dir DIR --out_format hf [--dtype bfloat16] [--verify]
+  python split_model.py --ckpt_dir DIR --out_format gguf [--dtype float32|float16|q8_0]
   python split_model.py --plan --ckpt_dir DIR (or --params params.json) --gpu_mem 12GiB --batch_size 8 --seq_len 512
 
-The output (default <DIR>_mp<N>) is what a Meta N-way checkpoint would be, plus manifest.json;
-`torchrun --nproc_per_node N example.py --ckpt_dir OUT` runs it. M -> N works both ways (split,
-merge, re-split) in memory near one output shard.
+DIR is a Meta directory (params.json, consolidated.NN.pth) or a Hugging Face folder (config.json,
+*.safetensors). The Meta output (default <DIR>_mp<N>) is what a Meta N-way checkpoint would be, plus
+manifest.json; `torchrun --nproc_per_node N example.py --ckpt_dir OUT` runs it. M -> N works both
+ways (split, merge, re-split) in memory near one output shard. --out_format hf writes a folder
+`transformers` loads (default <DIR>_hf); gguf writes model.gguf for llama.cpp (default <DIR>_gguf,
+needs the optional `gguf` package: pip install -e .[gguf]).
 """
 
 import argparse
@@ -13,18 +18,21 @@ import signal
 from pathlib import Path
 
 from llama import plan
-from llama.checkpoint import DTYPES, model_args, open_shards, parse_dtype, read_params, shard_paths
+from llama.checkpoint import DTYPES, model_args, open_checkpoint, parse_dtype, read_params
 from llama.errors import UserError, run_cli
-from llama.reshard import reshard
+from llama.reshard import OUT_FORMATS, convert
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_dir", type=Path, help="Meta model directory: params.json, consolidated.NN.pth")
-    parser.add_argument("--num_shards", type=int, help="N, the number of output shards (tensor-parallel ranks)")
-    parser.add_argument("--out_dir", type=Path, help="output directory (default <ckpt_dir>_mp<N>)")
-    parser.add_argument("--dtype", choices=["keep", *DTYPES], default=None,
-                        help="reshard: output dtype (default keep); --plan: runtime dtype (default float16)")
+    parser.add_argument("--ckpt_dir", type=Path, help="model directory: Meta (params.json, consolidated.NN.pth) or Hugging Face (config.json, *.safetensors)")
+    parser.add_argument("--num_shards", type=int, help="N, the number of output shards (tensor-parallel ranks) of a Meta output")
+    parser.add_argument("--out_format", choices=OUT_FORMATS, default="meta", help="meta (default), hf (Hugging Face folder) or gguf (llama.cpp)")
+    parser.add_argument("--out_dir", type=Path, help="output directory (default <ckpt_dir>_mp<N>, <ckpt_dir>_hf or <ckpt_dir>_gguf)")
+    parser.add_argument("--dtype", default=None,
+                        help=f"meta/hf: output dtype, keep (default) or one of {', '.join(DTYPES)}; gguf: float32 (default), float16 or q8_0; "
+                             "--plan: runtime dtype (default float16)")
+    parser.add_argument("--max_shard_size", default="5GB", help="hf: largest safetensors file before splitting (default 5GB)")
     parser.add_argument("--force", action="store_true", help="replace the shards in an existing non-empty --out_dir")
     parser.add_argument("--verify", action="store_true", help="re-read the output and check it bit for bit against the input")
     planning = parser.add_argument_group("memory planner (--plan)")
@@ -43,13 +51,13 @@ def plan_model(args: argparse.Namespace) -> str:
     """The planner's table for --params or --ckpt_dir (vocab -1 is read from the shards' shapes)."""
     if args.params is None and args.ckpt_dir is None:
         raise UserError("--plan needs --ckpt_dir DIR or --params params.json")
-    params = read_params(args.params or args.ckpt_dir / "params.json")
-    vocab = args.vocab_size
-    if params.get("vocab_size", -1) == -1 and vocab is None:
-        if args.params is not None:
+    if args.params is not None:
+        params = read_params(args.params)
+        if params.get("vocab_size", -1) == -1 and args.vocab_size is None:
             raise UserError("params.json says vocab_size -1: pass --vocab_size (32000 for Llama 1/2) or --ckpt_dir")
-        vocab = open_shards(shard_paths(args.ckpt_dir))[0]["tok_embeddings.weight"].shape[0]
-    model = model_args(params, vocab)
+        model = model_args(params, args.vocab_size)
+    else:
+        model = open_checkpoint(args.ckpt_dir, args.vocab_size).args
     if min(args.batch_size, args.seq_len) < 1:
         raise UserError("--batch_size and --seq_len must be at least 1")
     dtype = parse_dtype("float16" if args.dtype in (None, "keep") else args.dtype)
@@ -69,14 +77,22 @@ def main(argv=None) -> None:
     if args.plan:
         print(plan_model(args))
         return
-    if args.ckpt_dir is None or args.num_shards is None:
-        raise UserError("give --ckpt_dir DIR and --num_shards N (or --plan)")
-    dtype = None if args.dtype in (None, "keep") else parse_dtype(args.dtype)
-    out_dir = reshard(args.ckpt_dir, args.num_shards, args.out_dir, dtype, args.force, args.verify)
-    n = args.num_shards
-    verified = ", verified bit-identical" if args.verify else ""
-    launcher = "python" if n == 1 else f"torchrun --nproc_per_node {n}"
-    print(f"wrote {n} shard{'s' * (n > 1)} to {out_dir}{verified}; run: {launcher} example.py --ckpt_dir {out_dir}")
+    if args.ckpt_dir is None or (args.out_format == "meta" and args.num_shards is None):
+        raise UserError("give --ckpt_dir DIR and --num_shards N, or --out_format hf|gguf (or --plan)")
+    dtype = None if args.dtype in (None, "keep") else args.dtype
+    if args.out_format == "meta":
+        dtype = dtype and parse_dtype(dtype)
+    options = {"max_shard_size": args.max_shard_size} if args.out_format == "hf" else {}
+    n = args.num_shards or 1
+    out_dir = convert(args.ckpt_dir, args.out_format, n, args.out_dir, dtype, args.force, args.verify, **options)
+    verified = ", verified" if args.verify else ""
+    if args.out_format == "meta":
+        launcher = "python" if n == 1 else f"torchrun --nproc_per_node {n}"
+        print(f"wrote {n} shard{'s' * (n > 1)} to {out_dir}{verified}; run: {launcher} example.py --ckpt_dir {out_dir}")
+    elif args.out_format == "hf":
+        print(f"wrote a Hugging Face folder to {out_dir}{verified}; load it with transformers.AutoModelForCausalLM.from_pretrained('{out_dir}')")
+    else:
+        print(f"wrote {out_dir / 'model.gguf'}{verified}; run it with llama.cpp: llama-cli -m {out_dir / 'model.gguf'}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from llama import checkpoint, distributed  # noqa: E402
 from llama.errors import UserError, run_cli  # noqa: E402
 from llama.generation import Llama, prefill  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.tokenizer import load_tokenizer  # noqa: E402
 
 STORIES = REPO / "ckpts" / "stories260K"
 LLAMA2_TOKENIZER = REPO / "tests" / "data" / "tokenizers" / "llama2" / "tokenizer.model"
@@ -122,12 +122,12 @@ def build(shape: str, cli: argparse.Namespace, parallel: distributed.Parallel) -
     """The Llama for a shape on this rank, and a label of its layer count."""
     dtype, max_seq_len = checkpoint.parse_dtype(cli.dtype), cli.prompt_len + cli.gen_len
     if SHAPES[shape] is None:
-        tokenizer = Tokenizer(STORIES / "tokenizer.model")
+        tokenizer = load_tokenizer(STORIES / "tokenizer.model")
         model = checkpoint.load_model(
             STORIES, tokenizer.n_words, max_seq_len, max(cli.batch), dtype, parallel.device, parallel.tp_rank, parallel.tp_size
         )
     else:
-        tokenizer = Tokenizer(LLAMA2_TOKENIZER)
+        tokenizer = load_tokenizer(LLAMA2_TOKENIZER)
         model = random_model(shape_args(shape, cli.layers, cli.device), dtype, parallel, max(cli.batch), max_seq_len)
     return Llama(model, tokenizer, parallel, compile=cli.compile), str(model.args.n_layers)
 

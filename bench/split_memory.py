@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from llama.checkpoint import model_args, parse_dtype, random_state_dict  # noqa: E402
-from llama.reshard import open_checkpoint, reshard, verify  # noqa: E402
+from llama.checkpoint import open_checkpoint  # noqa: E402
+from llama.reshard import reshard, verify  # noqa: E402
 
 PARAMS_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "norm_eps": 1e-05, "vocab_size": 32000}
 MB = 10**6
@@ -123,7 +124,7 @@ def main() -> None:
         print(measure("split 1 -> 4", lambda: reshard(src, 4, out4), out4, copy_rate))
         print(measure("merge 4 -> 1", lambda: reshard(out4, 1, out1), out1, copy_rate))
         start = time.perf_counter()
-        verify(open_checkpoint(src), [out1 / "consolidated.00.pth"], None, progress=True)
+        verify(open_checkpoint(src), open_checkpoint(out1), None, progress=True)
         print(f"1 -> 4 -> 1 is bit-identical to the original (checked in {time.perf_counter() - start:.1f} s)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -37,7 +37,7 @@ from llama.data import IGNORE_INDEX  # noqa: E402
 from llama.errors import UserError, run_cli  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 from llama.prompt_tuning import SoftPrompt  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.tokenizer import load_tokenizer  # noqa: E402
 
 TABLE = [
     ("shape", "shape", ""), ("layers", "layers", ""), ("dtype", "dtype", ""), ("tp", "TP", ""), ("batch_size", "batch", ""),
@@ -78,7 +78,7 @@ def load(shape: str, cli: argparse.Namespace, parallel: distributed.Parallel) ->
     """This rank's frozen model for a shape, with RoPE for prompt + sequence and no KV cache."""
     dtype, positions = checkpoint.parse_dtype(cli.dtype), cli.n_virtual_tokens + cli.seq_len
     if SHAPES[shape] is None:
-        vocab = Tokenizer(STORIES / "tokenizer.model").n_words
+        vocab = load_tokenizer(STORIES / "tokenizer.model").n_words
         model = checkpoint.load_model(STORIES, vocab, positions, cli.batch_size, dtype, parallel.device, parallel.tp_rank, parallel.tp_size)
     else:
         model = random_model(shape_args(shape, cli.layers, cli.device), dtype, parallel, cli.batch_size, positions)

@@ -20,12 +20,14 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from llama import chat
+from llama.chat import B_INST, E_INST
 from llama.errors import UserError
-from llama.generation import B_INST, E_INST
 from llama.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # the label torch.nn.functional.cross_entropy skips by default
-TEMPLATES = ("alpaca", "llama2-chat", "plain")
+TEMPLATES = ("alpaca", "chat", "llama2-chat", "plain")
+"""chat: one user turn in the tokenizer family's own chat format (llama/chat.py); the others are text."""
 FIELDS = ("instruction", "input", "output")
 REQUIRED = ("instruction", "output")
 
@@ -44,7 +46,7 @@ ALPACA_NO_INPUT = (
 
 @dataclass
 class Example:
-    input_ids: list[int]  # starts with BOS, ends with EOS (unless truncated)
+    input_ids: list[int]  # starts with BOS, ends with EOS or the chat end of turn (unless truncated)
     labels: list[int]  # same length; IGNORE_INDEX on prompt tokens; the loss shifts by one (HF convention)
 
 
@@ -137,29 +139,43 @@ def check_template(template: str) -> None:
 
 
 def render(record: dict[str, str], template: str) -> tuple[str, str]:
-    """(prompt text, response text) of one record under a template."""
+    """(prompt text, response text) of one record under a template; for "chat", the texts of the
+    user message and the answer, which `encode` places in the chat format's tokens."""
     check_template(template)
     instruction, input_, output = record["instruction"], record["input"], record["output"]
     if template == "alpaca":
         prompt = (ALPACA_WITH_INPUT if input_ else ALPACA_NO_INPUT).format(instruction=instruction, input=input_)
         return prompt, output
     user = f"{instruction}\n\n{input_}" if input_ else instruction
-    if template == "llama2-chat":  # as generation.Llama.chat_tokens writes one user turn
+    if template == "chat":
+        return user, output
+    if template == "llama2-chat":  # as chat.llama2_tokens writes one user turn
         return f"{B_INST} {user.strip()} {E_INST}", output.strip()
     return (f"{instruction}\n{input_}" if input_ else instruction), output
+
+
+def encode(record: dict[str, str], tokenizer: Tokenizer, template: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids): BOS + prompt, then response + EOS.
+
+    "chat" takes both from llama/chat.py: the prompt is exactly what `Llama.chat_tokens` feeds at
+    inference (up to and including the assistant header for Llama 3), the response ends with the
+    family's end of turn (<|eot_id|> for Llama 3). Special tokens go in by id, never through text.
+    """
+    prompt, response = render(record, template)
+    if template == "chat":
+        return chat.dialog_tokens(tokenizer, [{"role": "user", "content": prompt}]), chat.answer_tokens(tokenizer, response)
+    return tokenizer.encode(prompt, bos=True, eos=False), tokenizer.encode(response, bos=False, eos=True)
 
 
 def tokenize(
     record: dict[str, str], tokenizer: Tokenizer, template: str, max_seq_len: int, train_on_inputs: bool = False
 ) -> tuple[Optional[Example], bool]:
-    """(example, truncated): BOS + prompt, then response + EOS; keeps the first max_seq_len tokens.
+    """(example, truncated): prompt then response (`encode`); keeps the first max_seq_len tokens.
 
     The example is None when nothing is left to learn: no label on positions 1.. (position 0 is
     never a target once the loss shifts).
     """
-    prompt, response = render(record, template)
-    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
-    response_ids = tokenizer.encode(response, bos=False, eos=True)
+    prompt_ids, response_ids = encode(record, tokenizer, template)
     input_ids = prompt_ids + response_ids
     labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids) + response_ids
     truncated = len(input_ids) > max_seq_len

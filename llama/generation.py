@@ -6,25 +6,15 @@ from a generator seeded identically on every rank, so all ranks pick the same to
 """
 
 from pathlib import Path
-from typing import Iterator, Literal, Optional, TypedDict
+from typing import Iterator, Optional
 
 import torch
 
-from llama import checkpoint, distributed
+from llama import chat, checkpoint, distributed
+from llama.chat import Message
 from llama.errors import UserError
 from llama.model import Transformer
-from llama.tokenizer import Tokenizer
-
-Role = Literal["system", "user", "assistant"]
-
-
-class Message(TypedDict):
-    role: Role
-    content: str
-
-
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+from llama.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
@@ -95,17 +85,22 @@ class Llama:
         seed: int = 1,
         tp_size: Optional[int] = None,
         compile: bool = False,
+        rope_scaling: Optional[dict] = None,
     ) -> "Llama":
-        """Load a Meta model directory (any shard count) split over this job's tensor-parallel ranks."""
+        """Load a model directory (Meta, any shard count, or Hugging Face) split over this job's tensor-parallel ranks.
+
+        `rope_scaling` overrides Llama 3 RoPE scaling constants the checkpoint states (or Meta's defaults).
+        """
         ckpt_dir = Path(ckpt_dir)
         if not ckpt_dir.is_dir():
             raise UserError(f"checkpoint directory {ckpt_dir} not found (see README: ckpts/)")
         torch_dtype = checkpoint.parse_dtype(dtype)
-        tokenizer = Tokenizer(tokenizer_path or ckpt_dir / "tokenizer.model")
+        tokenizer = load_tokenizer(find_tokenizer(ckpt_dir, tokenizer_path))
         parallel = distributed.setup(tp_size)
         torch.manual_seed(seed)
         model = checkpoint.load_model(
-            ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size, torch_dtype, parallel.device, parallel.tp_rank, parallel.tp_size
+            ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size, torch_dtype, parallel.device, parallel.tp_rank, parallel.tp_size,
+            **({"rope_scaling": rope_scaling} if rope_scaling else {}),
         )
         return Llama(model, tokenizer, parallel, seed, compile)
 
@@ -250,23 +245,13 @@ class Llama:
         top_p: float = 0.9,
         logprobs: bool = False,
     ) -> list[dict]:
-        """Answer each dialog's last user message with the Llama 2 chat template."""
+        """Answer each dialog with the next assistant message, in the model family's chat format."""
         prompt_tokens = [self.chat_tokens(dialog) for dialog in dialogs]
         return self.complete(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False)
 
     def chat_tokens(self, dialog: list[Message]) -> list[int]:
-        """Llama 2 chat format: [INST] user [/INST] answer </s><s>[INST] ... [/INST], system in the first turn."""
-        if dialog and dialog[0]["role"] == "system":
-            first = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]} if len(dialog) > 1 else None
-            dialog = ([first] if first else []) + list(dialog[2:])
-        roles = [m["role"] for m in dialog]
-        if not dialog or roles[-1] != "user" or any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles)):
-            raise UserError("a dialog must be an optional system message, then user/assistant turns alternating, ending with user")
-        ids: list[int] = []
-        for user, answer in zip(dialog[::2], dialog[1::2]):
-            ids += self.tokenizer.encode(f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} ", bos=True, eos=True)
-        ids += self.tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
-        return ids
+        """The prompt for the dialog's next answer in the model family's chat format (llama/chat.py)."""
+        return chat.dialog_tokens(self.tokenizer, dialog)
 
     def complete(
         self,

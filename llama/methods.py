@@ -223,7 +223,10 @@ def make_method(args: argparse.Namespace, parallel: Parallel) -> Method:
 
 def write_meta_extras(args: argparse.Namespace, model: Transformer, model_dir: Path, step: int, n_shards: int) -> None:
     """params.json (vocab filled in), the tokenizer and, last, manifest.json beside the shards."""
-    params = checkpoint.read_params(Path(args.ckpt_dir) / "params.json")
+    from llama.hf import params_from_args
+
+    base_params = Path(args.ckpt_dir) / "params.json"
+    params = checkpoint.read_params(base_params) if base_params.is_file() else params_from_args(model.args)
     params["vocab_size"] = model.args.vocab_size
     atomic_write_text(json.dumps(params) + "\n", model_dir / "params.json")
     tokenizer = Path(args.tokenizer_path)

@@ -1,23 +1,27 @@
-"""The Llama 1/2 transformer with fairscale tensor parallelism.
+"""The Llama 1/2/3 transformer with fairscale tensor parallelism.
 
 Read top to bottom in dependency order, like Meta's reference: ModelArgs -> RMSNorm -> RoPE ->
 KVCache -> Attention -> FeedForward -> TransformerBlock -> Transformer. Module names are the
 checkpoint keys of Meta's `consolidated.NN.pth` files, so a shard loads with `load_state_dict`.
 
-Tensor parallelism is visible in the constructors (the layers live in llama/parallel.py):
+Tensor parallelism is visible in the constructors (the linears live in llama/parallel.py):
 column-parallel layers (wq, wk, wv, w1, w3, output) keep a slice of the output features,
 row-parallel layers (wo, w2) a slice of the input features and all-reduce their result, and
-the embedding keeps a slice of the embedding dim.
+the embedding keeps a slice of the embedding dim (Llama 1/2, fairscale's ParallelEmbedding) or
+of the vocabulary (Llama 3, VocabParallelEmbedding).
 Each rank therefore owns n_heads / tp query heads and n_kv_heads / tp key/value heads.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
 from fairscale.nn.model_parallel.layers import ParallelEmbedding
+from fairscale.nn.model_parallel.layers import VocabParallelEmbedding as _FairscaleVocabParallelEmbedding
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -45,7 +49,16 @@ class ModelArgs:
     norm_eps: float = 1e-5
     """Epsilon of RMSNorm (Llama 1 files say 1e-6)."""
     rope_theta: float = 10000.0
-    """Base of the rotary position frequencies."""
+    """Base of the rotary position frequencies (Llama 3: 500000)."""
+    use_scaled_rope: bool = False
+    """Llama 3.1+: stretch the low rotary frequencies for long context (Meta's `apply_scaling`)."""
+    rope_scaling: Optional[dict] = None
+    """Constants of that stretch, as HF's `rope_scaling` names them: factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings. None means Meta's (8, 1, 4, 8192); HF's
+    Llama 3.2 configs say factor 32, so a checkpoint that states its constants keeps them."""
+    vocab_parallel_embedding: bool = False
+    """Split the embedding on the vocabulary (Meta's Llama 3 code) instead of on dim (Llama 1/2).
+    Not a params.json key: the checkpoint reader decides it from the files."""
     max_batch_size: int = 32
     """Rows the KV cache is allocated for."""
     max_seq_len: int = 2048
@@ -82,14 +95,34 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def precompute_rope(head_dim: int, end: int, theta: float, device=None) -> torch.Tensor:
+META_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def scale_rope_freqs(freqs: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                     original_max_position_embeddings: int) -> torch.Tensor:
+    """Meta's Llama 3.1 `apply_scaling`: wavelengths longer than the original context / low are
+    divided by `factor`, those shorter than context / high are kept, and the band between is
+    interpolated smoothly, so long-range positions stay within what the model was trained on."""
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > low_wavelen, freqs / factor, freqs)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    between = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def precompute_rope(head_dim: int, end: int, theta: float, device=None, scaling: Optional[dict] = None) -> torch.Tensor:
     """cos/sin of position * frequency, shape [end, head_dim // 2, 2], computed once.
 
     Meta rotates each consecutive pair (x[2i], x[2i+1]) as the complex number x[2i] + j*x[2i+1]
     multiplied by exp(j * pos * theta^(-2i/head_dim)). Keeping cos and sin as real tables gives
     bit-for-bit the same arithmetic in every dtype and compiles without complex-number support.
+    `scaling` (Llama 3.1+) rescales the frequencies first, see `scale_rope_freqs`.
     """
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    if scaling is not None:
+        freqs = scale_rope_freqs(freqs, **scaling)
     angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), freqs)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
@@ -101,6 +134,24 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     real = pairs[..., 0] * rope[..., 0] - pairs[..., 1] * rope[..., 1]
     imag = pairs[..., 1] * rope[..., 0] + pairs[..., 0] * rope[..., 1]
     return torch.stack([real, imag], dim=-1).flatten(3).type_as(x)
+
+
+class VocabParallelEmbedding(_FairscaleVocabParallelEmbedding):
+    """fairscale's vocab-split embedding (Meta's Llama 3 layout), all-reducing directly without autograd.
+
+    Each rank holds rows [rank * V/N, (rank+1) * V/N), looks up the ids that fall in its range,
+    zeroes the others, and the all-reduce sums the one non-zero row per token. fairscale's
+    all-reduce goes through an autograd.Function dynamo cannot trace; generation needs no grad.
+    """
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or fs_init.get_model_parallel_world_size() == 1:
+            return super().forward(ids)
+        outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)
+        local = (ids - self.vocab_start_index).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        dist.all_reduce(out, group=fs_init.get_model_parallel_group())
+        return out
 
 
 class KVCache(nn.Module):
@@ -213,7 +264,8 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim, init_method=_no_init)
+        embedding = VocabParallelEmbedding if args.vocab_parallel_embedding else ParallelEmbedding
+        self.tok_embeddings = embedding(args.vocab_size, args.dim, init_method=_no_init)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = ColumnParallelLinear(args.dim, args.vocab_size)
@@ -227,7 +279,8 @@ class Transformer(nn.Module):
         Training needs no KV cache (`kv_cache=False`); generation does. Calling it again resizes.
         """
         weight = self.tok_embeddings.weight
-        self.rope = precompute_rope(self.args.head_dim, max_seq_len, self.args.rope_theta, weight.device)
+        scaling = (self.args.rope_scaling or META_ROPE_SCALING) if self.args.use_scaled_rope else None
+        self.rope = precompute_rope(self.args.head_dim, max_seq_len, self.args.rope_theta, weight.device, scaling)
         for layer in self.layers:
             attn = layer.attention
             attn.cache = (

@@ -76,10 +76,9 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
     generation needs no gradient, so it skips that per-call cost.
     """
 
-    lora: Optional[LoRA] = None
-
     def __init__(self, in_features: int, out_features: int, gather_output: bool = True):
         super().__init__(in_features, out_features, bias=False, gather_output=gather_output, init_method=_no_init)
+        self.lora: Optional[LoRA] = None
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's kernel: dense, or dense + LoRA."""
@@ -100,12 +99,11 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
     cannot trace; without autograd this layer all-reduces directly, so torch.compile can.
     """
 
-    lora: Optional[LoRA] = None
-
     def __init__(self, in_features: int, out_features: int, input_is_parallel: bool = True):
         if not input_is_parallel:
             raise ValueError("Llama's row-parallel layers read the column-parallel layers' split outputs")
         super().__init__(in_features, out_features, bias=False, input_is_parallel=True, init_method=_no_init)
+        self.lora: Optional[LoRA] = None
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial output: dense, or dense + LoRA (joined before the all-reduce)."""

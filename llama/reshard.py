@@ -1,11 +1,11 @@
-"""Reshard a Meta checkpoint from M to N tensor-parallel shards, streaming, verified.
+"""Write a checkpoint in another layout, streaming and verified: Meta N shards, HF folder, GGUF.
 
-Every output tensor is `checkpoint.rank_slice` of the memory-mapped inputs, the same slice the
-loader would give rank r of N, so an N-shard output is exactly what a Meta N-way checkpoint
-holds. Memory stays bounded: one output shard is built (its slices copied out of the mapped
-inputs, so anonymous memory holds that one shard), saved under a temporary name, and freed
-before the next. Nothing lands under its final name until every shard is written (and
-verified, with --verify); `manifest.json` is written last, so its presence means "complete".
+The input is any `checkpoint.Checkpoint` reader (Meta or HF). A Meta N-shard output holds, for
+rank r, exactly the slices the loader would give rank r of N (`Checkpoint.read`), so it is what a
+Meta N-way checkpoint holds. Memory stays bounded: one output file is built (its tensors copied
+out of the mapped inputs), saved under a temporary name, and freed before the next. Nothing lands
+under its final name until every file is written (and verified, with --verify); `manifest.json`
+is written last, so its presence means "complete".
 """
 
 import hashlib
@@ -13,90 +13,30 @@ import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-from llama.checkpoint import (
-    check_against_args,
-    check_shardable,
-    model_args,
-    open_shards,
-    rank_slice,
-    read_params,
-    shard_paths,
-    split_dim,
-)
+from llama.checkpoint import NOT_LOADED, OUTPUT, PARTIAL, Checkpoint, MetaCheckpoint, check_shardable, open_checkpoint
 from llama.errors import UserError
-from llama.model import ModelArgs
 
 TOKENIZER = "tokenizer.model"
 MANIFEST = "manifest.json"
-STAGING = ".split_model.partial"  # hidden folder in OUT holding the files until they are complete
-
-
-@dataclass
-class Source:
-    """A validated input checkpoint: its memory-mapped shards and the model shape."""
-
-    ckpt_dir: Path
-    paths: list[Path]
-    shards: list[dict[str, torch.Tensor]]
-    args: ModelArgs
-
-    @property
-    def keys(self) -> list[str]:
-        return list(self.shards[0])
-
-    def pieces(self, key: str) -> list[torch.Tensor]:
-        return [shard[key] for shard in self.shards]
+STAGING = PARTIAL  # hidden folder in OUT holding the files until they are complete
+OUT_FORMATS = ("meta", "hf", "gguf")
 
 
 def shard_name(rank: int) -> str:
     return f"consolidated.{rank:02d}.pth"
 
 
-def default_out_dir(ckpt_dir: Path, num_shards: int) -> Path:
-    """`<DIR>_mp<N>` beside the input (git-ignored by the project's `*_mp[0-9]*/`)."""
-    ckpt_dir = ckpt_dir.resolve()
-    return ckpt_dir.parent / f"{ckpt_dir.name}_mp{num_shards}"
-
-
-def open_checkpoint(ckpt_dir: Path) -> Source:
-    """Map every shard and check it against params.json before anything is written.
-
-    Checks: shard numbering has no gaps, each file is a readable dict of tensors, names,
-    shapes and dtypes agree across shards, replicated weights are equal in every shard, and
-    the full shapes are the ones params.json implies. `vocab_size: -1` (Meta's originals)
-    is taken from the rows of `tok_embeddings.weight`.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    paths = shard_paths(ckpt_dir)
-    params = read_params(ckpt_dir / "params.json")
-    shards = open_shards(paths)
-    for path, shard in zip(paths, shards):
-        if not isinstance(shard, dict) or not all(isinstance(v, torch.Tensor) for v in shard.values()):
-            raise UserError(f"{path} is not a dict of tensors: not a Meta consolidated.NN.pth shard")
-    embedding = shards[0].get("tok_embeddings.weight")
-    vocab = embedding.shape[0] if params.get("vocab_size", -1) == -1 and embedding is not None else None
-    args = model_args(params, vocab)
-    check_against_args(shards, args)
-    source = Source(ckpt_dir, paths, shards, args)
-    for key in source.keys:
-        check_pieces_agree(key, source.pieces(key), paths)
-    return source
-
-
-def check_pieces_agree(key: str, pieces: list[torch.Tensor], paths: list[Path]) -> None:
-    """Pieces of one weight share a dtype; a replicated weight is bit-identical in every shard."""
-    for path, piece in zip(paths[1:], pieces[1:]):
-        if piece.dtype != pieces[0].dtype:
-            raise UserError(f"'{key}' is {piece.dtype} in {path.name} but {pieces[0].dtype} in {paths[0].name}")
-        if split_dim(key) is None and not same_bits(piece, pieces[0]):
-            raise UserError(f"replicated weight '{key}' differs between {paths[0].name} and {path.name}: corrupt shard?")
+def default_out_dir(ckpt_dir: Path, out_format: str, num_shards: int) -> Path:
+    """`<DIR>_mp<N>`, `<DIR>_hf` or `<DIR>_gguf` beside the input (git-ignored by the project)."""
+    ckpt_dir = Path(ckpt_dir).resolve()
+    suffix = f"mp{num_shards}" if out_format == "meta" else out_format
+    return ckpt_dir.parent / f"{ckpt_dir.name}_{suffix}"
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -109,38 +49,61 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def out_tensor(key: str, pieces: list[torch.Tensor], rank: int, num_shards: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """Rank `rank`'s tensor as a compact copy of its own.
+def check_replicas_agree(ckpt: Checkpoint) -> None:
+    """Meta input: pieces of one weight share a dtype; a replicated weight is bit-identical in every shard."""
+    if not isinstance(ckpt, MetaCheckpoint):
+        return
+    for key in ckpt.shards[0]:
+        pieces = ckpt.pieces(key)
+        for path, piece in zip(ckpt.paths[1:], pieces[1:]):
+            if piece.dtype != pieces[0].dtype:
+                raise UserError(f"'{key}' is {piece.dtype} in {path.name} but {pieces[0].dtype} in {ckpt.paths[0].name}")
+            if ckpt.split_dim(key) is None and not same_bits(piece, pieces[0]):
+                raise UserError(f"replicated weight '{key}' differs between {ckpt.paths[0].name} and {path.name}: corrupt shard?")
 
-    torch.save writes a view's whole storage, so a slice still backed by an input file is
-    copied; a slice that `torch.cat` already assembled is used as it is.
+
+def meta_keys(ckpt: Checkpoint) -> list[str]:
+    """Names a Meta shard of this model holds: a Meta input's own (in its order), else the model's
+    weights (no output when tied) and Meta's `rope.freqs`."""
+    if isinstance(ckpt, MetaCheckpoint):
+        return list(ckpt.shards[0])
+    return [k for k in ckpt.keys if not (k == OUTPUT and ckpt.tied)] + sorted(NOT_LOADED)
+
+
+def out_dtype(tensor_dtype: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:
+    return dtype if dtype is not None and tensor_dtype.is_floating_point else tensor_dtype
+
+
+def out_tensor(ckpt: Checkpoint, key: str, rank: int, num_shards: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """Rank `rank`'s tensor as a compact tensor of its own.
+
+    torch.save writes a view's whole storage, so a slice that is a view into a bigger (mapped)
+    storage is copied; a tensor that is already whole (its own storage) is used as it is.
     """
-    piece = rank_slice(key, pieces, rank, num_shards)
-    target = dtype if dtype is not None and piece.is_floating_point() else piece.dtype
-    backed_by_input = any(piece.untyped_storage().data_ptr() == p.untyped_storage().data_ptr() for p in pieces)
-    return piece.to(target, memory_format=torch.contiguous_format, copy=backed_by_input)
+    piece = ckpt.read(key, rank, num_shards)
+    whole = piece.is_contiguous() and piece.untyped_storage().nbytes() == piece.nbytes
+    return piece.to(out_dtype(piece.dtype, dtype), memory_format=torch.contiguous_format, copy=not whole)
 
 
-def output_bytes(source: Source, num_shards: int, dtype: Optional[torch.dtype]) -> int:
-    """Tensor bytes of all output shards together: split weights once, replicated ones N times."""
+def output_bytes(ckpt: Checkpoint, num_shards: int, dtype: Optional[torch.dtype]) -> int:
+    """Tensor bytes of all output files together: split weights once, replicated ones N times."""
     total = 0
-    for key in source.keys:
-        pieces = source.pieces(key)
-        size = dtype.itemsize if dtype is not None and pieces[0].is_floating_point() else pieces[0].element_size()
-        numel = pieces[0].numel() * (len(pieces) if split_dim(key) is not None else num_shards)
-        total += numel * size
+    for key in meta_keys(ckpt):
+        copies = 1 if ckpt.split_dim(key) is not None else num_shards
+        total += ckpt.shape(key).numel() * out_dtype(ckpt.dtype(key), dtype).itemsize * copies
     return total
 
 
-def check_out_dir(out_dir: Path, source: Source, num_shards: int, dtype: Optional[torch.dtype], force: bool) -> None:
-    """OUT is not the input, is empty unless --force, and its disk has room for the output."""
-    if out_dir.resolve() == source.ckpt_dir.resolve():
-        raise UserError(f"--out_dir {out_dir} is the input directory: choose another (default <DIR>_mp<N>)")
+def check_out_dir(out_dir: Path, ckpt: Checkpoint, needed: int, force: bool) -> None:
+    """OUT is not the input, is empty unless --force (a partial folder left by a killed run
+    does not count), and its disk has room for the output."""
+    if out_dir.resolve() == ckpt.path.resolve():
+        raise UserError(f"--out_dir {out_dir} is the input directory: choose another")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise UserError(f"output directory {out_dir} exists and is not empty: pass --force to replace its shards, or choose another --out_dir")
-    needed = output_bytes(source, num_shards, dtype) + num_shards * 2**20  # + zip headers, generously
+    leftovers = [p for p in out_dir.iterdir() if p.name != STAGING] if out_dir.is_dir() else []
+    if leftovers and not force:
+        raise UserError(f"output directory {out_dir} exists and is not empty: pass --force to replace its files, or choose another --out_dir")
     existing = out_dir if out_dir.is_dir() else next(p for p in out_dir.resolve().parents if p.is_dir())
     free = shutil.disk_usage(existing).free
     if needed > free:
@@ -158,8 +121,9 @@ def file_sha256(path: Path) -> str:
 class Staging:
     """Files are written into a hidden folder in OUT and moved in by `publish` once complete.
 
-    On any exception (Ctrl-C included) the folder and every file published so far are removed,
-    and OUT itself when this run created it, so a failed run leaves nothing behind.
+    On any exception (Ctrl-C and SIGTERM included) the folder and every file published so far
+    are removed, and OUT itself when this run created it, so a failed run leaves nothing behind.
+    A folder left by a run killed with SIGKILL is replaced by the next run.
     """
 
     def __init__(self, out_dir: Path):
@@ -169,8 +133,8 @@ class Staging:
         self.created_out = False
 
     def __enter__(self) -> "Staging":
-        self.created_out = not self.out_dir.exists()
-        shutil.rmtree(self.tmp, ignore_errors=True)  # left by a run killed with SIGKILL
+        self.created_out = not self.out_dir.exists() or not any(p.name != STAGING for p in self.out_dir.iterdir())
+        shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         return self
 
@@ -191,23 +155,6 @@ class Staging:
                 shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
-def write_shards(source: Source, staging: Staging, num_shards: int, dtype: Optional[torch.dtype], progress: bool) -> list[dict]:
-    """Build, save and free one output shard at a time; returns name, bytes, sha256 of each.
-
-    A second thread flushes and hashes each saved file while the next shard is built.
-    """
-    with ThreadPoolExecutor(max_workers=1) as hasher:
-        finished = []
-        for rank in range(num_shards):
-            name = shard_name(rank)
-            keys = tqdm(source.keys, desc=f"{name} ({rank + 1}/{num_shards})", unit="tensor", disable=not progress, leave=False)
-            state = {key: out_tensor(key, source.pieces(key), rank, num_shards, dtype) for key in keys}
-            torch.save(state, staging.path(name))
-            del state  # free this shard before building the next
-            finished.append(hasher.submit(flush_and_describe, staging.path(name)))
-        return [future.result() for future in finished]
-
-
 def flush_and_describe(path: Path) -> dict:
     """fsync a finished file (so the rename publishes complete data); its manifest entry."""
     fd = os.open(path, os.O_RDONLY)
@@ -218,21 +165,53 @@ def flush_and_describe(path: Path) -> dict:
     return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def verify(source: Source, paths: list[Path], dtype: Optional[torch.dtype], progress: bool) -> None:
-    """Re-read the output and prove it equals the input: each tensor re-merged from the N
-    output shards is bit-identical to the one merged from the M inputs (cast to --dtype if
-    given), and every output copy of a replicated weight equals the input's."""
-    outputs = open_shards(paths)
-    if list(outputs[0]) != source.keys:
-        raise UserError(f"verification failed: {paths[0]} does not hold the input's weight names in order")
-    check_against_args(outputs, source.args)
+def write_files(builders: list[tuple[str, Callable[[Path], None]]], staging: Staging) -> list[dict]:
+    """Run each (name, write(path)) in turn; a second thread flushes and hashes each finished file
+    while the next is built."""
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        finished = []
+        for name, write in builders:
+            write(staging.path(name))
+            finished.append(hasher.submit(flush_and_describe, staging.path(name)))
+        return [future.result() for future in finished]
+
+
+def meta_params(ckpt: Checkpoint) -> str:
+    """params.json text: a Meta input's own file verbatim, else written from the model's args."""
+    if isinstance(ckpt, MetaCheckpoint):
+        return (ckpt.path / "params.json").read_text()
+    from llama.hf import params_from_args
+
+    return json.dumps(params_from_args(ckpt.args), indent=2) + "\n"
+
+
+def write_meta(ckpt: Checkpoint, staging: Staging, num_shards: int, dtype: Optional[torch.dtype], progress: bool) -> list[dict]:
+    """Build, save and free one Meta shard at a time, then params.json; returns their manifest entries."""
+    check_shardable(ckpt.args, num_shards)
+    keys = meta_keys(ckpt)
+
+    def shard_writer(rank: int) -> Callable[[Path], None]:
+        def write(path: Path) -> None:
+            bar = tqdm(keys, desc=f"{path.name} ({rank + 1}/{num_shards})", unit="tensor", disable=not progress, leave=False)
+            torch.save({key: out_tensor(ckpt, key, rank, num_shards, dtype) for key in bar}, path)
+        return write
+
+    files = write_files([(shard_name(rank), shard_writer(rank)) for rank in range(num_shards)], staging)
+    staging.path("params.json").write_text(meta_params(ckpt))
+    return files + [flush_and_describe(staging.path("params.json"))]
+
+
+def verify(source: Checkpoint, output: Checkpoint, dtype: Optional[torch.dtype], progress: bool) -> None:
+    """Re-read the output and prove it equals the input: every weight read whole from the output
+    is bit-identical to the input's (cast to --dtype if given); for a Meta output, every copy of
+    a replicated weight too."""
+    if output.args.vocab_size != source.args.vocab_size or output.keys != source.keys:
+        raise UserError(f"verification failed: {output.path} does not describe the same model as the input")
     for key in tqdm(source.keys, desc="verify", unit="tensor", disable=not progress, leave=False):
-        expected = rank_slice(key, source.pieces(key), 0, 1)
-        if dtype is not None and expected.is_floating_point():
-            expected = expected.to(dtype)
-        pieces = [out[key] for out in outputs]
-        merged = [rank_slice(key, pieces, 0, 1)] if split_dim(key) is not None else pieces
-        if not all(same_bits(expected, got) for got in merged):
+        expected = source.read(key)
+        expected = expected.to(out_dtype(expected.dtype, dtype))
+        copies = output.pieces(key) if isinstance(output, MetaCheckpoint) and output.split_dim(key) is None and not (key == OUTPUT and output.tied) else []
+        if not all(same_bits(expected, got) for got in [output.read(key), *copies]):
             raise UserError(f"verification failed: '{key}' in the output differs from the input (disk or memory fault?)")
 
 
@@ -241,55 +220,117 @@ def copy_file(src: Path, staging: Staging, name: str) -> dict:
     return {"name": name, "bytes": src.stat().st_size, "sha256": file_sha256(src)}
 
 
-def reshard(
+def convert(
     ckpt_dir: Path,
-    num_shards: int,
+    out_format: str = "meta",
+    num_shards: int = 1,
     out_dir: Optional[Path] = None,
-    dtype: Optional[torch.dtype] = None,
+    dtype: Optional[str | torch.dtype] = None,
     force: bool = False,
     verify_output: bool = False,
     progress: bool = True,
+    **options,
 ) -> Path:
-    """Write `ckpt_dir` (M shards) as `num_shards` shards in out_dir; returns out_dir.
+    """Write the checkpoint in `ckpt_dir` (Meta or HF) as `out_format` in out_dir; returns out_dir.
 
-    `dtype` None keeps each tensor's dtype. Everything is validated before the first byte is
-    written; on any error nothing is left in out_dir.
+    meta: `num_shards` consolidated.NN.pth (dtype None keeps each tensor's); hf: one HF folder;
+    gguf: model.gguf (dtype a GGUF type name). Everything is validated before the first byte is
+    written; on any error or interruption nothing is left in out_dir.
     """
+    if out_format not in OUT_FORMATS:
+        raise UserError(f"unknown --out_format '{out_format}': choose one of {', '.join(OUT_FORMATS)}")
     if num_shards < 1:
         raise UserError(f"--num_shards must be at least 1, got {num_shards}")
-    source = open_checkpoint(Path(ckpt_dir))
-    check_shardable(source.args, num_shards)
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(source.ckpt_dir, num_shards)
-    check_out_dir(out_dir, source, num_shards, dtype, force)
+    if out_format != "meta" and num_shards != 1:
+        raise UserError(f"--num_shards applies to the Meta layout only; --out_format {out_format} writes one model")
+    ckpt = open_checkpoint(ckpt_dir)
+    if out_format == "meta":
+        check_shardable(ckpt.args, num_shards)
+    writer = _writer(out_format)
+    prepared = writer.prepare(ckpt, dtype, **options)  # checks options before anything is written
+    check_replicas_agree(ckpt)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(ckpt.path, out_format, num_shards)
+    check_out_dir(out_dir, ckpt, writer.needed_bytes(ckpt, num_shards, prepared), force)
     with Staging(out_dir) as staging:
-        files = write_shards(source, staging, num_shards, dtype, progress)
+        files = writer.write(ckpt, staging, num_shards, prepared, progress)
         if verify_output:
-            verify(source, [staging.path(f["name"]) for f in files], dtype, progress)
-        files.append(copy_file(source.ckpt_dir / "params.json", staging, "params.json"))
-        if (source.ckpt_dir / TOKENIZER).is_file():
-            files.append(copy_file(source.ckpt_dir / TOKENIZER, staging, TOKENIZER))
+            writer.verify(ckpt, staging, prepared, progress)
+        tokenizer = ckpt.tokenizer_file()
+        if tokenizer is not None and not any(f["name"] == TOKENIZER for f in files):
+            files.append(copy_file(tokenizer, staging, TOKENIZER))
         remove_replaced(out_dir, {f["name"] for f in files})
         for f in files:
             staging.publish(f["name"])
-        write_manifest(staging, source, num_shards, dtype, files, verify_output)
+        write_manifest(staging, ckpt, out_format, num_shards, prepared, files, verify_output)
     return out_dir
+
+
+def reshard(ckpt_dir: Path, num_shards: int, out_dir: Optional[Path] = None, dtype: Optional[torch.dtype] = None,
+            force: bool = False, verify_output: bool = False, progress: bool = True) -> Path:
+    """Meta M shards (or an HF folder) -> Meta N shards; see `convert`."""
+    return convert(ckpt_dir, "meta", num_shards, out_dir, dtype, force, verify_output, progress)
+
+
+class MetaWriter:
+    """The Meta N-shard layout (the resharder proper)."""
+
+    @staticmethod
+    def prepare(ckpt: Checkpoint, dtype, **options) -> Optional[torch.dtype]:
+        if options:
+            raise UserError(f"options {sorted(options)} do not apply to the Meta layout")
+        from llama.checkpoint import parse_dtype
+
+        return dtype if dtype is None or isinstance(dtype, torch.dtype) else parse_dtype(dtype)
+
+    @staticmethod
+    def needed_bytes(ckpt: Checkpoint, num_shards: int, dtype) -> int:
+        return output_bytes(ckpt, num_shards, dtype) + num_shards * 2**20  # + zip headers, generously
+
+    @staticmethod
+    def write(ckpt, staging, num_shards, dtype, progress) -> list[dict]:
+        return write_meta(ckpt, staging, num_shards, dtype, progress)
+
+    @staticmethod
+    def verify(ckpt, staging, dtype, progress) -> None:
+        verify(ckpt, MetaCheckpoint(staging.tmp), dtype, progress)
+
+    @staticmethod
+    def describe(ckpt, dtype) -> str:
+        names = sorted({str(out_dtype(ckpt.dtype(k), dtype)).removeprefix("torch.") for k in meta_keys(ckpt)})
+        return ",".join(names)
+
+
+def _writer(out_format: str):
+    if out_format == "hf":
+        from llama.hf import HFWriter
+
+        return HFWriter
+    if out_format == "gguf":
+        from llama.gguf_export import GGUFWriter
+
+        return GGUFWriter
+    return MetaWriter
 
 
 def remove_replaced(out_dir: Path, names: set[str]) -> None:
     """With --force, drop what a previous run left that this one does not rewrite: extra shards
     would make OUT look like a larger checkpoint, and a stale manifest would vouch for them."""
-    for path in [*out_dir.glob("consolidated.*.pth"), out_dir / TOKENIZER, out_dir / MANIFEST]:
-        if path.name not in names:
-            path.unlink(missing_ok=True)
+    patterns = ("consolidated.*.pth", "*.safetensors", "model.safetensors.index.json", "*.gguf",
+                "config.json", "generation_config.json", "params.json", TOKENIZER, MANIFEST)
+    for pattern in patterns:
+        for path in out_dir.glob(pattern):
+            if path.name not in names:
+                path.unlink(missing_ok=True)
 
 
-def write_manifest(staging: Staging, source: Source, num_shards: int, dtype: Optional[torch.dtype], files: list[dict], verified: bool) -> None:
-    dtypes = sorted({str(dtype if dtype is not None and t.is_floating_point() else t.dtype).removeprefix("torch.") for t in source.shards[0].values()})
+def write_manifest(staging: Staging, ckpt: Checkpoint, out_format: str, num_shards: int, prepared, files: list[dict], verified: bool) -> None:
     manifest = {
-        "source": str(source.ckpt_dir.resolve()),
-        "source_shards": len(source.paths),
+        "source": str(ckpt.path.resolve()),
+        "source_format": ckpt.format,
+        "source_shards": len(getattr(ckpt, "paths", [])) or None,
+        "format": out_format,
         "num_shards": num_shards,
-        "dtype": ",".join(dtypes),
+        "dtype": _writer(out_format).describe(ckpt, prepared),
         "verified": verified,
         "files": files,
     }

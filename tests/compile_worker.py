@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when not pip-installed
 from llama import checkpoint, distributed  # noqa: E402
 from llama.generation import Llama  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPTS = [[1, 403, 407, 261, 378], [1, 317, 269]]
 GEN_LEN = 12
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     parallel = distributed.setup()
-    tokenizer = Tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     model = checkpoint.load_model(args.ckpt, tokenizer.n_words, 32, len(PROMPTS), torch.float32, parallel.device, parallel.tp_rank, parallel.tp_size)
     eager, _ = Llama(model, tokenizer, parallel).generate(PROMPTS, GEN_LEN, temperature=0.0)
     compiled, logprobs = Llama(model, tokenizer, parallel, compile=True).generate(PROMPTS, GEN_LEN, temperature=0.0, logprobs=True)

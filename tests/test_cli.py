@@ -24,7 +24,7 @@ LONG_PROMPT = "Once upon a time there was a little girl who loved to play in the
 # name -> (example.py arguments, regex the one error line must match); {tmp} is a scratch dir
 # holding a model dir without params.json and one without shards.
 BAD_INPUTS = {
-    "missing params.json": (("--ckpt_dir", "{tmp}/no_params"), r"params\.json not found"),
+    "missing params.json": (("--ckpt_dir", "{tmp}/no_params"), r"needs params\.json \(Meta layout\) or config\.json"),
     "missing shards": (("--ckpt_dir", "{tmp}/no_shards"), r"no consolidated\.NN\.pth shards"),
     "missing tokenizer": (("--tokenizer_path", "{tmp}/tok.model"), r"tokenizer .*tok\.model not found"),
     "vocab mismatch": (("--tokenizer_path", str(LLAMA2_TOKENIZER)), r"tokenizer has 32000 tokens but params\.json says vocab_size 512"),

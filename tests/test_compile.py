@@ -19,7 +19,7 @@ from compile_worker import GEN_LEN, PROMPTS
 from dist_utils import torchrun
 from llama import checkpoint
 from llama.generation import Llama, decode_one_token
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import load_tokenizer
 from references import GOLDEN, REPO, STORIES_TOKENIZER, load_stories, needs_cuda
 
 TINY_PARAMS = {"dim": 64, "n_layers": 1, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 512, "multiple_of": 32}
@@ -66,7 +66,7 @@ def test_compiled_tp2_equals_eager(world1, tiny_ckpt, tmp_path):
     result = torchrun(2, REPO / "tests" / "compile_worker.py", "--ckpt", tiny_ckpt, "--tokenizer", STORIES_TOKENIZER, "--out", out, timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     got = torch.load(out, weights_only=True)
-    tokenizer = Tokenizer(STORIES_TOKENIZER)
+    tokenizer = load_tokenizer(STORIES_TOKENIZER)
     model = checkpoint.load_model(tiny_ckpt, tokenizer.n_words, 32, len(PROMPTS), torch.float32, world1.device)
     tp1_ids, tp1_lps = Llama(model, tokenizer, world1).generate(PROMPTS, GEN_LEN, temperature=0.0, logprobs=True)
     assert all(len(ids) == GEN_LEN for ids in tp1_ids), "EOS cut the comparison short"
@@ -80,7 +80,7 @@ def test_compiled_tp2_equals_eager(world1, tiny_ckpt, tmp_path):
 def test_compiled_cuda_graphs_reproduce_golden_ids(world1):
     """mode="reduce-overhead": the step replays as a CUDA graph; float32 ids equal llama2.c's."""
     case = GOLDEN["greedy_bos_200"]
-    tokenizer = Tokenizer(STORIES_TOKENIZER)
+    tokenizer = load_tokenizer(STORIES_TOKENIZER)
     llm = Llama(load_stories("cuda", max_batch_size=1, max_seq_len=512), tokenizer, world1, compile=True)
     ids, _ = llm.generate([case["prompt_ids"]], case["n_generated"], temperature=0.0)
     assert ids[0] == case["generated_ids"]

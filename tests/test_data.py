@@ -18,7 +18,7 @@ from llama import data
 from llama.data import IGNORE_INDEX
 from llama.errors import UserError
 from llama.generation import Llama
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA2 = REPO / "tests/data/tokenizers/llama2/tokenizer.model"
@@ -30,7 +30,7 @@ NO_INPUT = HEAD + ". Write a response that appropriately completes the request.\
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    return Tokenizer(LLAMA2)
+    return load_tokenizer(LLAMA2)
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +72,17 @@ def test_bundled_datasets_load() -> None:
 @pytest.mark.parametrize("lang", ["en", "zh"])
 @pytest.mark.parametrize("template", data.TEMPLATES)
 def test_masking_on_real_examples(lang: str, template: str, tokenizer: Tokenizer, sp: SentencePieceProcessor) -> None:
-    """Labels: -100 exactly on BOS + prompt, equal to the ids on response + EOS, which decode to the output."""
+    """Labels: -100 exactly on BOS + prompt, equal to the ids on response + EOS, which decode to the output.
+    With a Llama 2 tokenizer, "chat" is the llama2-chat layout (the family's own format)."""
     for record in some_records(lang):
         example, truncated = data.tokenize(record, tokenizer, template, max_seq_len=4096)
-        prompt_ids, response_ids = sp.encode(expected_prompt(record, template)), sp.encode(data.render(record, template)[1])
+        want = record["output"].strip() if template in ("llama2-chat", "chat") else record["output"]
+        prompt_ids, response_ids = sp.encode(expected_prompt(record, template)), sp.encode(want)
         assert not truncated
         assert example.input_ids == [sp.bos_id()] + prompt_ids + response_ids + [sp.eos_id()]
         assert example.labels == [IGNORE_INDEX] * (1 + len(prompt_ids)) + response_ids + [sp.eos_id()]
         labelled = [t for t in example.labels if t != IGNORE_INDEX]
         assert labelled[-1] == sp.eos_id()
-        want = record["output"].strip() if template == "llama2-chat" else record["output"]
         assert sp.decode(labelled[:-1]) == want.lstrip(" ")  # SentencePiece drops only the dummy-prefix space
         assert sp.decode(prompt_ids) == expected_prompt(record, template)
 
@@ -222,7 +223,7 @@ def test_bad_datasets_give_one_clear_line(case: str, tmp_path: Path) -> None:
 
 def test_bad_settings_give_one_clear_line(tmp_path: Path, tokenizer: Tokenizer) -> None:
     record = {"instruction": "a", "input": "", "output": "b"}
-    with pytest.raises(UserError, match="unknown template 'vicuna': choose one of alpaca, llama2-chat, plain"):
+    with pytest.raises(UserError, match="unknown template 'vicuna': choose one of alpaca, chat, llama2-chat, plain"):
         data.render(record, "vicuna")
     with pytest.raises(UserError, match="unknown template"):
         data.build_splits(DATASETS["en"], tokenizer, template="chatml")

@@ -8,7 +8,7 @@ import torch
 
 from llama.errors import UserError
 from llama.generation import Llama, sample
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import load_tokenizer
 from references import GOLDEN, LLAMA2_TOKENIZER, STORIES
 
 ONCE = GOLDEN["greedy_prompt_once_upon_a_time"]
@@ -129,7 +129,7 @@ def test_top_p_generation_is_seeded_and_stays_in_the_nucleus(world1):
 def test_chat_template_matches_meta_layout(world1):
     """Meta's Llama 2 chat layout, spelled out as literal text and encoded with sentencepiece
     directly: <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST]."""
-    llm = Llama(None, Tokenizer(LLAMA2_TOKENIZER), world1)
+    llm = Llama(None, load_tokenizer(LLAMA2_TOKENIZER), world1)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(LLAMA2_TOKENIZER))
     dialog = [
         {"role": "system", "content": "Always answer in rhymes."},

@@ -8,7 +8,7 @@ CUDA float32 and float16 with the tolerances stated in references.PRECISIONS.
 import pytest
 import torch
 
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import load_tokenizer
 from references import GOLDEN, GREEDY_CASES, LAST_LOGITS_CASES, PRECISIONS, STORIES_TOKENIZER, Precision, greedy_ids, load_stories
 
 
@@ -28,7 +28,7 @@ def test_greedy_text_matches_llama2c_test_suite(world1):
     """llama2.c's own test_all.py expects this text for `run -t 0.0 -n 200` (decoded by our tokenizer)."""
     expected = GOLDEN["public_expected_text"]["items"][0]["text"]
     ids = greedy_ids(load_stories(max_batch_size=1), [1], 200)
-    assert Tokenizer(STORIES_TOKENIZER).decode(ids) == expected
+    assert load_tokenizer(STORIES_TOKENIZER).decode(ids) == expected
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -19,7 +19,7 @@ from llama import checkpoint, data, train
 from llama.data import IGNORE_INDEX
 from llama.errors import UserError
 from llama.prompt_tuning import SoftPrompt, export_peft, init_prompt, load_prompt, save_prompt
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import load_tokenizer
 
 DATASET = STORIES.parent.parent / "datasets" / "alpaca_en_demo.json"
 
@@ -33,7 +33,7 @@ def model(world1):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return Tokenizer(STORIES_TOKENIZER)
+    return load_tokenizer(STORIES_TOKENIZER)
 
 
 def full_embeddings(model) -> torch.Tensor:

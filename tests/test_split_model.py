@@ -104,8 +104,8 @@ def test_verify_catches_a_wrong_tensor(tmp_path, monkeypatch):
 
     real = reshard_module.out_tensor
 
-    def faulty(key, pieces, rank, n, dtype):
-        tensor = real(key, pieces, rank, n, dtype)
+    def faulty(ckpt, key, rank, n, dtype):
+        tensor = real(ckpt, key, rank, n, dtype)
         if key == "layers.3.feed_forward.w2.weight" and rank == 1:
             tensor[0, 0] = torch.nextafter(tensor[0, 0], torch.tensor(1.0))  # one ulp
         return tensor
@@ -182,7 +182,7 @@ def make_bad_input(case: str, tmp: Path) -> tuple[Path, int, str]:
     if case == "missing params.json":
         copy_ckpt(STORIES, ckpt)
         (ckpt / "params.json").unlink()
-        return ckpt, 2, "params.json not found"
+        return ckpt, 2, "it needs params.json (Meta layout) or config.json"
     if case == "gap in numbering":
         copy_ckpt(STORIES_MP2, ckpt)
         (ckpt / "consolidated.01.pth").rename(ckpt / "consolidated.02.pth")

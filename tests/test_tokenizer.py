@@ -7,12 +7,12 @@ import json
 import pytest
 
 from llama.errors import UserError
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import load_tokenizer
 from references import DATA, LLAMA2_TOKENIZER, STORIES, STORIES_TOKENIZER
 
 CASES = json.loads((DATA / "tokenizer_cases.json").read_text())["tokenizers"]
 FILES = {"llama2": LLAMA2_TOKENIZER, "tok512": STORIES_TOKENIZER}
-TOKENIZERS = {name: Tokenizer(path) for name, path in FILES.items()}
+TOKENIZERS = {name: load_tokenizer(path) for name, path in FILES.items()}
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -49,6 +49,6 @@ def test_special_token_text_is_not_special():
 
 def test_missing_or_foreign_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        Tokenizer(tmp_path / "tokenizer.model")
-    with pytest.raises(UserError, match="not a SentencePiece model"):
-        Tokenizer(STORIES / "params.json")
+        load_tokenizer(tmp_path / "tokenizer.model")
+    with pytest.raises(UserError, match="neither a SentencePiece model"):
+        load_tokenizer(STORIES / "params.json")

@@ -15,7 +15,7 @@ import torch
 
 from dist_utils import torchrun
 from llama import checkpoint
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import load_tokenizer
 from references import REPO, STORIES, STORIES_TOKENIZER
 from tp_worker import outputs
 
@@ -78,7 +78,7 @@ def worker_outputs(ckpt_dirs, tmp_path_factory) -> dict[tuple[str, int, int, int
 @pytest.mark.parametrize("model", MODELS)
 def test_tp_equals_tp1(world1, model: str, ckpt_dirs, worker_outputs):
     """1-shard checkpoint on 2 and 4 ranks: logits within ATOL, greedy and sampled ids identical."""
-    reference = outputs(ckpt_dirs[model, 1], Tokenizer(STORIES_TOKENIZER), world1)
+    reference = outputs(ckpt_dirs[model, 1], load_tokenizer(STORIES_TOKENIZER), world1)
     assert sum(map(len, reference["greedy"])) >= 16, "too few ids to compare"
     for tp in TP_SIZES:
         for rank in range(WORLD):
@@ -93,7 +93,7 @@ def test_tp_equals_tp1(world1, model: str, ckpt_dirs, worker_outputs):
 @pytest.mark.parametrize("model", MODELS)
 def test_m_shards_on_n_ranks(world1, model: str, ckpt_dirs, worker_outputs):
     """1->2, 1->4, 2->1, 2->2, 2->4, 4->1, 4->2, 4->4 all give the logits of the 1-shard checkpoint on 1 rank."""
-    tokenizer = Tokenizer(STORIES_TOKENIZER)
+    tokenizer = load_tokenizer(STORIES_TOKENIZER)
     reference = outputs(ckpt_dirs[model, 1], tokenizer, world1, generate=False)["logits"]
     for n_shards in SHARD_COUNTS:
         if n_shards > 1:

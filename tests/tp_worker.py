@@ -19,7 +19,7 @@ from fairscale.nn.model_parallel import initialize as fs_init
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when not pip-installed
 from llama import checkpoint, distributed  # noqa: E402
 from llama.generation import Llama  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
 # Fixed inputs: a batch for full-forward logits, and prompts of different lengths for generation.
 LOGIT_TOKENS = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--generate", type=Path, nargs="*", default=[], help="checkpoints to run logits and generation on")
     parser.add_argument("--logits_only", type=Path, nargs="*", default=[], help="checkpoints to run logits on")
     args = parser.parse_args()
-    tokenizer = Tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     jobs = [(path, True) for path in args.generate] + [(path, False) for path in args.logits_only]
     for tp in map(int, args.tp.split(",")):
         parallel = distributed.setup(tp)
