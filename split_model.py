@@ -1,6 +1,7 @@
 """Every checkpoint transform: reshard, convert Meta <-> Hugging Face, export GGUF, plan memory.
 
   python split_model.py --ckpt_dir DIR --num_shards N [--out_dir OUT] [--dtype keep] [--force] [--verify]
+  python split_model.py --ckpt_dir DIR --adapter ADAPTER --num_shards N   (merge a LoRA adapter: W + alpha/r * B A)
   python split_model.py --ckpt_dir DIR --out_format hf [--dtype bfloat16] [--verify]
   python split_model.py --ckpt_dir DIR --out_format gguf [--dtype float32|float16|q8_0]
   python split_model.py --plan --ckpt_dir DIR (or --params params.json) --gpu_mem 12GiB --batch_size 8 --seq_len 512
@@ -33,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"meta/hf: output dtype, keep (default) or one of {', '.join(DTYPES)}; gguf: float32 (default), float16 or q8_0; "
                              "--plan: runtime dtype (default float16)")
     parser.add_argument("--max_shard_size", default="5GB", help="hf: largest safetensors file before splitting (default 5GB)")
+    parser.add_argument("--adapter", type=Path, help="LoRA adapter (ft_main.py's adapter.pt or a PEFT LoRA directory) merged into the output")
     parser.add_argument("--force", action="store_true", help="replace the shards in an existing non-empty --out_dir")
     parser.add_argument("--verify", action="store_true", help="re-read the output and check it bit for bit against the input")
     planning = parser.add_argument_group("memory planner (--plan)")
@@ -84,7 +86,7 @@ def main(argv=None) -> None:
         dtype = dtype and parse_dtype(dtype)
     options = {"max_shard_size": args.max_shard_size} if args.out_format == "hf" else {}
     n = args.num_shards or 1
-    out_dir = convert(args.ckpt_dir, args.out_format, n, args.out_dir, dtype, args.force, args.verify, **options)
+    out_dir = convert(args.ckpt_dir, args.out_format, n, args.out_dir, dtype, args.force, args.verify, adapter=args.adapter, **options)
     verified = ", verified" if args.verify else ""
     if args.out_format == "meta":
         launcher = "python" if n == 1 else f"torchrun --nproc_per_node {n}"

@@ -180,3 +180,50 @@ def load_adapter(path: Path, args: Optional[ModelArgs] = None) -> tuple[dict[str
 def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """W + scale * B @ A, computed in float32 and returned in W's dtype."""
     return (weight.float() + scale * (B.float() @ A.float())).to(weight.dtype)
+
+
+def adapter_kind(path: Path) -> str:
+    """'lora' or 'prompt': what a file or PEFT directory holds (example_ft.py runs either)."""
+    path = Path(path)
+    if path.is_dir():
+        from llama.peft_lora import read_config
+
+        return "lora" if read_config(path).get("peft_type") == "LORA" else "prompt"
+    if path.is_file():
+        state = load_file(path, mmap=True)
+        return "lora" if isinstance(state, dict) and state.get("format") == PROJECT_FORMAT else "prompt"
+    return "prompt"  # load_prompt names the missing path
+
+
+def merge_adapter(ckpt, path: Path):
+    """Read checkpoint `ckpt` as base + scale * B @ A: its `read` of an adapted weight returns merged slices.
+
+    Merging needs no gathering: a column-parallel slice is W_local + s * B_local @ A, a
+    row-parallel one W_local + s * B @ A_local, so every writer (Meta N shards, HF, GGUF)
+    streams the merged model one tensor at a time. Shapes are checked first.
+    """
+    full, config = load_adapter(path, ckpt.args)
+    scale = config["alpha"] / config["rank"]
+    factors = {}
+    for module in sorted({key.rsplit(".lora.", 1)[0] for key in full}):
+        key, A, B = module + ".weight", full.get(module + ".lora.A"), full.get(module + ".lora.B")
+        if key not in ckpt.keys or A is None or B is None:
+            raise UserError(f"adapter {path} has weights for '{module}', which {ckpt.path} does not have: the adapter is for another model")
+        if key == "output.weight" and ckpt.tied:
+            raise UserError(f"adapter {path} adapts the output layer, but {ckpt.path} ties it to the embedding: merge would change both")
+        out_features, in_features = ckpt.shape(key)
+        if A.shape != (A.size(0), in_features) or B.shape != (out_features, A.size(0)):
+            raise UserError(f"adapter {path} has A {tuple(A.shape)}, B {tuple(B.shape)} for '{key}' of shape "
+                            f"{(out_features, in_features)} in {ckpt.path}: the adapter's base model does not match")
+        factors[key] = (A, B)
+    base_read = ckpt.read
+
+    def read(key: str, rank: int = 0, n_ranks: int = 1) -> torch.Tensor:
+        weight = base_read(key, rank, n_ranks)
+        if key not in factors:
+            return weight
+        (A, B), (a_dim, b_dim) = factors[key], lora_split_dims(key)
+        return merged_weight(weight, local_slice(A, a_dim, rank, n_ranks), local_slice(B, b_dim, rank, n_ranks), scale)
+
+    ckpt.read = read
+    return ckpt

@@ -14,6 +14,7 @@ A's rows are the rank dim and do not move.
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -22,53 +23,59 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as safetensors_bytes
 
+from llama import hf
 from llama.errors import UserError
+from llama.lora import TARGETS, targets_of
 from llama.model import ModelArgs
 from llama.prompt_tuning import atomic_write, atomic_write_text
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-# Meta module path in a block -> HF module path in a decoder layer.
-HF_MODULES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-              "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-              "feed_forward.w3": "mlp.up_proj"}
 PREFIX = "base_model.model."
+LINEARS = {path or "output" for path in TARGETS.values()}  # module paths that can hold an adapter
 
 
-def meta_to_hf_rows(tensor: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder q/k output rows from Meta's interleaved pairs to HF's rotate-half order, per head."""
-    rows, cols = tensor.shape
-    return tensor.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+def base_key(key: str) -> str:
+    """'layers.3.attention.wq.lora.A' -> 'layers.3.attention.wq.weight', the weight it adapts."""
+    return key.rsplit(".lora.", 1)[0] + ".weight"
 
 
-def hf_to_meta_rows(tensor: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of meta_to_hf_rows."""
-    rows, cols = tensor.shape
-    return tensor.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _row_heads(module: str, args: ModelArgs) -> int:
-    """Heads whose rows HF reorders in this module's output (0: none)."""
-    return {"attention.wq": args.n_heads, "attention.wk": args.kv_heads}.get(module, 0)
-
-
-def hf_name(key: str) -> str:
+def peft_name(key: str) -> str:
     """'layers.3.attention.wq.lora.A' -> 'base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight'."""
-    module, factor = key.rsplit(".lora.", 1)
-    if module == "output":
-        return f"{PREFIX}lm_head.lora_{factor}.weight"
-    _, layer, path = module.split(".", 2)
-    return f"{PREFIX}model.layers.{layer}.{HF_MODULES[path]}.lora_{factor}.weight"
+    factor = key.rsplit(".lora.", 1)[1]
+    return f"{PREFIX}{hf.hf_name(base_key(key)).removesuffix('.weight')}.lora_{factor}.weight"
+
+
+def our_name(name: str, path: Path) -> str:
+    """The inverse of peft_name; a tensor that is not a LoRA factor of a Llama linear is a UserError."""
+    bare = name.removeprefix(PREFIX)
+    for factor in ("A", "B"):
+        suffix = f".lora_{factor}.weight"
+        meta = hf.meta_name(bare.removesuffix(suffix) + ".weight") if bare.endswith(suffix) else None
+        if meta is not None and re.sub(r"^layers\.\d+\.", "", meta).removesuffix(".weight") in LINEARS:
+            return f"{meta.removesuffix('.weight')}.lora.{factor}"
+    raise UserError(f"{path}: tensor '{name}' is not a LoRA factor of a Llama linear layer this project knows")
+
+
+def to_peft_layout(key: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """q/k lora_B rows into HF's rotate-half order (they are the base's output rows); A unchanged."""
+    heads = hf.qk_heads(base_key(key), args) if key.endswith(".B") else None
+    return hf.to_hf_rows(tensor, heads) if heads else tensor
+
+
+def from_peft_layout(key: str, tensor: torch.Tensor, args: ModelArgs, path: Path) -> torch.Tensor:
+    heads = hf.qk_heads(base_key(key), args) if key.endswith(".B") else None
+    if not heads:
+        return tensor
+    if tensor.size(0) != heads * args.head_dim:
+        raise UserError(f"{path}: '{key}' has {tensor.size(0)} rows but this model's layer has {heads * args.head_dim}: "
+                        "the adapter is for another model")
+    return hf.from_hf_rows(tensor, heads)
 
 
 def export_peft(full: Mapping[str, torch.Tensor], config: dict, args: ModelArgs, out_dir: Path) -> Path:
     """Write adapter_config.json + adapter_model.safetensors (float32) for PEFT."""
-    tensors = {}
-    for key, tensor in full.items():
-        module = key.rsplit(".lora.", 1)[0].split(".", 2)[-1]
-        heads = _row_heads(module, args) if key.endswith(".B") else 0
-        tensors[hf_name(key)] = (meta_to_hf_rows(tensor, heads) if heads else tensor).float().contiguous()
-    targets = sorted({HF_MODULES[t].split(".")[1] if t in HF_MODULES else "lm_head"
-                      for t in (key.rsplit(".lora.", 1)[0].split(".", 2)[-1] for key in full)})
+    tensors = {peft_name(key): to_peft_layout(key, tensor, args).float().contiguous() for key, tensor in full.items()}
+    targets = sorted({peft_name(key).removesuffix(".lora_A.weight").removesuffix(".lora_B.weight").rsplit(".", 1)[-1] for key in full})
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": config.get("base_model", ""),
         "r": config["rank"], "lora_alpha": config["alpha"], "lora_dropout": config.get("dropout", 0.0),
@@ -111,36 +118,12 @@ def import_peft(path: Path, args: ModelArgs) -> tuple[dict[str, torch.Tensor], d
         tensors = load_safetensors(path / WEIGHTS)
     except (SafetensorError, OSError) as err:
         raise UserError(f"cannot read {path / WEIGHTS}: {err}") from None
-    ours = {v: k for k, v in HF_MODULES.items()}
     full = {}
     for name, tensor in tensors.items():
-        full[_our_name(name, ours, path)] = tensor
-    for key in list(full):
-        module = key.rsplit(".lora.", 1)[0].split(".", 2)[-1]
-        heads = _row_heads(module, args) if key.endswith(".B") else 0
-        if heads:
-            if full[key].size(0) % (2 * heads):
-                raise UserError(f"{path}: '{key}' has {full[key].size(0)} rows, not a multiple of 2 x {heads} heads: the adapter is for another model")
-            full[key] = hf_to_meta_rows(full[key], heads)
+        key = our_name(name, path)
+        full[key] = from_peft_layout(key, tensor, args, path)
     rank = int(config["r"])
     alpha = float(config["lora_alpha"]) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)  # rsLoRA scales by alpha / sqrt(r)
-    from llama.lora import targets_of
-
     ours_config = {"rank": rank, "alpha": alpha, "dropout": config.get("lora_dropout", 0.0), "targets": targets_of(full),
                    "base_model": config.get("base_model_name_or_path", ""), "peft_config": config}
     return full, ours_config
-
-
-def _our_name(name: str, ours: dict, path: Path) -> str:
-    """'base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight' -> 'layers.3.attention.wq.lora.A'."""
-    bare = name.removeprefix(PREFIX)
-    for factor in ("A", "B"):
-        suffix = f".lora_{factor}.weight"
-        if bare.endswith(suffix):
-            module = bare.removesuffix(suffix)
-            if module == "lm_head":
-                return f"output.lora.{factor}"
-            parts = module.split(".")
-            if len(parts) == 5 and parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in ours:
-                return f"layers.{parts[2]}.{ours['.'.join(parts[3:])]}.lora.{factor}"
-    raise UserError(f"{path}: tensor '{name}' is not a LoRA factor of a Llama linear layer this project knows")
