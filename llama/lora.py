@@ -136,7 +136,8 @@ def gather_state(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def load_state(model: Transformer, full: Mapping[str, torch.Tensor], alpha: float, dropout: float = 0.0) -> None:
-    """Attach adapters holding this rank's slices of the full tensors `full` (from a file)."""
+    """Attach adapters holding this rank's slices of the full tensors `full` (from a file); the base is frozen."""
+    model.requires_grad_(False)
     modules = dict(model.named_modules())
     names = sorted({key.rsplit(".lora.", 1)[0] for key in full})
     for name in names:
@@ -146,7 +147,6 @@ def load_state(model: Transformer, full: Mapping[str, torch.Tensor], alpha: floa
         if f"{name}.lora.A" not in full or f"{name}.lora.B" not in full:
             raise UserError(f"adapter has only one of {name}.lora.A / {name}.lora.B")
         attach(name, layer, full[f"{name}.lora.A"].float(), full[f"{name}.lora.B"].float(), alpha, dropout)
-    model.requires_grad_(False)
 
 
 def targets_of(full: Mapping[str, torch.Tensor]) -> list[str]:
