@@ -23,6 +23,7 @@ never mixes steps.
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +33,7 @@ from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from llama import checkpoint, lora, peft_lora
+from llama import checkpoint, lora, peft_lora, plan
 from llama.distributed import Parallel
 from llama.errors import UserError
 from llama.model import Transformer
@@ -177,6 +178,11 @@ class FullTuning(Method):
 
     def build(self, tokenizer, resume_dir: Optional[Path]) -> Transformer:
         # float32 master weights whatever --dtype says; on CUDA the loop's autocast computes in --dtype
+        if self.parallel.device.type == "cuda" and self.parallel.is_main:
+            warning = memory_warning(self.args, checkpoint.open_checkpoint(self.args.ckpt_dir).args, self.parallel,
+                                     torch.cuda.mem_get_info(self.parallel.device)[1])
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
         model = self.load_model(tokenizer, resume_dir / "model" if resume_dir else None, torch.float32)
         model.checkpoint_activations = self.args.checkpoint_activations
         return model.requires_grad_(True).train()
@@ -236,6 +242,19 @@ def write_meta_extras(args: argparse.Namespace, model: Transformer, model_dir: P
     manifest = {"source": str(args.ckpt_dir), "method": "full", "step": step, "num_shards": n_shards, "dtype": "float32",
                 "files": [f"consolidated.{i:02d}.pth" for i in range(n_shards)] + ["params.json", tokenizer.name]}
     atomic_write_text(json.dumps(manifest, indent=2) + "\n", model_dir / "manifest.json")
+
+
+def memory_warning(args: argparse.Namespace, model_args, parallel: Parallel, card_bytes: int) -> Optional[str]:
+    """The planner's per-card total for this full fine-tuning run, if it exceeds a card's memory."""
+    dtype_bytes = checkpoint.parse_dtype(args.dtype).itemsize
+    need = plan.estimate(model_args, parallel.tp_size, args.batch_size, args.max_seq_len, dtype_bytes, "full", 0,
+                         data_parallel=parallel.dp_size, checkpoint_activations=args.checkpoint_activations)
+    if need.total <= card_bytes:
+        return None
+    return (f"the planner puts --method full at {need.total / plan.GiB:.1f} GiB per card (weights {need.weights / plan.GiB:.1f}, "
+            f"gradients + AdamW {need.train_state / plan.GiB:.1f}, activations {need.activations / plan.GiB:.1f}) but a card has "
+            f"{card_bytes / plan.GiB:.1f} GiB: use more tensor- or data-parallel ranks, --checkpoint_activations, a smaller "
+            "--batch_size, or --method lora (see split_model.py --plan --mode full)")
 
 
 def _load_rank_file(path: Path, step: int) -> dict:

@@ -196,3 +196,20 @@ def test_bad_method_options_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="--lora_rank must be at least 1"):
         ft_main.main(["--method", "lora", "--lora_rank", "0", "--out_dir", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_planner_per_card_terms_match_the_runs(runs):
+    """lora/full per-card numbers for N=2 and ZeRO's moments for D=2, from what the runs held and wrote."""
+    from llama import plan
+
+    args = checkpoint.open_checkpoint(STORIES).args
+    for method, count in {"lora": plan.lora_parameter_count(args, 2, 8), "full": plan.weight_bytes(args, 2, 1)}.items():
+        for rank in range(2):
+            held = torch.load(runs / f"{method}_tp2" / f"rank{rank}.pt")
+            assert sum(t.numel() for t in held.values()) == count, (method, rank)
+    shards = [checkpoint.load_file(runs / "full_dp2" / f"optimizer.00.{d:02d}.pt")["optimizer"]["state"] for d in range(2)]
+    moments = [sum(t.nbytes for s in shard.values() for name, t in s.items() if name != "step") for shard in shards]
+    params = plan.weight_bytes(args, 1, 1)
+    assert sum(moments) == 8 * params  # every parameter's two moments, on exactly one rank
+    largest = max(a * b for a, b in (s for s in checkpoint.full_shapes(args).values() if len(s) == 2))
+    assert all(abs(m - 8 * params // 2) <= 8 * largest for m in moments)  # ZeRO balances by whole tensors
