@@ -136,6 +136,7 @@ class PromptTuning(Method):
 class LoRATuning(Method):
     name = "lora"
     defaults = {"lr": 3e-3, "out_dir": "runs/lora"}
+    resumed_step: Optional[int] = None
 
     def build(self, tokenizer, resume_dir: Optional[Path]) -> Transformer:
         args = self.args
@@ -146,12 +147,16 @@ class LoRATuning(Method):
         else:
             full, config = lora.load_adapter(resume_dir / "adapter.pt")
             lora.load_state(model, full, config["alpha"], args.lora_dropout)
+            self.resumed_step = config.get("step")
         return model.train()  # LoRA dropout is on in training
 
     def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
         return list(lora.local_state(self.model).items())
 
     def restore(self, saved: dict, optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
+        if self.resumed_step != saved["step"]:
+            raise UserError(f"{out_dir / 'adapter.pt'} is from step {self.resumed_step} but ckpt.pt from step {saved['step']}: "
+                            "the run was killed while saving")
         state = _load_rank_file(out_dir / f"lora_optimizer.{self.parallel.tp_rank:02d}.pt", saved["step"])
         optimizer.load_state_dict(state["optimizer"])
 

@@ -138,7 +138,7 @@ def test_adapter_of_another_width_is_one_clear_error(tmp_path):
 
 def test_tensor_and_data_parallel_match_one_rank(tmp_path):
     """5 steps on 1 rank vs TP=2 (model split, same batches) and dp=2 (2 x half batches), 2 processes each."""
-    args = [*FAST, "--max_steps", "5", "--eval_interval", "5"]
+    args = [*FAST, "--template", "plain", "--max_steps", "5", "--eval_interval", "5"]  # plain: 10 held-out examples
     one = python("ft_main.py", *args, "--out_dir", tmp_path / "tp1")
     assert one.returncode == 0, one.stderr[-3000:]
     for name, extra in {"tp2": ["--tp", "2"], "dp2": ["--tp", "1", "--batch_size", "2"]}.items():
@@ -153,6 +153,7 @@ def test_tensor_and_data_parallel_match_one_rank(tmp_path):
         assert [s for s, _ in got] == [1, 2, 3, 4, 5]
         for (_, a), (_, b) in zip(ref, got):
             assert abs(a - b) < LAYOUT_TOL * abs(a), (name, ref, got)
+        assert len(evals(out)) == len(evals(tmp_path / "tp1")) == 2  # step 0 and step 5
         for a, b in zip(evals(tmp_path / "tp1"), evals(out)):
             for key in ("eval_loss", "eval_loss_untuned"):
                 assert abs(a[key] - b[key]) < LAYOUT_TOL * abs(a[key]), (name, key, a, b)

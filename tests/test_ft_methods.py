@@ -213,3 +213,21 @@ def test_planner_per_card_terms_match_the_runs(runs):
     assert sum(moments) == 8 * params  # every parameter's two moments, on exactly one rank
     largest = max(a * b for a, b in (s for s in checkpoint.full_shapes(args).values() if len(s) == 2))
     assert all(abs(m - 8 * params // 2) <= 8 * largest for m in moments)  # ZeRO balances by whole tensors
+
+
+def test_diverging_lora_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """The 3rd step's loss is made NaN: the run stops there; step 2's adapter and checkpoint stay intact."""
+    real, calls = train.summed_loss, []
+
+    def nan_on_step_3(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * math.nan if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "summed_loss", nan_on_step_3)
+    with pytest.raises(UserError, match=r"training diverged at step 3: loss nan.*last good checkpoint is .*ckpt.pt \(step 2"):
+        ft_main.main(["--method", "lora", *FAST, "--max_steps", "5", "--ckpt_interval", "1", "--out_dir", str(tmp_path)])
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+    full, config = lora.load_adapter(tmp_path / "adapter.pt")
+    assert config["step"] == 2 and all(torch.isfinite(t).all() for t in full.values())
+    assert not list(tmp_path.glob(".*tmp"))
