@@ -92,11 +92,12 @@ def read_params(path: Path) -> dict:
     return params
 
 
-def model_args(params: Mapping, vocab_size: Optional[int] = None, **overrides) -> ModelArgs:
+def model_args(params: Mapping, vocab_size: Optional[int] = None, source: str = "params.json", **overrides) -> ModelArgs:
     """ModelArgs from params.json; `vocab_size: -1` is filled from the tokenizer, a mismatch is an error.
 
     Keys of Llama 3.x releases that do not change the text forward (vision, quantization) are
-    dropped with a note on stderr; truly unknown keys are an error.
+    dropped with a note on stderr; truly unknown keys are an error. `source` names the file the
+    params came from in messages (config.json for a Hugging Face folder).
     """
     params = dict(params)
     ignored = sorted(set(params) & IGNORED_PARAMS)
@@ -126,13 +127,13 @@ def model_args(params: Mapping, vocab_size: Optional[int] = None, **overrides) -
             args.vocab_size = vocab_size
         elif args.vocab_size != vocab_size:
             raise UserError(
-                f"tokenizer has {vocab_size} tokens but params.json says vocab_size {args.vocab_size}: "
+                f"tokenizer has {vocab_size} tokens but {source} says vocab_size {args.vocab_size}: "
                 "use the tokenizer.model that came with this checkpoint"
             )
     if args.vocab_size <= 0:
-        raise UserError("vocab_size is unknown: set it in params.json or pass the model's tokenizer")
+        raise UserError(f"vocab_size is unknown: set it in {source} or pass the model's tokenizer")
     if args.dim % args.n_heads:
-        raise UserError(f"dim {args.dim} is not divisible by n_heads {args.n_heads} in params.json")
+        raise UserError(f"dim {args.dim} is not divisible by n_heads {args.n_heads} in {source}")
     return args
 
 
@@ -376,25 +377,33 @@ class MetaCheckpoint(Checkpoint):
         return full_shape(source, self.pieces(source), self.args.vocab_parallel_embedding)
 
 
-def open_checkpoint(path: str | Path, vocab_size: Optional[int] = None, **overrides) -> Checkpoint:
-    """The reader for the model directory `path`, chosen by its config file.
-
-    `params.json` -> Meta layout, `config.json` -> Hugging Face folder. `vocab_size` (the
-    tokenizer's) must match the model's; `overrides` replace ModelArgs fields (max_seq_len, ...).
-    """
+def model_format(path: str | Path) -> str:
+    """'meta' (params.json) or 'hf' (config.json); anything else, e.g. a folder left by an
+    interrupted conversion, is a UserError saying what it is."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint directory {path} not found")
     if (path / "params.json").is_file():
-        return MetaCheckpoint(path, vocab_size, **overrides)
+        return "meta"
     if (path / "config.json").is_file():
-        from llama.hf import HFCheckpoint
-
-        return HFCheckpoint(path, vocab_size, **overrides)
+        return "hf"
     if (path / PARTIAL).is_dir():
         raise UserError(f"{path} holds only the partial output of an interrupted conversion ({PARTIAL}): "
                         "rerun the split_model.py command that writes it")
     raise UserError(f"{path} is not a model directory: it needs params.json (Meta layout) or config.json (Hugging Face)")
+
+
+def open_checkpoint(path: str | Path, vocab_size: Optional[int] = None, **overrides) -> Checkpoint:
+    """The reader for the model directory `path`, chosen by its config file (see `model_format`).
+
+    `vocab_size` (the tokenizer's) must match the model's; `overrides` replace ModelArgs fields
+    (max_seq_len, ...).
+    """
+    if model_format(path) == "meta":
+        return MetaCheckpoint(Path(path), vocab_size, **overrides)
+    from llama.hf import HFCheckpoint
+
+    return HFCheckpoint(Path(path), vocab_size, **overrides)
 
 
 def load_model(
@@ -434,14 +443,21 @@ def build_empty(args: ModelArgs, dtype: torch.dtype) -> Transformer:
 
     fairscale's layers allocate with the legacy `torch.Tensor(...)` constructor, which ignores
     `torch.device("meta")`; building in the target dtype at least halves that transient memory
-    for 16-bit models, and with one rank the pages are never touched.
+    for 16-bit models. With several ranks, fairscale also builds each whole matrix and copies
+    this rank's part into the weight, touching all its pages: a rank would hold its weights twice
+    while loading (built + read). Every weight is replaced, so that step is skipped here and the
+    pages are never touched.
     """
-    previous = torch.get_default_dtype()
+    from fairscale.nn.model_parallel import layers
+
+    previous, initialize = torch.get_default_dtype(), layers._initialize_affine_weight
     torch.set_default_dtype(dtype)
+    layers._initialize_affine_weight = lambda *args, **kwargs: None
     try:
         return Transformer(args)
     finally:
         torch.set_default_dtype(previous)
+        layers._initialize_affine_weight = initialize
 
 
 def rope_freqs(args: ModelArgs, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -92,8 +92,7 @@ class Llama:
         `rope_scaling` overrides Llama 3 RoPE scaling constants the checkpoint states (or Meta's defaults).
         """
         ckpt_dir = Path(ckpt_dir)
-        if not ckpt_dir.is_dir():
-            raise UserError(f"checkpoint directory {ckpt_dir} not found (see README: ckpts/)")
+        checkpoint.model_format(ckpt_dir)  # a missing or unfinished model directory says so before the tokenizer is sought
         torch_dtype = checkpoint.parse_dtype(dtype)
         tokenizer = load_tokenizer(find_tokenizer(ckpt_dir, tokenizer_path))
         parallel = distributed.setup(tp_size)

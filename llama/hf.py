@@ -217,7 +217,7 @@ class HFCheckpoint(Checkpoint):
     def __init__(self, path: Path, vocab_size: Optional[int] = None, **overrides):
         self.path = Path(path)
         self.config = read_config(self.path / CONFIG)
-        self.args = model_args(params_from_config(self.config, self.path / CONFIG), vocab_size, **overrides)
+        self.args = model_args(params_from_config(self.config, self.path / CONFIG), vocab_size, CONFIG, **overrides)
         self.args.vocab_parallel_embedding = self.args.vocab_size >= LLAMA3_MIN_VOCAB  # as Meta's Llama 3 code
         files = weight_files(self.path)
         self.paths = sorted(set(files.values()))
@@ -317,11 +317,14 @@ def plan_files(ckpt: Checkpoint, dtype: Optional[torch.dtype], max_bytes: int) -
 
 
 def hf_tensor(ckpt: Checkpoint, key: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A weight in HF's row order as a tensor of its own: safetensors refuses tensors that share
+    storage, so a view into a bigger (mapped) storage is copied; a whole one is written as it is."""
     tensor = ckpt.read(key)
     heads = qk_heads(key, ckpt.args)
     if heads is not None:
         tensor = to_hf_rows(tensor, heads)
-    return tensor.to(dtype or tensor.dtype).contiguous().clone()
+    whole = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes
+    return tensor.to(dtype or tensor.dtype, memory_format=torch.contiguous_format, copy=not whole)
 
 
 def tokenizer_ids(ckpt: Checkpoint) -> tuple[Optional[int], Optional[int | list[int]]]:

@@ -14,11 +14,11 @@ Two file formats:
 
 import json
 import os
-import struct
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -193,30 +193,12 @@ def _check_matrix(tensor, path: Path) -> torch.Tensor:
     return tensor
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file (recent PEFT's default), without the safetensors package.
-
-    The format is an 8-byte little-endian header length, a JSON header naming each tensor's
-    dtype, shape and byte range, then the raw little-endian data.
-    """
-    data = path.read_bytes()
+    """Tensors of a .safetensors file (recent PEFT's default); an unreadable file is a UserError."""
     try:
-        (header_len,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + header_len])
-        body = data[8 + header_len :]
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            raw = bytearray(body[start:end])
-            tensors[name] = torch.frombuffer(raw, dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]).clone()
-    except (struct.error, ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise UserError(f"{path} is not a readable float safetensors file ({type(err).__name__}: {err})") from None
-    return tensors
+        return safetensors.torch.load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for foreign or truncated files
+        raise UserError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:200]})") from None
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:

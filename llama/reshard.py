@@ -210,9 +210,14 @@ def verify(source: Checkpoint, output: Checkpoint, dtype: Optional[torch.dtype],
     for key in tqdm(source.keys, desc="verify", unit="tensor", disable=not progress, leave=False):
         expected = source.read(key)
         expected = expected.to(out_dtype(expected.dtype, dtype))
-        copies = output.pieces(key) if isinstance(output, MetaCheckpoint) and output.split_dim(key) is None and not (key == OUTPUT and output.tied) else []
-        if not all(same_bits(expected, got) for got in [output.read(key), *copies]):
+        if not all(same_bits(expected, got) for got in [output.read(key), *replicas(output, key)]):
             raise UserError(f"verification failed: '{key}' in the output differs from the input (disk or memory fault?)")
+
+
+def replicas(ckpt: Checkpoint, key: str) -> list[torch.Tensor]:
+    """Every shard's copy of a replicated weight of a Meta checkpoint (none for other weights)."""
+    stored = isinstance(ckpt, MetaCheckpoint) and not (key == OUTPUT and ckpt.tied)
+    return ckpt.pieces(key) if stored and ckpt.split_dim(key) is None else []
 
 
 def copy_file(src: Path, staging: Staging, name: str) -> dict:
