@@ -7,7 +7,8 @@ r=8 on the seven block linears, full) through bench/train_throughput.py's step, 
 LlamaForCausalLM built from a config and given the same random weights (q/k rows in HF's order),
 wrapped by PEFT (LoRA r=8 on q/k/v/o/gate/up/down_proj, alpha 16; prompt tuning with 16 virtual
 tokens) and trained with its own loss on the same batch and AdamW. Prints one JSON line per
-configuration and a table with our tokens/s and peak RSS relative to HF's for the same method.
+configuration and a table with our tokens/s and peak RSS (the whole job's: TP ranks x rank 0's
+high-water mark) relative to HF's for the same method.
 """
 
 import argparse
@@ -31,8 +32,8 @@ from llama.errors import run_cli  # noqa: E402
 
 OURS = ("prompt", "lora", "full")
 THEIRS = ("hf-prompt", "hf-lora")
-TABLE = [("config", "config", ""), ("tp", "TP", ""), ("tokens_per_s", "tokens/s", ".0f"), ("peak_rss_gib", "peak RSS GiB", ".2f"),
-         ("speed_vs_hf", "x HF tokens/s", ".2f"), ("rss_vs_hf", "x HF RSS", ".2f")]
+TABLE = [("config", "config", ""), ("tp", "TP", ""), ("tokens_per_s", "tokens/s", ".0f"), ("rank_rss_gib", "peak RSS/rank GiB", ".2f"),
+         ("peak_rss_gib", "job RSS GiB", ".2f"), ("speed_vs_hf", "x HF tokens/s", ".2f"), ("rss_vs_hf", "x HF RSS", ".2f")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,8 +101,8 @@ def run_hf(config: str, cli: argparse.Namespace) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"config": config, "tp": 1, "tokens_per_s": cli.batch_size * cli.seq_len / min(times),
-            "peak_rss_gib": peak_memory(torch.device("cpu")) / 2**30}
+    peak = peak_memory(torch.device("cpu")) / 2**30
+    return {"config": config, "tp": 1, "tokens_per_s": cli.batch_size * cli.seq_len / min(times), "rank_rss_gib": peak, "peak_rss_gib": peak}
 
 
 def run_ours(method: str, tp: int, cli: argparse.Namespace) -> dict:
@@ -112,8 +113,9 @@ def run_ours(method: str, tp: int, cli: argparse.Namespace) -> dict:
     out = subprocess.run([*launcher, *bench], cwd=REPO, capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": str(max(1, cli.threads // tp))}).stdout
     record = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
-    # peak_mem_gib is rank 0's high-water mark; with TP the ranks hold equal slices, so the job holds ~tp x that
-    return {"config": method, "tp": tp, "tokens_per_s": record["tokens_per_s"], "peak_rss_gib": record["peak_mem_gib"]}
+    # peak_mem_gib is rank 0's high-water mark; the ranks hold equal slices, so the job holds ~tp x that
+    return {"config": method, "tp": tp, "tokens_per_s": record["tokens_per_s"], "rank_rss_gib": record["peak_mem_gib"],
+            "peak_rss_gib": tp * record["peak_mem_gib"]}
 
 
 def main() -> None:
