@@ -42,8 +42,12 @@ UPDATE_TOL = 1e-2
 GENERATE = ["--json", "--max_gen_len", "24", "--prompt", "Once upon a time"]
 
 
+TARGETS = list(lora.TARGETS)  # the seven block linears and the output layer (column-parallel, gathered)
+
+
 def run_args(method: str, out) -> list[str]:
-    return ["--method", method, *FAST, "--template", "plain", *STEPS, "--out_dir", str(out)]  # plain: 10 held-out examples
+    extra = ["--lora_targets", ",".join(TARGETS)] if method == "lora" else []
+    return ["--method", method, *FAST, "--template", "plain", *extra, *STEPS, "--out_dir", str(out)]  # plain: 10 held-out examples
 
 
 def trained_weights(method: str, out_dir, model_dir=None) -> dict[str, torch.Tensor]:
@@ -77,7 +81,7 @@ def initial_weights() -> dict[str, dict[str, torch.Tensor]]:
     distributed.setup()
     try:
         model = checkpoint.load_model(STORIES, 512, 16, 1, torch.float32, torch.device("cpu"), kv_cache=False)
-        lora.add_lora(model, list(lora.DEFAULT_TARGETS), 8, 16.0, seed=0)  # ft_main's defaults
+        lora.add_lora(model, TARGETS, 8, 16.0, seed=0)  # ft_main's defaults but for the targets
         adapter = lora.gather_state(model)
     finally:
         distributed.teardown()
@@ -116,7 +120,7 @@ def test_replicated_tensors_are_bit_identical_across_tp_ranks(runs, method):
     for name in split:  # each rank trained its own slice
         assert not torch.equal(ranks[0][name], ranks[1][name]), name
     if method == "lora":  # A under column-parallel layers, B under row-parallel ones
-        assert "layers.0.attention.wq.lora.A" in replicated and "layers.0.attention.wo.lora.B" in replicated
+        assert {"layers.0.attention.wq.lora.A", "layers.0.attention.wo.lora.B", "output.lora.A"} <= set(replicated)
 
 
 def greedy_with_margins(model_dir, prompt_ids: list[int], n: int) -> tuple[list[int], list[float]]:
@@ -203,7 +207,7 @@ def test_planner_per_card_terms_match_the_runs(runs):
     from llama import plan
 
     args = checkpoint.open_checkpoint(STORIES).args
-    for method, count in {"lora": plan.lora_parameter_count(args, 2, 8), "full": plan.weight_bytes(args, 2, 1)}.items():
+    for method, count in {"lora": plan.lora_parameter_count(args, 2, 8, TARGETS), "full": plan.weight_bytes(args, 2, 1)}.items():
         for rank in range(2):
             held = torch.load(runs / f"{method}_tp2" / f"rank{rank}.pt")
             assert sum(t.numel() for t in held.values()) == count, (method, rank)

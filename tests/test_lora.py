@@ -11,14 +11,17 @@
 """
 
 import json
+import sys
 
 import pytest
 import torch
-from references import STORIES
+from references import REPO, STORIES
 
-from llama import checkpoint, lora, peft_lora
-from llama.errors import UserError
-from llama.reshard import convert
+sys.path.insert(0, str(REPO))  # split_model.py lives at the repo root
+import split_model  # noqa: E402
+from llama import checkpoint, lora, peft_lora  # noqa: E402
+from llama.errors import UserError  # noqa: E402
+from llama.reshard import convert  # noqa: E402
 
 ALL = list(lora.TARGETS)  # the seven block linears and the output
 # Two implementations of the same fp32 forward (different op order: HF's rotate-half RoPE and eager
@@ -140,8 +143,10 @@ def test_project_format_round_trip_and_merge(model, tmp_path):
     lora.save_adapter(full, {"rank": 4, "alpha": 8.0, "targets": ["wq"]}, tmp_path / "adapter.pt")
     back, config = lora.load_adapter(tmp_path / "adapter.pt")
     assert config["alpha"] == 8.0 and all(torch.equal(back[k], full[k]) for k in full)
+    convert(STORIES, "meta", 1, tmp_path / "merged1", progress=False, adapter=tmp_path / "adapter.pt")
+    split_model.main(["--ckpt_dir", str(STORIES), "--adapter", str(tmp_path / "adapter.pt"), "--num_shards", "2", "--out_dir", str(tmp_path / "merged2")])
     for n in (1, 2):
-        out = convert(STORIES, "meta", n, tmp_path / f"merged{n}", progress=False, adapter=tmp_path / "adapter.pt")
+        out = tmp_path / f"merged{n}"
         merged = checkpoint.load_model(out, 512, 64, 2, torch.float32, torch.device("cpu"), kv_cache=False)
         with torch.no_grad():
             # merged W + s*B@A rounds once more per weight than the unmerged (W x + s*B(A x)) path
