@@ -238,7 +238,8 @@ def save_all(args: argparse.Namespace, run: Run, step: int, lr: float, out_dir: 
     torch.distributed.barrier()
     if run.method.parallel.is_main:
         schedule = {"lr": args.lr, "min_lr": args.min_lr, "warmup_steps": args.warmup_steps, "decay_steps": args.lr_decay_steps, "last_lr": lr}
-        state = {**run.method.shared_state(run.optimizer), "untuned_loss": untuned_loss}
+        parallel = run.method.parallel
+        state = {**run.method.shared_state(run.optimizer), "untuned_loss": untuned_loss, "layout": {"tp": parallel.tp_size, "dp": parallel.dp_size}}
         train.save_training_state(out_dir / "ckpt.pt", state, schedule, step, run.batches.state(), vars(args))
 
 

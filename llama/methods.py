@@ -154,6 +154,7 @@ class LoRATuning(Method):
         return list(lora.local_state(self.model).items())
 
     def restore(self, saved: dict, optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
+        check_layout(saved, self.parallel, tp_only=True)
         if self.resumed_step != saved["step"]:
             raise UserError(f"{out_dir / 'adapter.pt'} is from step {self.resumed_step} but ckpt.pt from step {saved['step']}: "
                             "the run was killed while saving")
@@ -204,6 +205,7 @@ class FullTuning(Method):
         return out_dir / f"optimizer.{self.parallel.tp_rank:02d}.{self.parallel.dp_rank:02d}.pt"
 
     def restore(self, saved: dict, optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
+        check_layout(saved, self.parallel)
         manifest = json.loads((out_dir / "model" / "manifest.json").read_text())
         if manifest.get("step") != saved["step"]:
             raise UserError(f"{out_dir / 'model'} holds step {manifest.get('step')} but ckpt.pt step {saved['step']}: the run was killed while saving")
@@ -260,6 +262,15 @@ def memory_warning(args: argparse.Namespace, model_args, parallel: Parallel, car
             f"gradients + AdamW {need.train_state / plan.GiB:.1f}, activations {need.activations / plan.GiB:.1f}) but a card has "
             f"{card_bytes / plan.GiB:.1f} GiB: use more tensor- or data-parallel ranks, --checkpoint_activations, a smaller "
             "--batch_size, or --method lora (see split_model.py --plan --mode full)")
+
+
+def check_layout(saved: dict, parallel: Parallel, tp_only: bool = False) -> None:
+    """Optimizer states are saved per rank: a resumed run needs the run's tensor- (and data-) parallel sizes."""
+    layout = saved.get("layout", {})
+    if layout.get("tp", parallel.tp_size) != parallel.tp_size or (not tp_only and layout.get("dp", parallel.dp_size) != parallel.dp_size):
+        raise UserError(f"--resume: the run used {layout.get('tp')} tensor-parallel x {layout.get('dp')} data-parallel ranks, this "
+                        f"job has {parallel.tp_size} x {parallel.dp_size}: resume with the same layout (the saved result itself "
+                        "loads on any number of ranks)")
 
 
 def _load_rank_file(path: Path, step: int) -> dict:

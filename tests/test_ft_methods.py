@@ -235,3 +235,11 @@ def test_diverging_lora_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     full, config = lora.load_adapter(tmp_path / "adapter.pt")
     assert config["step"] == 2 and all(torch.isfinite(t).all() for t in full.values())
     assert not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("method", list(LR))
+def test_resume_on_another_layout_is_one_clear_error(runs, method):
+    before = sorted(p.name for p in (runs / f"{method}_tp2").iterdir())
+    with pytest.raises(UserError, match="the run used 2 tensor-parallel x 1 data-parallel ranks, this job has 1 x 1"):
+        ft_main.main(["--resume", "--method", method, "--max_steps", "6", "--out_dir", str(runs / f"{method}_tp2")])
+    assert sorted(p.name for p in (runs / f"{method}_tp2").iterdir()) == before
