@@ -237,9 +237,14 @@ def test_diverging_lora_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert not list(tmp_path.glob(".*tmp"))
 
 
-@pytest.mark.parametrize("method", list(LR))
-def test_resume_on_another_layout_is_one_clear_error(runs, method):
-    before = sorted(p.name for p in (runs / f"{method}_tp2").iterdir())
-    with pytest.raises(UserError, match="the run used 2 tensor-parallel x 1 data-parallel ranks, this job has 1 x 1"):
-        ft_main.main(["--resume", "--method", method, "--max_steps", "6", "--out_dir", str(runs / f"{method}_tp2")])
-    assert sorted(p.name for p in (runs / f"{method}_tp2").iterdir()) == before
+@pytest.mark.parametrize("method,layout,message", [
+    ("lora", "tp2", "world size 1 is not a multiple of --tp 2"),  # --tp is kept from the run
+    ("full", "dp2", "the run used 1 tensor-parallel x 2 data-parallel ranks, this job has 1 x 1: resume with the same layout"),
+])
+def test_resume_on_another_layout_is_one_clear_error(runs, method, layout, message):
+    """Per-rank optimizer states need the run's layout (ZeRO shards over dp); nothing is written."""
+    out_dir = runs / f"{method}_{layout}"
+    before = sorted(p.name for p in out_dir.iterdir())
+    with pytest.raises(UserError, match=message):
+        ft_main.main(["--resume", "--method", method, "--max_steps", "6", "--out_dir", str(out_dir)])
+    assert sorted(p.name for p in out_dir.iterdir()) == before
