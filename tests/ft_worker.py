@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/ft_worker.py jobs.json
 
-jobs.json is a list of {"script": "ft_main" | "example", "argv": [...], "stdout": path or null}.
+jobs.json is a list of {"script": "ft_main" | "example" | "example_ft", "argv": [...], "stdout": path or null}.
 The global process group stays up between jobs (one launch costs seconds); only fairscale's
 model-parallel groups are rebuilt, so each job may choose its own --tp. After a training job
 each rank saves its trained tensors to <out_dir>/rank<R>.pt so the test can compare ranks.
@@ -20,6 +20,7 @@ import torch.distributed as dist  # noqa: E402
 from fairscale.nn.model_parallel import initialize as fs_init  # noqa: E402
 
 import example  # noqa: E402
+import example_ft  # noqa: E402
 import ft_main  # noqa: E402
 from llama import distributed  # noqa: E402
 
@@ -41,7 +42,7 @@ def main() -> None:
             else:
                 with open(job["stdout"], "w") if dist.get_rank() == 0 else contextlib.nullcontext(sys.stdout) as out:
                     with contextlib.redirect_stdout(out):
-                        example.main(job["argv"])
+                        (example if job["script"] == "example" else example_ft).main(job["argv"])
     finally:
         real_teardown()
 

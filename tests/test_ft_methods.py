@@ -40,6 +40,7 @@ LR = {"lora": 3e-3, "full": 1e-3}  # the methods' defaults
 # update's direction: ratio O(1).
 UPDATE_TOL = 1e-2
 GENERATE = ["--json", "--max_gen_len", "24", "--prompt", "Once upon a time"]
+INSTRUCT = ["--json", "--max_gen_len", "24", "--template", "plain", "--instruction", "Give three tips for staying healthy."]
 
 
 TARGETS = list(lora.TARGETS)  # the seven block linears and the output layer (column-parallel, gathered)
@@ -69,6 +70,8 @@ def runs(tmp_path_factory):
             for method in LR for name, extra in LAYOUTS.items()]
     jobs.append({"script": "example", "argv": ["--ckpt_dir", str(root / "full_tp2" / "model"), *GENERATE],
                  "stdout": str(root / "example_2ranks.json")})
+    jobs.append({"script": "example_ft", "argv": ["--adapter", str(root / "lora_tp1" / "peft"), *INSTRUCT],
+                 "stdout": str(root / "example_ft_2ranks.json")})
     (root / "jobs.json").write_text(json.dumps(jobs))
     result = torchrun(2, REPO / "tests" / "ft_worker.py", root / "jobs.json", timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -123,11 +126,14 @@ def test_replicated_tensors_are_bit_identical_across_tp_ranks(runs, method):
         assert {"layers.0.attention.wq.lora.A", "layers.0.attention.wo.lora.B", "output.lora.A"} <= set(replicated)
 
 
-def greedy_with_margins(model_dir, prompt_ids: list[int], n: int) -> tuple[list[int], list[float]]:
-    """TP=1 greedy ids from the plain forward, with each step's top1 - top2 logit margin."""
+def greedy_with_margins(model_dir, prompt_ids: list[int], n: int, adapter=None) -> tuple[list[int], list[float]]:
+    """TP=1 greedy ids from the plain forward (with a LoRA adapter if given), with each step's top1 - top2 margin."""
     distributed.setup()
     try:
         model = checkpoint.load_model(model_dir, 512, 64, 1, torch.float32, torch.device("cpu"))
+        if adapter is not None:
+            full, config = lora.load_adapter(adapter, model.args)
+            lora.load_state(model, full, config["alpha"])
         ids, margins = [], []
         with torch.no_grad():
             for _ in range(n):
@@ -139,6 +145,12 @@ def greedy_with_margins(model_dir, prompt_ids: list[int], n: int) -> tuple[list[
     return ids, margins
 
 
+def sure_prefix(margins: list[float]) -> int:
+    """Steps before the first near tie. 1 and 2 ranks round the logits (|logit| < 20) differently by
+    ~fp32 eps x 20 x a few hundred reordered terms ~ 1e-4; a margin of 1e-3 is safe."""
+    return next((i for i, m in enumerate(margins) if m < 1e-3), len(margins))
+
+
 def test_full_checkpoint_runs_on_one_and_two_ranks(runs, capsys):
     model_dir = runs / "full_tp2" / "model"
     manifest = json.loads((model_dir / "manifest.json").read_text())
@@ -147,9 +159,7 @@ def test_full_checkpoint_runs_on_one_and_two_ranks(runs, capsys):
     one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     two = json.loads((runs / "example_2ranks.json").read_text().strip().splitlines()[-1])
     ref, margins = greedy_with_margins(model_dir, one["prompt_ids"], len(one["ids"]))
-    # Ids can only be compared up to the first near tie: 1 and 2 ranks round the logits (|logit| < 20)
-    # differently by ~fp32 eps x 20 x a few hundred reordered terms ~ 1e-4; a margin of 1e-3 is safe.
-    sure = next((i for i, m in enumerate(margins) if m < 1e-3), len(margins))
+    sure = sure_prefix(margins)
     assert sure >= 8, margins
     assert one["ids"][:sure] == ref[:sure] and two["ids"][:sure] == ref[:sure]
 
@@ -185,13 +195,19 @@ def test_it_learns(tmp_path, method):
     assert all(math.isfinite(loss) for _, loss in losses(tmp_path))
 
 
-def test_lora_adapter_runs_in_both_formats(runs, capsys):
+def test_lora_adapter_runs_in_both_formats_on_one_and_two_ranks(runs, capsys):
     outputs = {}
     for name, extra in {"project": ["--adapter", str(runs / "lora_tp1" / "adapter.pt")],
                         "peft": ["--adapter", str(runs / "lora_tp1" / "peft")], "none": ["--no_adapter"]}.items():
-        example_ft.main(["--json", "--max_gen_len", "16", "--template", "plain", "--instruction", "Give three tips.", *extra])
-        outputs[name] = json.loads(capsys.readouterr().out.strip())["ids"]
-    assert outputs["project"] == outputs["peft"]
+        example_ft.main([*INSTRUCT, *extra])
+        outputs[name] = json.loads(capsys.readouterr().out.strip())
+    assert outputs["project"]["ids"] == outputs["peft"]["ids"]
+    two = json.loads((runs / "example_ft_2ranks.json").read_text().strip())
+    ref, margins = greedy_with_margins(STORIES, outputs["peft"]["prompt_ids"], len(two["ids"]), runs / "lora_tp1" / "adapter.pt")
+    sure = sure_prefix(margins)
+    assert sure >= 8, margins
+    assert outputs["peft"]["ids"][:sure] == two["ids"][:sure] == ref[:sure]  # each rank holds its slices of the adapter
+    assert outputs["none"]["ids"] != ref
 
 
 def test_bad_method_options_are_clear_errors(tmp_path):
