@@ -113,7 +113,7 @@ def adapters(model: Transformer) -> dict[str, LoRA]:
 
 
 def local_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """This rank's adapter tensors `NAME.lora.A/B` (views of the parameters)."""
+    """This rank's adapter parameters by tensor name, `NAME.lora.A` and `NAME.lora.B`."""
     state = {}
     for name, lora in adapters(model).items():
         state[f"{name}.lora.A"], state[f"{name}.lora.B"] = lora.A, lora.B

@@ -1,14 +1,15 @@
 """ft_main.py --method lora and --method full end to end on the bundled stories260K (fp32, CPU, gloo).
 
 - TP=2 (model split) and dp=2 (2 x half batches; ZeRO-sharded AdamW for full) equal TP=1: losses,
-  eval losses and final trained weights, within fp32 reordering tolerances; replicated tensors
+  eval losses and each tensor's update, within fp32 reordering tolerances; replicated tensors
   (LoRA's A under column-parallel layers and B under row-parallel ones, the norms) are
-  bit-identical on every tensor-parallel rank;
+  bit-identical on every tensor-parallel rank; the planner's per-card terms match what they held;
 - both learn: the held-out loss falls well below the untuned model's;
-- resume after step 3 reproduces the uninterrupted run exactly;
-- the full run's output is a Meta checkpoint: written on 2 ranks it runs with example.py on 1
-  rank, written on 1 rank it runs on 2, with the greedy ids the trained TP=1 model gives;
-- a LoRA run's adapter runs with example_ft.py in both formats.
+- resume after step 3 reproduces the uninterrupted run exactly; another layout is a clear error;
+- the full run's output is a Meta checkpoint: written on 2 ranks it runs with example.py on 1 and
+  2 ranks with the greedy ids of the TP=1 forward (up to the first near tie);
+- a LoRA adapter runs with example_ft.py in both formats, on 1 and 2 ranks;
+- a NaN loss stops the run with the last good checkpoint intact.
 """
 
 import json
