@@ -73,8 +73,8 @@ def stream_one(llm: Llama, prompt: str, prompt_ids: list[int], args: argparse.Na
         print(flush=True)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv=None) -> None:
+    args = parse_args(argv)
     prompts = args.prompt or DEFAULT_PROMPTS
     llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed, compile=args.compile,
                       rope_scaling=rope_override(args))

@@ -1,12 +1,16 @@
-"""Soft-prompt tuning of a frozen Llama: `python ft_main.py` or `torchrun --nproc_per_node N ft_main.py`.
+"""Fine-tune a Llama split over tensor-parallel ranks: `python ft_main.py` or `torchrun --nproc_per_node N ft_main.py`.
+
+--method prompt (default): learn a soft prompt before the tokens; the model is frozen.
+--method lora: learn low-rank adapters inside the parallel linears; the model is frozen.
+--method full: learn every weight, each rank its own slices (AdamW states sharded over dp).
 
 The world is tp x dp processes (`--tp`, default all of them): the model is split over the tp
-ranks of a group, every rank holds the whole soft prompt, and each data-parallel group reads
-different batches. Only the prompt (n_virtual_tokens x dim numbers) is trained; the backbone is
-frozen, so no weight gradients are computed or stored.
+ranks of a group, and each data-parallel group reads different batches. What a method trains
+and writes lives in llama/methods.py; this file is the one loop they share.
 
-Outputs in --out_dir: prompt.pt (this project's format), peft/ (Hugging Face PEFT prompt-tuning
-adapter), ckpt.pt (for --resume), metrics.jsonl (plot it with `python -m llama.plot`).
+Outputs in --out_dir (default runs/<method>): the method's result (prompt.pt + peft/, adapter.pt +
+peft/, or model/ as a Meta checkpoint), ckpt.pt and per-rank files (for --resume), and
+metrics.jsonl (plot it with `python -m llama.plot`).
 """
 
 import argparse
@@ -22,10 +26,10 @@ import torch
 from fairscale.nn.model_parallel import initialize as fs_init
 from tqdm import tqdm
 
-from llama import checkpoint, data, distributed, train
+from llama import checkpoint, data, distributed, lora, methods, train
 from llama.errors import UserError, run_cli
-from llama.prompt_tuning import INITS, SoftPrompt, export_peft, init_prompt, save_prompt
 from llama.model import Transformer
+from llama.prompt_tuning import INITS
 from llama.tokenizer import find_tokenizer, load_tokenizer
 
 # Options a resumed run may change; everything else comes from the checkpoint, so it continues exactly.
@@ -35,6 +39,7 @@ DEFAULT_INIT_TEXT = "Below is an instruction. Write a response that completes th
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="prompt", choices=list(methods.METHODS), help="what trains: a soft prompt, LoRA adapters, or all weights")
     p.add_argument("--ckpt_dir", default="ckpts/stories260K", help="frozen base model (Meta layout, any shard count)")
     p.add_argument("--tokenizer_path", default=None, help="default: <ckpt_dir>/tokenizer.model, else <ckpt_dir>/original/tokenizer.model")
     p.add_argument("--data", default="datasets/alpaca_en_demo.json", help="alpaca-format JSON list or JSONL")
@@ -48,23 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_virtual_tokens", type=int, default=16, help="rows of the soft prompt")
     p.add_argument("--init", default="text", choices=INITS, help="prompt init: text, vocab or random")
     p.add_argument("--init_text", default=DEFAULT_INIT_TEXT, help="text whose token embeddings start the prompt (--init text)")
+    p.add_argument("--lora_rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA scale numerator: updates are scaled by alpha / r")
+    p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input (TP>1 then draws other masks than TP=1)")
+    p.add_argument("--lora_targets", default=",".join(lora.DEFAULT_TARGETS), help=f"layers given adapters, from {', '.join(lora.TARGETS)}")
+    p.add_argument("--checkpoint_activations", action="store_true", help="full: recompute each block in backward (less memory)")
     p.add_argument("--batch_size", type=int, default=8, help="examples per micro-batch on each data-parallel rank")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max_steps", type=int, default=100, help="optimizer steps to run")
-    p.add_argument("--lr", type=float, default=0.03, help="peak learning rate (prompts like large ones)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate; default per method: prompt 0.03, lora 3e-3, full 1e-3")
     p.add_argument("--min_lr", type=float, default=None, help="end of the cosine decay; default lr / 10")
     p.add_argument("--warmup_steps", type=int, default=10, help="linear warmup steps")
     p.add_argument("--lr_decay_steps", type=int, default=None, help="step the cosine reaches min_lr; default max_steps")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the prompt's gradient norm (0 = off)")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     p.add_argument("--eval_interval", type=int, default=25, help="steps between eval losses")
     p.add_argument("--eval_batches", type=int, default=0, help="held-out batches per eval (0 = all)")
     p.add_argument("--ckpt_interval", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--chunk_size", type=int, default=256, help="positions per cross-entropy chunk (bounds logits memory)")
-    p.add_argument("--dtype", default="auto", help="frozen weights: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="frozen weights (full: compute dtype): auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per group (default: the whole world)")
     p.add_argument("--seed", type=int, default=0, help="prompt init, data order and split")
-    p.add_argument("--out_dir", default="runs/prompt_tuning", help="where outputs and checkpoints go")
+    p.add_argument("--out_dir", default=None, help="where outputs and checkpoints go (default runs/prompt_tuning, runs/lora, runs/full)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir/ckpt.pt")
     return p
 
@@ -72,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, Optional[dict]]:
     """Command-line options, or on --resume the checkpoint's options (+ the few that may change)."""
     args = build_parser().parse_args(argv)
+    args.out_dir = args.out_dir or methods.METHODS[args.method].defaults["out_dir"]
     if not args.resume:
         return args, None
     saved = train.load_checkpoint(Path(args.out_dir) / "ckpt.pt")
@@ -91,16 +102,19 @@ def resolve(args: argparse.Namespace, parallel: distributed.Parallel) -> argpars
     if args.dtype == "auto":
         args.dtype = "bfloat16" if parallel.device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     checkpoint.parse_dtype(args.dtype)
+    args.lr = methods.METHODS[args.method].defaults["lr"] if args.lr is None else args.lr
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.lr_decay_steps = args.lr_decay_steps or args.max_steps
     args.tokenizer_path = str(find_tokenizer(args.ckpt_dir, args.tokenizer_path))
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "ckpt_interval", "chunk_size"):
+    if args.method == "lora":
+        lora.parse_targets(args.lora_targets)
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "ckpt_interval", "chunk_size", "lora_rank"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> SoftPrompt:
+def main(argv: Optional[list[str]] = None) -> methods.Method:
     args, saved = parse_args(argv)
     parallel = distributed.setup(args.tp)
     try:
@@ -114,7 +128,7 @@ class Run:
     """Everything the loop works on, built by `prepare`."""
 
     model: Transformer
-    prompt: SoftPrompt
+    method: methods.Method
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: Callable[[], AbstractContextManager]
@@ -124,57 +138,55 @@ class Run:
 
 
 def prepare(args: argparse.Namespace, parallel: distributed.Parallel, saved: Optional[dict]) -> Run:
-    """Load the frozen model and the data, make the prompt and optimizer, restore a checkpoint."""
+    """Load the model and the data, make what trains and its optimizer, restore a checkpoint."""
     device, dtype = parallel.device, checkpoint.parse_dtype(args.dtype)
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer_path)
-    positions = args.n_virtual_tokens + args.max_seq_len  # the prompt takes positions 0..P-1
-    model = checkpoint.load_model(Path(args.ckpt_dir), tokenizer.n_words, positions, args.batch_size, dtype, device,
-                                  parallel.tp_rank, parallel.tp_size, kv_cache=False)  # training needs RoPE only
+    method = methods.make_method(args, parallel)
+    model = method.build(tokenizer, Path(args.out_dir) if saved else None)
     splits = data.build_splits(args.data, tokenizer, args.template, args.max_seq_len, args.val_fraction, args.seed,
                                args.train_on_inputs, data.parse_field_map(args.field_map), args.max_examples, show_progress=parallel.is_main)
     if parallel.is_main:
         print(splits.summary(), flush=True)
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
 
-    prompt = init_prompt(model, tokenizer, args.n_virtual_tokens, args.init, args.init_text, args.seed).to(device)
-    optimizer = torch.optim.AdamW([prompt.weight], lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = method.optimizer(data_parallel_group())
     use_amp = device.type == "cuda" and dtype != torch.float32  # CPU trains in float32
     autocast = partial(torch.autocast, device.type, dtype=dtype) if use_amp else nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and dtype == torch.float16)
     step, position = 0, {}
     if saved is not None:
-        prompt.weight.data.copy_(saved["prompt"])
-        optimizer.load_state_dict(saved["optimizer"])
+        method.restore(saved, optimizer, Path(args.out_dir))
         step, position = saved["step"], saved["data"]
         train.set_rng_state(saved["rng"])
     batches = train.TrainBatches(splits.train, args.batch_size, args.seed, parallel.dp_rank, parallel.dp_size, args.group_by_length, pad_id, **position)
     val_batches = train.eval_batches(splits.val, args.batch_size, parallel.dp_rank, parallel.dp_size, pad_id, args.eval_batches)
-    return Run(model, prompt, optimizer, scaler, autocast, batches, val_batches, step)
+    return Run(model, method, optimizer, scaler, autocast, batches, val_batches, step)
 
 
-def tune(args: argparse.Namespace, parallel: distributed.Parallel, saved: Optional[dict]) -> SoftPrompt:
+def tune(args: argparse.Namespace, parallel: distributed.Parallel, saved: Optional[dict]) -> methods.Method:
     """The loop: eval now and then; fetch micro-batches; set lr; gradients; clip; step; log; checkpoint."""
     run = prepare(args, parallel, saved)
-    model, prompt, optimizer, scaler, step = run.model, run.prompt, run.optimizer, run.scaler, run.step
+    model, method, optimizer, scaler, step = run.model, run.method, run.optimizer, run.scaler, run.step
+    params, split = method.trainable(), method.split()
     out_dir, is_main, dp_group = Path(args.out_dir), parallel.is_main, data_parallel_group()
     metrics = train.MetricsLog(out_dir / "metrics.jsonl", resume_step=step if saved else None) if is_main else None
     evaluate = partial(train.estimate_loss, model, batches=run.val_batches, chunk_size=args.chunk_size, dp_group=dp_group, autocast=run.autocast)
-    untuned_loss = evaluate(None)[0] if run.val_batches else math.nan  # the figure to beat
+    untuned_loss = untuned(saved, evaluate, bool(run.val_batches))  # the figure to beat
     last_ckpt = step if saved else None
-    progress = tqdm(total=args.max_steps, initial=step, desc="prompt tuning", disable=not is_main)
+    progress = tqdm(total=args.max_steps, initial=step, desc=f"{method.name} tuning", disable=not is_main)
     while step < args.max_steps:
         if step % args.eval_interval == 0 and run.val_batches:
-            log_eval(metrics, progress, step, evaluate(prompt), untuned_loss)
+            log_eval(metrics, progress, step, evaluate(method.prompt), untuned_loss)
 
         micro_batches, n_tokens = zip(*(run.batches.next() for _ in range(args.grad_accum)))
         lr = train.get_lr(step, args.lr, args.min_lr, args.warmup_steps, args.lr_decay_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         start = time.perf_counter()
-        loss, n_labels = train.accumulate_gradients(model, prompt, micro_batches, args.chunk_size, dp_group, run.autocast, scaler.scale)
+        loss, n_labels = train.accumulate_gradients(model, method.prompt, micro_batches, args.chunk_size, dp_group, run.autocast, scaler.scale, params)
         scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([prompt.weight], args.grad_clip or math.inf))
+        grad_norm = train.clip_gradients(params, split, args.grad_clip, methods.tp_group())
         if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm)):
             raise UserError(diverged_message(step + 1, loss, grad_norm, out_dir, last_ckpt))
         scaler.step(optimizer)  # an fp16 step with inf gradients is skipped and the scale lowered
@@ -189,15 +201,21 @@ def tune(args: argparse.Namespace, parallel: distributed.Parallel, saved: Option
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             progress.update()
         if step % args.ckpt_interval == 0 or step == args.max_steps:
-            if is_main:
-                save_all(args, run, step, lr, out_dir)
+            save_all(args, run, step, lr, out_dir, untuned_loss)
             last_ckpt = step
     progress.close()
     if run.val_batches:
-        log_eval(metrics, None, step, evaluate(prompt), untuned_loss)
+        log_eval(metrics, None, step, evaluate(method.prompt), untuned_loss)
     if is_main:
-        print(f"done: {step} steps; prompt in {out_dir / 'prompt.pt'} and {out_dir / 'peft'}", flush=True)
-    return prompt
+        print(f"done: {step} steps; {method.outputs(out_dir)}", flush=True)
+    return method
+
+
+def untuned(saved: Optional[dict], evaluate: Callable, has_val: bool) -> float:
+    """Held-out loss of the model as loaded (a fresh run's step 0; kept in ckpt.pt for resumed runs)."""
+    if saved is not None and "untuned_loss" in saved:
+        return saved["untuned_loss"]
+    return evaluate(None)[0] if has_val else math.nan
 
 
 def log_eval(metrics: Optional[train.MetricsLog], progress: Optional[tqdm], step: int, result: tuple[float, float], untuned_loss: float) -> None:
@@ -214,12 +232,15 @@ def data_parallel_group():
     return fs_init.get_data_parallel_group()
 
 
-def save_all(args: argparse.Namespace, run: Run, step: int, lr: float, out_dir: Path) -> None:
-    """ckpt.pt (to resume), prompt.pt (this project's format) and peft/ (Hugging Face PEFT), each atomic."""
-    schedule = {"lr": args.lr, "min_lr": args.min_lr, "warmup_steps": args.warmup_steps, "decay_steps": args.lr_decay_steps, "last_lr": lr}
-    train.save_checkpoint(out_dir / "ckpt.pt", run.prompt, run.optimizer, schedule, step, run.batches.state(), vars(args))
-    save_prompt(run.prompt, out_dir / "prompt.pt", {"base_model": args.ckpt_dir, "template": args.template, "step": step})
-    export_peft(run.prompt, out_dir / "peft", args.ckpt_dir, args.tokenizer_path, run.model.args.n_layers, run.model.args.n_heads)
+def save_all(args: argparse.Namespace, run: Run, step: int, lr: float, out_dir: Path, untuned_loss: float) -> None:
+    """Every rank writes the method's files it owns; then rank 0 writes ckpt.pt, which names the step."""
+    run.method.save(out_dir, step, run.optimizer)
+    torch.distributed.barrier()
+    if run.method.parallel.is_main:
+        schedule = {"lr": args.lr, "min_lr": args.min_lr, "warmup_steps": args.warmup_steps, "decay_steps": args.lr_decay_steps, "last_lr": lr}
+        parallel = run.method.parallel
+        state = {**run.method.shared_state(run.optimizer), "untuned_loss": untuned_loss, "layout": {"tp": parallel.tp_size, "dp": parallel.dp_size}}
+        train.save_training_state(out_dir / "ckpt.pt", state, schedule, step, run.batches.state(), vars(args))
 
 
 def diverged_message(step: int, loss: float, grad_norm: float, out_dir: Path, last_ckpt: Optional[int]) -> str:

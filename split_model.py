@@ -1,9 +1,11 @@
 """Every checkpoint transform: reshard, convert Meta <-> Hugging Face, export GGUF, plan memory.
 
   python split_model.py --ckpt_dir DIR --num_shards N [--out_dir OUT] [--dtype keep] [--force] [--verify]
+  python split_model.py --ckpt_dir DIR --adapter ADAPTER --num_shards N   (merge a LoRA adapter: W + alpha/r * B A)
   python split_model.py --ckpt_dir DIR --out_format hf [--dtype bfloat16] [--verify]
   python split_model.py --ckpt_dir DIR --out_format gguf [--dtype float32|float16|q8_0]
   python split_model.py --plan --ckpt_dir DIR (or --params params.json) --gpu_mem 12GiB --batch_size 8 --seq_len 512
+                        [--mode infer|prompt-tune|lora|full] [--lora_rank 8] [--data_parallel D] [--checkpoint_activations]
 
 DIR is a Meta directory (params.json, consolidated.NN.pth) or a Hugging Face folder (config.json,
 *.safetensors). The Meta output (default <DIR>_mp<N>) is what a Meta N-way checkpoint would be, plus
@@ -33,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"meta/hf: output dtype, keep (default) or one of {', '.join(DTYPES)}; gguf: float32 (default), float16 or q8_0; "
                              "--plan: runtime dtype (default float16)")
     parser.add_argument("--max_shard_size", default="5GB", help="hf: largest safetensors file before splitting (default 5GB)")
+    parser.add_argument("--adapter", type=Path, help="LoRA adapter (ft_main.py's adapter.pt or a PEFT LoRA directory) merged into the output")
     parser.add_argument("--force", action="store_true", help="replace the shards in an existing non-empty --out_dir")
     parser.add_argument("--verify", action="store_true", help="re-read the output and check it bit for bit against the input")
     planning = parser.add_argument_group("memory planner (--plan)")
@@ -42,7 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     planning.add_argument("--gpu_mem", default="12GiB", help="memory of one card, e.g. 12GiB, 24GB (default 12GiB)")
     planning.add_argument("--batch_size", type=int, default=8, help="sequences per batch (default 8)")
     planning.add_argument("--seq_len", type=int, default=512, help="tokens per sequence, soft prompt included (default 512)")
-    planning.add_argument("--mode", choices=["infer", "prompt-tune"], default="infer", help="what the cards will run")
+    planning.add_argument("--mode", choices=plan.MODES, default="infer", help="what the cards will run (lora/full: ft_main.py --method)")
+    planning.add_argument("--lora_rank", type=int, default=8, help="lora: adapter rank (default 8, all seven block linears)")
+    planning.add_argument("--data_parallel", type=int, default=1, help="full: data-parallel ranks sharing the AdamW states (ZeRO)")
+    planning.add_argument("--checkpoint_activations", action="store_true", help="full: keep only each block's input")
     planning.add_argument("--overhead", default="1GiB", help="CUDA context and allocator slack per card (default 1GiB)")
     return parser.parse_args(argv)
 
@@ -62,8 +68,15 @@ def plan_model(args: argparse.Namespace) -> str:
         raise UserError("--batch_size and --seq_len must be at least 1")
     dtype = parse_dtype("float16" if args.dtype in (None, "keep") else args.dtype)
     gpu_mem, overhead = plan.parse_size(args.gpu_mem), plan.parse_size(args.overhead)
-    rows = [plan.estimate(model, n, args.batch_size, args.seq_len, dtype.itemsize, args.mode, overhead) for n in plan.CARD_COUNTS]
+    if min(args.lora_rank, args.data_parallel) < 1:
+        raise UserError("--lora_rank and --data_parallel must be at least 1")
+    training = {"data_parallel": args.data_parallel, "lora_rank": args.lora_rank, "checkpoint_activations": args.checkpoint_activations}
+    rows = [plan.estimate(model, n, args.batch_size, args.seq_len, dtype.itemsize, args.mode, overhead, **training) for n in plan.CARD_COUNTS]
     header = f"{args.mode}, {str(dtype).removeprefix('torch.')}, batch {args.batch_size} x seq {args.seq_len}, {gpu_mem / plan.GiB:.1f} GiB cards"
+    if args.mode == "lora":
+        header += f", LoRA r={args.lora_rank}"
+    elif args.mode == "full":
+        header += f", AdamW states over {args.data_parallel} data-parallel rank(s){', activation checkpointing' * args.checkpoint_activations}"
     return plan.format_plan(model, rows, gpu_mem, header)
 
 
@@ -84,7 +97,7 @@ def main(argv=None) -> None:
         dtype = dtype and parse_dtype(dtype)
     options = {"max_shard_size": args.max_shard_size} if args.out_format == "hf" else {}
     n = args.num_shards or 1
-    out_dir = convert(args.ckpt_dir, args.out_format, n, args.out_dir, dtype, args.force, args.verify, **options)
+    out_dir = convert(args.ckpt_dir, args.out_format, n, args.out_dir, dtype, args.force, args.verify, adapter=args.adapter, **options)
     verified = ", verified" if args.verify else ""
     if args.out_format == "meta":
         launcher = "python" if n == 1 else f"torchrun --nproc_per_node {n}"

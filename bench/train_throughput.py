@@ -1,8 +1,11 @@
-"""Prompt-tuning speed: tokens/s, peak memory and model FLOP/s of ft_main.py's training step.
+"""Fine-tuning speed: tokens/s, peak memory and model FLOP/s of ft_main.py's training step, per --method.
 
-One step is what ft_main.py runs: forward of the frozen model with the soft prompt in front,
-chunked cross-entropy, backward to the prompt only, gradient clipping, AdamW.
+One step is what ft_main.py runs: forward (a soft prompt in front, LoRA adapters inside the
+parallel linears, or all weights trainable), chunked cross-entropy, backward, global-norm
+gradient clipping, AdamW (ZeRO-sharded for full, as in ft_main.py).
 
+    python bench/train_throughput.py --method prompt lora full --shapes 110M   # one process per method
+                                                                                  # gives each its own peak RSS
     python bench/train_throughput.py                                   # CPU: stories260K and 110M
     python bench/train_throughput.py --shapes 110M --batch_size 2 --seq_len 128
     python bench/train_throughput.py --shapes 7B --layers 2 --batch_size 1 --seq_len 128
@@ -23,16 +26,19 @@ import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 import torch  # noqa: E402
+from fairscale.nn.model_parallel import initialize as fs_init  # noqa: E402
+from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench.common import start, device_name, emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
 from bench.generate import SHAPES, STORIES, random_model, shape_args  # noqa: E402
-from llama import checkpoint, distributed, train  # noqa: E402
+from llama import checkpoint, distributed, lora, methods, train  # noqa: E402
 from llama.data import IGNORE_INDEX  # noqa: E402
 from llama.errors import UserError, run_cli  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
@@ -40,7 +46,7 @@ from llama.prompt_tuning import SoftPrompt  # noqa: E402
 from llama.tokenizer import load_tokenizer  # noqa: E402
 
 TABLE = [
-    ("shape", "shape", ""), ("layers", "layers", ""), ("dtype", "dtype", ""), ("tp", "TP", ""), ("batch_size", "batch", ""),
+    ("method", "method", ""), ("shape", "shape", ""), ("layers", "layers", ""), ("dtype", "dtype", ""), ("tp", "TP", ""), ("batch_size", "batch", ""),
     ("seq_len", "seq", ""), ("n_virtual_tokens", "P", ""), ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ".0f"),
     ("model_gflop_s", "model GFLOP/s", ".1f"), ("peak_mem_gib", "peak GiB", ".2f"), ("weights_gib", "weights GiB", ".2f"),
 ]
@@ -48,6 +54,9 @@ TABLE = [
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", nargs="+", default=["prompt"], choices=list(methods.METHODS), help="what trains (default prompt)")
+    parser.add_argument("--lora_rank", type=int, default=8, help="LoRA rank (all seven block linears, alpha 2r)")
+    parser.add_argument("--checkpoint_activations", action="store_true", help="full: recompute each block in backward")
     parser.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES), help="default: stories260K 110M (CPU), all (CUDA)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="frozen weights: float32, bfloat16, float16 (default float32 on CPU, bfloat16 on CUDA)")
@@ -74,9 +83,9 @@ def matmul_params(args: ModelArgs) -> int:
     return args.n_layers * per_layer + args.vocab_size * args.dim
 
 
-def load(shape: str, cli: argparse.Namespace, parallel: distributed.Parallel) -> Transformer:
+def load(shape: str, cli: argparse.Namespace, parallel: distributed.Parallel, dtype: torch.dtype) -> Transformer:
     """This rank's frozen model for a shape, with RoPE for prompt + sequence and no KV cache."""
-    dtype, positions = checkpoint.parse_dtype(cli.dtype), cli.n_virtual_tokens + cli.seq_len
+    positions = cli.n_virtual_tokens + cli.seq_len
     if SHAPES[shape] is None:
         vocab = load_tokenizer(STORIES / "tokenizer.model").n_words
         model = checkpoint.load_model(STORIES, vocab, positions, cli.batch_size, dtype, parallel.device, parallel.tp_rank, parallel.tp_size)
@@ -95,19 +104,38 @@ def synthetic_batch(args: ModelArgs, cli: argparse.Namespace, device: torch.devi
     return ids.to(device), labels.to(device)
 
 
-def run_config(shape: str, cli: argparse.Namespace, parallel: distributed.Parallel) -> dict:
+def trainable(method: str, model: Transformer, cli: argparse.Namespace) -> tuple[Optional[SoftPrompt], list, list[bool]]:
+    """(soft prompt or None, trained parameters, which of them are split over TP ranks) for a method."""
+    if method == "prompt":
+        prompt = SoftPrompt(0.02 * torch.randn(cli.n_virtual_tokens, model.args.dim, generator=torch.Generator().manual_seed(0)))
+        prompt = prompt.to(model.tok_embeddings.weight.device)
+        return prompt, [prompt.weight], [False]
+    if method == "lora":
+        lora.add_lora(model, list(lora.DEFAULT_TARGETS), cli.lora_rank, 2.0 * cli.lora_rank)
+        named = list(lora.local_state(model).items())
+    else:
+        model.requires_grad_(True).train()
+        model.checkpoint_activations = cli.checkpoint_activations
+        named = list(model.named_parameters())
+    return None, [p for _, p in named], [lora.tensor_split_dim(name) is not None for name, _ in named]
+
+
+def run_config(method: str, shape: str, cli: argparse.Namespace, parallel: distributed.Parallel) -> dict:
     device, dtype = parallel.device, checkpoint.parse_dtype(cli.dtype)
     reset_peak_memory(device)
-    model = load(shape, cli, parallel)
+    model = load(shape, cli, parallel, torch.float32 if method == "full" else dtype)  # full: float32 master weights
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    prompt = SoftPrompt(0.02 * torch.randn(cli.n_virtual_tokens, model.args.dim, generator=torch.Generator().manual_seed(0))).to(device)
-    optimizer = torch.optim.AdamW([prompt.weight], lr=1e-3)
+    prompt, params, split = trainable(method, model, cli)
+    if method == "full":
+        optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, process_group=fs_init.get_data_parallel_group(), lr=1e-5)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
     autocast = partial(torch.autocast, device.type, dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext
     batch = [synthetic_batch(model.args, cli, device)]
 
     def step() -> None:
-        train.accumulate_gradients(model, prompt, batch, cli.chunk_size, None, autocast)
-        torch.nn.utils.clip_grad_norm_([prompt.weight], 1.0)
+        train.accumulate_gradients(model, prompt, batch, cli.chunk_size, None, autocast, params=params)
+        train.clip_gradients(params, split, 1.0, fs_init.get_model_parallel_group())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -121,14 +149,15 @@ def run_config(shape: str, cli: argparse.Namespace, parallel: distributed.Parall
         times.append(time.perf_counter() - start)
     seconds = min(times)  # other jobs on a shared machine only slow steps down
     tokens_per_s = cli.batch_size * cli.seq_len / seconds
-    # Model FLOPs per token = 4 x params, not the usual 6 x params of full training: the forward
-    # costs 2 x params, the backward must still carry activation gradients through every layer
-    # down to the prompt (another 2 x params), but the frozen weights need no weight gradients
-    # (the 2 x params full training adds). Attention scores and the P prompt positions are left out.
-    flops_per_s = 4 * matmul_params(model.args) * tokens_per_s
+    # Model FLOPs per token: forward 2 x params, backward of the activations another 2 x params
+    # (through every layer, down to the prompt or the first adapter), and 2 x params more for the
+    # weight gradients of full training: 6 x params. Frozen weights (prompt, LoRA) need no weight
+    # gradients: 4 x params (LoRA's own r-wide products are left out, as are attention scores
+    # and the P prompt positions).
+    flops_per_s = (6 if method == "full" else 4) * matmul_params(model.args) * tokens_per_s
     return {
-        "shape": shape, "layers": model.args.n_layers, "device": device_name(device), "dtype": cli.dtype, "tp": parallel.tp_size,
-        "batch_size": cli.batch_size, "seq_len": cli.seq_len, "n_virtual_tokens": cli.n_virtual_tokens,
+        "method": method, "shape": shape, "layers": model.args.n_layers, "device": device_name(device), "dtype": cli.dtype, "tp": parallel.tp_size,
+        "batch_size": cli.batch_size, "seq_len": cli.seq_len, "n_virtual_tokens": cli.n_virtual_tokens if method == "prompt" else None,
         "step_ms": 1e3 * seconds, "tokens_per_s": tokens_per_s, "model_gflop_s": flops_per_s / 1e9,
         "peak_mem_gib": peak_memory(device) / 2**30, "weights_gib": weights * parallel.tp_size / 2**30,
     }
@@ -143,8 +172,9 @@ def main() -> None:
     parallel = start(cli.threads, cli.dtype, device_name)
     try:
         records = []
-        for shape in tqdm(cli.shapes, desc="configurations", disable=not parallel.is_main, file=sys.stderr):
-            record = run_config(shape, cli, parallel)
+        configs = [(method, shape) for method in cli.method for shape in cli.shapes]
+        for method, shape in tqdm(configs, desc="configurations", disable=not parallel.is_main, file=sys.stderr):
+            record = run_config(method, shape, cli, parallel)
             records.append(record)
             if parallel.is_main:
                 emit_json(record, cli.out)

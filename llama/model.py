@@ -4,10 +4,11 @@ Read top to bottom in dependency order, like Meta's reference: ModelArgs -> RMSN
 KVCache -> Attention -> FeedForward -> TransformerBlock -> Transformer. Module names are the
 checkpoint keys of Meta's `consolidated.NN.pth` files, so a shard loads with `load_state_dict`.
 
-Tensor parallelism is visible in the constructors: column-parallel layers (wq, wk, wv, w1, w3,
-output) keep a slice of the output features, row-parallel layers (wo, w2) a slice of the input
-features and all-reduce their result, and the embedding keeps a slice of the embedding dim
-(Llama 1/2, fairscale's ParallelEmbedding) or of the vocabulary (Llama 3, VocabParallelEmbedding).
+Tensor parallelism is visible in the constructors (the linears live in llama/parallel.py):
+column-parallel layers (wq, wk, wv, w1, w3, output) keep a slice of the output features,
+row-parallel layers (wo, w2) a slice of the input features and all-reduce their result, and
+the embedding keeps a slice of the embedding dim (Llama 1/2, fairscale's ParallelEmbedding) or
+of the vocabulary (Llama 3, VocabParallelEmbedding).
 Each rank therefore owns n_heads / tp query heads and n_kv_heads / tp key/value heads.
 """
 
@@ -20,11 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
-from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel.layers import ParallelEmbedding
-from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 from fairscale.nn.model_parallel.layers import VocabParallelEmbedding as _FairscaleVocabParallelEmbedding
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llama.parallel import ColumnParallelLinear, RowParallelLinear, _no_init
 
 
 @dataclass
@@ -136,36 +138,6 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return torch.stack([real, imag], dim=-1).flatten(3).type_as(x)
 
 
-class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
-    """fairscale's column-parallel linear (same weights and keys), lighter when there is no autograd.
-
-    fairscale wraps the input in an identity autograd.Function so that training all-reduces the
-    input's gradient. Generation needs no gradient, so it skips that per-call cost.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return super().forward(x)
-        out = F.linear(x, self.weight)
-        return gather_from_model_parallel_region(out) if self.gather_output else out
-
-
-class RowParallelLinear(fs_layers.RowParallelLinear):
-    """fairscale's row-parallel linear (same weights and keys) whose all-reduce torch.compile can trace.
-
-    fairscale all-reduces inside an autograd.Function that calls ctx.mark_dirty, which dynamo
-    cannot trace; generation needs no autograd, so it all-reduces directly. Llama has no biases.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return super().forward(x)
-        out = F.linear(x, self.weight)
-        if fs_init.get_model_parallel_world_size() > 1:
-            dist.all_reduce(out, group=fs_init.get_model_parallel_group())
-        return out
-
-
 class VocabParallelEmbedding(_FairscaleVocabParallelEmbedding):
     """fairscale's vocab-split embedding (Meta's Llama 3 layout), all-reducing directly without autograd.
 
@@ -249,10 +221,10 @@ class Attention(nn.Module):
         self.n_local_heads = args.n_heads // tp
         self.n_local_kv_heads = args.kv_heads // tp
         self.head_dim = args.head_dim
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_no_init)
-        self.wk = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_no_init)
-        self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_no_init)
-        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_no_init)
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False)
+        self.wk = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, gather_output=False)
+        self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, gather_output=False)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True)
         self.cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -278,9 +250,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
-        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_no_init)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, gather_output=False)
+        self.w2 = RowParallelLinear(hidden_dim, dim, input_is_parallel=True)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, gather_output=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -315,8 +287,10 @@ class Transformer(nn.Module):
         self.tok_embeddings = embedding(args.vocab_size, args.dim, init_method=_no_init)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_no_init)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size)
         self.rope: Optional[torch.Tensor] = None
+        self.checkpoint_activations = False
+        """Training: keep only each block's input and recompute the block in backward."""
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, kv_cache: bool = True) -> None:
         """Allocate the RoPE table for max_seq_len positions and (optionally) per-layer KV caches.
@@ -358,7 +332,10 @@ class Transformer(nn.Module):
             raise ValueError(f"positions up to {end} exceed max_seq_len {self.rope.size(0)}")
         rope = self.rope[start_pos:end]
         for layer in self.layers:
-            h = layer(h, start_pos, rope)
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                h = checkpoint(layer, h, start_pos, rope, use_reentrant=False)
+            else:
+                h = layer(h, start_pos, rope)
         return self.norm(h[:, n_prefix:])
 
     def decode_hidden(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -382,7 +359,3 @@ class Transformer(nn.Module):
         """Logits [B, T, vocab] in float32 for every token position (gathered over TP ranks)."""
         return self.output(self.hidden_states(tokens, start_pos, prefix)).float()
 
-
-def _no_init(weight: torch.Tensor) -> torch.Tensor:
-    """Weights come from a checkpoint, so fairscale's random init would be wasted work."""
-    return weight

@@ -234,13 +234,15 @@ def convert(
     force: bool = False,
     verify_output: bool = False,
     progress: bool = True,
+    adapter: Optional[Path] = None,
     **options,
 ) -> Path:
     """Write the checkpoint in `ckpt_dir` (Meta or HF) as `out_format` in out_dir; returns out_dir.
 
     meta: `num_shards` consolidated.NN.pth (dtype None keeps each tensor's); hf: one HF folder;
-    gguf: model.gguf (dtype a GGUF type name). Everything is validated before the first byte is
-    written; on any error or interruption nothing is left in out_dir.
+    gguf: model.gguf (dtype a GGUF type name). `adapter` (a LoRA adapter) is merged into the
+    weights as they are read. Everything is validated before the first byte is written; on any
+    error or interruption nothing is left in out_dir.
     """
     if out_format not in OUT_FORMATS:
         raise UserError(f"unknown --out_format '{out_format}': choose one of {', '.join(OUT_FORMATS)}")
@@ -249,6 +251,10 @@ def convert(
     if out_format != "meta" and num_shards != 1:
         raise UserError(f"--num_shards applies to the Meta layout only; --out_format {out_format} writes one model")
     ckpt = open_checkpoint(ckpt_dir)
+    if adapter is not None:
+        from llama.lora import merge_adapter
+
+        ckpt = merge_adapter(ckpt, Path(adapter))
     if out_format == "meta":
         check_shardable(ckpt.args, num_shards)
     writer = _writer(out_format)

@@ -105,9 +105,9 @@ def chunked_cross_entropy(output: nn.Module, hidden: torch.Tensor, labels: torch
     return total
 
 
-def summed_loss(model: Transformer, prompt: SoftPrompt, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Summed token loss of one micro-batch with the soft prompt in front (positions 0..P-1)."""
-    hidden = model.hidden_states(input_ids, 0, prompt(input_ids.size(0)))
+def summed_loss(model: Transformer, prompt: Optional[SoftPrompt], input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Summed token loss of one micro-batch, with the soft prompt (if any) in front (positions 0..P-1)."""
+    hidden = model.hidden_states(input_ids, 0, None if prompt is None else prompt(input_ids.size(0)))
     return chunked_cross_entropy(model.output, hidden, labels, chunk_size)
 
 
@@ -118,37 +118,85 @@ def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_grads(params: Sequence[nn.Parameter], group, bucket_numel: int = 2**25) -> None:
+    """Sum the gradients over the data-parallel group, a few large all-reduces instead of one per tensor.
+
+    Gradients are copied into flat buckets of up to `bucket_numel` elements (same dtype), reduced,
+    and copied back, as DDP does; with one data-parallel rank nothing happens.
+    """
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    buckets: list[list[torch.Tensor]] = [[]]
+    for grad in (p.grad for p in params):
+        current = buckets[-1]
+        if current and (sum(g.numel() for g in current) + grad.numel() > bucket_numel or grad.dtype != current[0].dtype):
+            buckets.append(current := [])
+        current.append(grad)
+    for bucket in buckets:
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        for grad, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            grad.copy_(part.view_as(grad))
+
+
+def global_grad_norm(params: Sequence[nn.Parameter], split: Sequence[bool], tp_group) -> torch.Tensor:
+    """L2 norm of the whole model's gradient, the same on every rank.
+
+    A tensor split over the tensor-parallel ranks contributes the sum of its slices' squares
+    (all-reduced over the TP group); a replicated one is the same on every rank and counts once.
+    """
+    device = params[0].device
+    squares = torch.zeros(2, device=device)  # split, replicated
+    for param, is_split in zip(params, split):
+        squares[0 if is_split else 1] += torch.linalg.vector_norm(param.grad.float()) ** 2
+    if any(split) and dist.is_initialized() and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(squares[:1], op=dist.ReduceOp.SUM, group=tp_group)
+    return squares.sum().sqrt()
+
+
+def clip_gradients(params: Sequence[nn.Parameter], split: Sequence[bool], max_norm: float, tp_group=None) -> float:
+    """Scale the gradients so their global norm is at most max_norm (0 = no clipping); returns the norm."""
+    norm = global_grad_norm(params, split, tp_group)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
 def accumulate_gradients(
     model: Transformer,
-    prompt: SoftPrompt,
+    prompt: Optional[SoftPrompt],
     micro_batches: Sequence[Batch],
     chunk_size: int,
     dp_group=None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+    params: Optional[Sequence[nn.Parameter]] = None,
 ) -> tuple[float, int]:
-    """Fill prompt.weight.grad for one optimizer step; return (mean token loss, label tokens).
+    """Fill the trained parameters' gradients for one optimizer step; return (mean token loss, label tokens).
 
-    The loss is the sum of token losses over every micro-batch on every data-parallel rank,
-    divided by the number of label tokens in all of them. Counting first means each
-    micro-batch is weighted by its real tokens, so batch 4 x accum 1 equals batch 2 x accum 2
-    exactly, and summing (not averaging) the gradients over data-parallel ranks gives the
-    gradient of that global token mean. TP ranks of one group see the same batch and get the
-    same gradient through the all-reduce in the column-parallel layers' backward.
+    `params` are the trained parameters (default: the prompt's). The loss is the sum of token
+    losses over every micro-batch on every data-parallel rank, divided by the number of label
+    tokens in all of them. Counting first means each micro-batch is weighted by its real
+    tokens, so batch 4 x accum 1 equals batch 2 x accum 2 exactly, and summing (not averaging)
+    the gradients over data-parallel ranks gives the gradient of that global token mean. TP
+    ranks of one group see the same batch; the parallel layers' backward gives each rank the
+    gradient of its own slices, and the same gradient for the replicated tensors.
     """
-    device = prompt.weight.device
+    params = [prompt.weight] if params is None else list(params)
+    device = model.tok_embeddings.weight.device
     n_labels = torch.tensor(float(sum(count_label_tokens(labels) for _, labels in micro_batches)), device=device)
     n_labels = all_reduce_sum(n_labels, dp_group).clamp(min=1.0)
     total = torch.zeros((), device=device)
-    if prompt.weight.grad is None:
-        prompt.weight.grad = torch.zeros_like(prompt.weight)
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
     for input_ids, labels in micro_batches:
         with autocast():
             loss = summed_loss(model, prompt, input_ids.to(device), labels.to(device), chunk_size) / n_labels
         if loss.requires_grad:  # a micro-batch with no label token adds nothing
             scale(loss).backward()
         total += loss.detach()
-    all_reduce_sum(prompt.weight.grad, dp_group)
+    all_reduce_grads(params, dp_group)
     return float(all_reduce_sum(total, dp_group)), int(n_labels)
 
 
@@ -161,9 +209,11 @@ def estimate_loss(
     dp_group=None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[float, float]:
-    """(mean token loss, perplexity) over held-out batches of every data-parallel rank; no prompt = untuned model."""
+    """(mean token loss, perplexity) over held-out batches of every data-parallel rank (no prompt: the model alone)."""
     device = model.tok_embeddings.weight.device
     sums = torch.zeros(2, device=device)  # loss sum, label tokens
+    training = model.training
+    model.eval()  # no dropout
     for input_ids, labels in batches:
         input_ids, labels = input_ids.to(device), labels.to(device)
         prefix = None if prompt is None else prompt(input_ids.size(0))
@@ -171,6 +221,7 @@ def estimate_loss(
             hidden = model.hidden_states(input_ids, 0, prefix)
             sums[0] += chunked_cross_entropy(model.output, hidden, labels, chunk_size)
         sums[1] += count_label_tokens(labels)
+    model.train(training)
     loss_sum, n_labels = all_reduce_sum(sums, dp_group).tolist()
     loss = loss_sum / max(n_labels, 1.0)
     return loss, math.exp(min(loss, 50.0))
@@ -204,17 +255,18 @@ def _as_tuple(value):
 
 
 def save_checkpoint(path: Path, prompt: SoftPrompt, optimizer: torch.optim.Optimizer, schedule: dict, step: int, data_position: dict, config: dict) -> Path:
-    """Everything needed to continue exactly, written atomically (temp file + rename)."""
-    state = {
-        "prompt": prompt.weight.detach().cpu().clone(),
-        "prompt_config": prompt.config,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": schedule,
-        "step": step,
-        "data": data_position,
-        "rng": rng_state(),
-        "config": config,
-    }
+    """A prompt-tuning run's checkpoint (see save_training_state)."""
+    state = {"prompt": prompt.weight.detach().cpu().clone(), "prompt_config": prompt.config, "optimizer": optimizer.state_dict()}
+    return save_training_state(path, state, schedule, step, data_position, config)
+
+
+def save_training_state(path: Path, method_state: dict, schedule: dict, step: int, data_position: dict, config: dict) -> Path:
+    """Everything needed to continue exactly, written atomically (temp file + rename).
+
+    `method_state` is what the fine-tuning method keeps in the shared checkpoint (the prompt
+    and its optimizer; nothing for methods whose state is sharded over ranks in files of their own).
+    """
+    state = {**method_state, "scheduler": schedule, "step": step, "data": data_position, "rng": rng_state(), "config": config}
     return atomic_torch_save(state, Path(path))
 
 
