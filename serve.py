@@ -6,8 +6,7 @@ rank 0 while all N ranks decode the batch together; see README "Serving" and lla
 
 import argparse
 
-from llama.errors import run_cli
-from llama.serve import main
+from llama.errors import UserError, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,5 +30,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        from llama.serve import main as serve
+    except ImportError as err:
+        raise UserError(f"serve.py needs the optional extra 'serve' ({err.name} is not installed): pip install -e \".[serve]\"") from None
+    serve(args)
+
+
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_args()))
+    run_cli(main)

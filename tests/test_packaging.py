@@ -6,6 +6,7 @@ temporary site folder, and imported from a directory that is not the repo.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,9 +15,12 @@ from dist_utils import REPO
 
 
 def test_wheel_ships_the_package_and_imports_outside_the_repo(tmp_path):
+    source = tmp_path / "src"  # a copy, so setuptools' build/ folder never lands in (or stales) the repo
+    shutil.copytree(REPO / "llama", source / "llama", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "setup.py", source)
     wheels = tmp_path / "wheels"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, build.stderr[-2000:]

@@ -27,10 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
 import torch
+
+httpx = pytest.importorskip("httpx")  # the test extra: the server's stack and the official client
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
 
 from dist_utils import REPO, free_port, python
 from llama import distributed
