@@ -43,8 +43,7 @@ def main(argv=None) -> None:
     try:
         prefix = None
         if kind == "lora":
-            full, config = lora.load_adapter(args.adapter, llm.model.args)
-            lora.load_state(llm.model, full, config["alpha"])
+            lora.apply_adapter(llm.model, args.adapter)
         if prompt is not None:
             check_dim(prompt, llm.model.args.dim, args.adapter)
             prefix = prompt.weight.detach().to(llm.parallel.device)

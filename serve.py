@@ -19,6 +19,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--rope_scaling_factor", type=float, default=None,
                         help="Llama 3.1+: override the RoPE scaling factor the checkpoint states (as in example.py)")
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter to serve with (ft_main.py's adapter.pt or a PEFT LoRA directory)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (all rows every step; CUDA graphs on GPU)")
     parser.add_argument("--seed", type=int, default=1, help="torch seed at load; requests without a seed get a random one")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

@@ -195,6 +195,12 @@ def adapter_kind(path: Path) -> str:
     return "prompt"  # load_prompt names the missing path
 
 
+def apply_adapter(model: Transformer, path: Path) -> None:
+    """Run a saved LoRA adapter (project or PEFT format) inside `model`, each rank its slices."""
+    full, config = load_adapter(path, model.args)
+    load_state(model, full, config["alpha"])
+
+
 def merge_adapter(ckpt, path: Path):
     """Read checkpoint `ckpt` as base + scale * B @ A: its `read` of an adapted weight returns merged slices.
 

@@ -31,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama import distributed
+from llama import distributed, lora
 from llama.batching import broadcast, run_steps
 from llama.errors import UserError
 from llama.generation import Llama
@@ -300,9 +300,13 @@ def main(args: argparse.Namespace) -> None:
     if args.max_queue < 0 or args.max_batch_size < 1:
         raise UserError("--max_queue must be >= 0 and --max_batch_size >= 1")
     rope = {"factor": args.rope_scaling_factor} if args.rope_scaling_factor is not None else None
+    if args.adapter is not None and lora.adapter_kind(args.adapter) != "lora":
+        raise UserError(f"--adapter {args.adapter} is not a LoRA adapter: serve.py runs LoRA adapters (a soft prompt runs with example_ft.py)")
     llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed,
                       compile=args.compile, rope_scaling=rope)
     try:
+        if args.adapter is not None:
+            lora.apply_adapter(llm.model, args.adapter)
         sock, error = bind(args.host, args.port) if llm.parallel.is_main else (None, None)
         error = broadcast(error, llm.parallel.device)
         if error is not None:
