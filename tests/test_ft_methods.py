@@ -152,17 +152,20 @@ def sure_prefix(margins: list[float]) -> int:
     return next((i for i, m in enumerate(margins) if m < 1e-3), len(margins))
 
 
-def test_full_checkpoint_runs_on_one_and_two_ranks(runs, capsys):
+def test_full_checkpoint_runs_on_one_two_and_four_ranks(runs, capsys):
     model_dir = runs / "full_tp2" / "model"
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert manifest["num_shards"] == 2 and manifest["step"] == 5 and (model_dir / "tokenizer.model").is_file()
     example.main(["--ckpt_dir", str(model_dir), *GENERATE])  # 1 rank reads the 2 shards
     one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     two = json.loads((runs / "example_2ranks.json").read_text().strip().splitlines()[-1])
+    four_run = torchrun(4, REPO / "example.py", "--ckpt_dir", model_dir, *GENERATE, timeout=300)  # each rank half a shard
+    assert four_run.returncode == 0, four_run.stderr[-3000:]
+    four = json.loads(four_run.stdout.strip().splitlines()[-1])
     ref, margins = greedy_with_margins(model_dir, one["prompt_ids"], len(one["ids"]))
     sure = sure_prefix(margins)
     assert sure >= 8, margins
-    assert one["ids"][:sure] == ref[:sure] and two["ids"][:sure] == ref[:sure]
+    assert one["ids"][:sure] == ref[:sure] and two["ids"][:sure] == ref[:sure] and four["ids"][:sure] == ref[:sure]
 
 
 @pytest.mark.parametrize("method", list(LR))
