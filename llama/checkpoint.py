@@ -79,17 +79,24 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def read_json(path: Path, missing: str) -> dict:
+    """The JSON object in `path` (a config file); a missing, malformed or non-object file is a
+    UserError, `missing` saying what the file is for."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found: {missing}")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return config
+
+
 def read_params(path: Path) -> dict:
     """params.json as a dict; missing or malformed files are a UserError."""
-    if not path.is_file():
-        raise UserError(f"{path} not found: a model directory needs params.json (Meta layout)")
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(params, dict):
-        raise UserError(f"{path} must hold a JSON object of model parameters")
-    return params
+    return read_json(path, "a model directory needs params.json (Meta layout)")
 
 
 def model_args(params: Mapping, vocab_size: Optional[int] = None, source: str = "params.json", **overrides) -> ModelArgs:

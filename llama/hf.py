@@ -34,6 +34,7 @@ from llama.checkpoint import (
     full_shapes,
     model_args,
     parse_dtype,
+    read_json,
     rope_freqs,
 )
 from llama.errors import UserError
@@ -106,16 +107,6 @@ def from_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, -1, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} must hold a JSON object")
-    return config
-
-
 def ffn_params(dim: int, hidden: int) -> dict:
     """multiple_of / ffn_dim_multiplier that make Meta's rule give `hidden` (HF's intermediate_size)."""
     for multiple_of, multiplier in _FFN_RULES:
@@ -183,7 +174,7 @@ def params_from_args(args: ModelArgs) -> dict:
 def weight_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it (from the index, or the one file)."""
     if (path / INDEX).is_file():
-        index = read_config(path / INDEX)
+        index = read_json(path / INDEX, "the index of a sharded Hugging Face folder")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise UserError(f"{path / INDEX} has no weight_map")
@@ -216,7 +207,7 @@ class HFCheckpoint(Checkpoint):
 
     def __init__(self, path: Path, vocab_size: Optional[int] = None, **overrides):
         self.path = Path(path)
-        self.config = read_config(self.path / CONFIG)
+        self.config = read_json(self.path / CONFIG, "a Hugging Face folder needs config.json")
         self.args = model_args(params_from_config(self.config, self.path / CONFIG), vocab_size, CONFIG, **overrides)
         self.args.vocab_parallel_embedding = self.args.vocab_size >= LLAMA3_MIN_VOCAB  # as Meta's Llama 3 code
         files = weight_files(self.path)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as safetensors_bytes
 
 from llama import hf
+from llama.checkpoint import read_json
 from llama.errors import UserError
 from llama.lora import TARGETS, targets_of
 from llama.model import ModelArgs
@@ -91,16 +92,7 @@ def export_peft(full: Mapping[str, torch.Tensor], config: dict, args: ModelArgs,
 
 def read_config(path: Path) -> dict:
     """adapter_config.json of a PEFT adapter directory (any type), checked to be a JSON object."""
-    config_path = Path(path) / CONFIG
-    if not config_path.is_file():
-        raise UserError(f"{path} has no {CONFIG}: not a PEFT adapter directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config_path} is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_path} must hold a JSON object")
-    return config
+    return read_json(Path(path) / CONFIG, "not a PEFT adapter directory")
 
 
 def import_peft(path: Path, args: ModelArgs) -> tuple[dict[str, torch.Tensor], dict]:

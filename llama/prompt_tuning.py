@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from llama.checkpoint import load_file
+from llama.checkpoint import load_file, read_json
 from llama.errors import UserError
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
@@ -161,13 +161,7 @@ def _load_project(path: Path) -> SoftPrompt:
 
 
 def _load_peft(path: Path) -> SoftPrompt:
-    config_path = path / PEFT_CONFIG
-    if not config_path.is_file():
-        raise UserError(f"{path} has no {PEFT_CONFIG}: not a PEFT adapter directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config_path} is not valid JSON ({err})") from None
+    config = read_json(path / PEFT_CONFIG, "not a PEFT adapter directory")
     if config.get("peft_type") != "PROMPT_TUNING":
         raise UserError(f"{path} is a {config.get('peft_type')} adapter; only PEFT PROMPT_TUNING adapters are soft prompts")
     if (path / PEFT_WEIGHTS).is_file():
