@@ -20,7 +20,6 @@ MB = 10^6 bytes.
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import subprocess
@@ -35,7 +34,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 import torch  # noqa: E402
 
 from bench.common import peak_memory, reset_peak_memory  # noqa: E402
-from bench.split_memory import MB, PeakSampler, make_checkpoint, rss_anon, timed_copy  # noqa: E402
+from bench.split_memory import MB, PeakSampler, make_checkpoint_apart, rss_anon, timed_copy  # noqa: E402
 from llama.checkpoint import load_model, open_checkpoint, parse_dtype  # noqa: E402
 from llama.reshard import convert, verify  # noqa: E402
 
@@ -145,12 +144,7 @@ def main() -> None:
     try:
         meta, hf, back = work / "meta", work / "meta_hf", work / "meta_hf_meta"
         meta.mkdir()
-        child = multiprocessing.get_context("spawn").Process(target=make_checkpoint, args=(meta, args.layers, args.dtype))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise SystemExit("making the random checkpoint failed")
-        size = (meta / "consolidated.00.pth").stat().st_size
+        size = make_checkpoint_apart(meta, args.layers, args.dtype)
         print(f"random checkpoint, 7B layer shapes (dim 4096, 32 heads, hidden 11008, vocab 32000), "
               f"{args.layers} layers, {args.dtype}: {size / MB:.0f} MB in 1 Meta shard")
         copy_rate = size / min(timed_copy(meta / "consolidated.00.pth", work / "copy.pth") for _ in range(args.repeats))

@@ -97,6 +97,16 @@ def measure(label: str, run, out_dir: Path, copy_rate: float) -> str:
             f"{sampler.peak / MB:>9.0f} {bound / MB:>9.0f}  {verdict}")
 
 
+def make_checkpoint_apart(out: Path, layers: int, dtype: str) -> int:
+    """`make_checkpoint` in a spawned process (its memory never counts here); the shard's bytes."""
+    child = multiprocessing.get_context("spawn").Process(target=make_checkpoint, args=(out, layers, dtype))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit("making the random checkpoint failed")
+    return (out / "consolidated.00.pth").stat().st_size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2, help="transformer layers (7B has 32; 2 runs in about a minute)")
@@ -108,12 +118,7 @@ def main() -> None:
     try:
         src, out4, out1 = work / "src", work / "src_mp4", work / "src_mp4_mp1"
         src.mkdir()
-        child = multiprocessing.get_context("spawn").Process(target=make_checkpoint, args=(src, args.layers, args.dtype))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise SystemExit("making the random checkpoint failed")
-        size = (src / "consolidated.00.pth").stat().st_size
+        size = make_checkpoint_apart(src, args.layers, args.dtype)
         print(f"random checkpoint, 7B layer shapes (dim 4096, 32 heads, hidden 11008, vocab 32000), "
               f"{args.layers} layers, {args.dtype}: {size / MB:.0f} MB in 1 shard")
         copy_rate = size / timed_copy(src / "consolidated.00.pth", work / "copy.pth")

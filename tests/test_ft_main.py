@@ -106,16 +106,21 @@ def test_resume_without_checkpoint_is_one_clear_error(tmp_path):
                                                   "start without --resume, or pass the --out_dir of the run to continue"]
 
 
-def test_diverging_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
-    """A hook makes the 3rd step's loss NaN; the run must stop there, leaving step 2's checkpoint intact."""
+def make_loss_nan_at(monkeypatch, step: int) -> None:
+    """The `step`-th loss computed (one micro-batch a step in these runs) becomes NaN."""
     real, calls = train.summed_loss, []
 
-    def nan_on_step_3(*args, **kwargs):
+    def nan_at_step(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
-        return loss * math.nan if len(calls) == 3 else loss
+        return loss * math.nan if len(calls) == step else loss
 
-    monkeypatch.setattr(train, "summed_loss", nan_on_step_3)
+    monkeypatch.setattr(train, "summed_loss", nan_at_step)
+
+
+def test_diverging_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+    """A hook makes the 3rd step's loss NaN; the run must stop there, leaving step 2's checkpoint intact."""
+    make_loss_nan_at(monkeypatch, 3)
     with pytest.raises(UserError, match=r"training diverged at step 3: loss nan.*last good checkpoint is .*ckpt.pt \(step 2"):
         ft_main.main([*FAST, "--max_steps", "5", "--ckpt_interval", "1", "--out_dir", str(tmp_path)])
     saved = train.load_checkpoint(tmp_path / "ckpt.pt")

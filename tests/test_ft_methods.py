@@ -20,7 +20,7 @@ import pytest
 import torch
 from dist_utils import REPO, torchrun
 from references import STORIES
-from test_ft_main import FAST, LAYOUT_TOL, evals, losses
+from test_ft_main import FAST, LAYOUT_TOL, evals, losses, make_loss_nan_at
 
 sys.path.insert(0, str(REPO))  # the scripts at the repo root
 import example  # noqa: E402
@@ -241,14 +241,7 @@ def test_planner_per_card_terms_match_the_runs(runs):
 
 def test_diverging_lora_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """The 3rd step's loss is made NaN: the run stops there; step 2's adapter and checkpoint stay intact."""
-    real, calls = train.summed_loss, []
-
-    def nan_on_step_3(*args, **kwargs):
-        calls.append(1)
-        loss = real(*args, **kwargs)
-        return loss * math.nan if len(calls) == 3 else loss
-
-    monkeypatch.setattr(train, "summed_loss", nan_on_step_3)
+    make_loss_nan_at(monkeypatch, 3)
     with pytest.raises(UserError, match=r"training diverged at step 3: loss nan.*last good checkpoint is .*ckpt.pt \(step 2"):
         ft_main.main(["--method", "lora", *FAST, "--max_steps", "5", "--ckpt_interval", "1", "--out_dir", str(tmp_path)])
     assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
