@@ -14,7 +14,7 @@ from typing import Optional, Protocol
 import torch
 import torch.distributed as dist
 
-from llama.generation import Llama, decode_one_token, prefill
+from llama.generation import Llama, prefill
 from llama.model import Transformer
 
 
@@ -73,11 +73,7 @@ def decode_rows(llm: Llama, tokens: list[int], positions: list[int]) -> torch.Te
     """Logits [rows, V] of one token per cache row, row r at positions[r] (the static-shape step)."""
     device = llm.parallel.device
     token_ids = torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1)
-    pos = torch.tensor(positions, dtype=torch.long, device=device)
-    if llm.compiled_step is None:
-        return decode_one_token(llm.model, token_ids, pos)[:, -1]
-    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-    return llm.compiled_step(llm.model, token_ids, pos)[:, -1]
+    return llm.decode(token_ids, torch.tensor(positions, dtype=torch.long, device=device))[:, -1]
 
 
 @torch.inference_mode()

@@ -103,12 +103,17 @@ class Llama:
         )
         return Llama(model, tokenizer, parallel, seed, compile)
 
-    def decode(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Logits [B, 1, V] of one decoding step, eager or through the compiled static-shape step."""
+    def decode(self, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1, V] of one decoding step, eager or through the compiled static-shape step.
+
+        `start_pos` is one position for every row, or a [B] tensor of per-row positions (a
+        server's batch, llama/batching.py), which always takes the static-shape step.
+        """
         if self.compiled_step is None:
             return decode_one_token(self.model, tokens, start_pos)
+        pos = start_pos if isinstance(start_pos, torch.Tensor) else self.step_pos.fill_(start_pos)
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        return self.compiled_step(self.model, tokens, self.step_pos.fill_(start_pos))
+        return self.compiled_step(self.model, tokens, pos)
 
     @torch.inference_mode()
     def generate_steps(
