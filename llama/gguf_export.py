@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from llama.checkpoint import Checkpoint, OUTPUT
 from llama.errors import UserError
+from llama.hf import context_length
 from llama.model import META_ROPE_SCALING, scale_rope_freqs
 
 GGUF_FILE = "model.gguf"
@@ -88,14 +89,6 @@ def rope_factors(args) -> torch.Tensor:
     freqs = 1.0 / args.rope_theta**exponents
     scaled = scale_rope_freqs(freqs, **(args.rope_scaling or META_ROPE_SCALING))
     return (freqs / scaled).to(torch.float32)
-
-
-def context_length(ckpt: Checkpoint) -> int:
-    """The HF config's max_position_embeddings when there is one, else what `--out_format hf` writes."""
-    stated = getattr(ckpt, "config", {}).get("max_position_embeddings")
-    if stated:
-        return int(stated)
-    return 131072 if ckpt.args.use_scaled_rope else ckpt.args.max_seq_len
 
 
 def sentencepiece_vocab(gguf, tok, vocab_size: int) -> dict:

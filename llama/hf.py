@@ -260,7 +260,17 @@ class HFCheckpoint(Checkpoint):
         return tensor if heads is None else from_hf_rows(tensor, heads // n_ranks)
 
 
-def config_from_args(args: ModelArgs, tied: bool, dtype: torch.dtype, bos_id: Optional[int], eos_id: Optional[int]) -> dict:
+def context_length(ckpt: Checkpoint) -> int:
+    """The context a converted model states (HF's max_position_embeddings, GGUF's context_length):
+    an HF input's own figure, else 131072 for Llama 3.1+ scaled RoPE, else the args' max_seq_len."""
+    stated = getattr(ckpt, "config", {}).get("max_position_embeddings")
+    if stated:
+        return int(stated)
+    return 131072 if ckpt.args.use_scaled_rope else ckpt.args.max_seq_len
+
+
+def config_from_args(args: ModelArgs, tied: bool, dtype: torch.dtype, bos_id: Optional[int], eos_id: Optional[int],
+                     context: int) -> dict:
     """config.json for transformers' LlamaForCausalLM (the transformers 4 spelling, which 5 reads too)."""
     scaling = None
     if args.use_scaled_rope:
@@ -275,7 +285,7 @@ def config_from_args(args: ModelArgs, tied: bool, dtype: torch.dtype, bos_id: Op
         "num_key_value_heads": args.kv_heads,
         "head_dim": args.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": 131072 if args.use_scaled_rope else args.max_seq_len,
+        "max_position_embeddings": context,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
         "rope_scaling": scaling,
@@ -363,7 +373,7 @@ class HFWriter:
         files = write_files(list(zip(names, map(file_writer, groups))), staging)
         bos, eos = tokenizer_ids(ckpt)
         out_dtype = dtype or ckpt.dtype(EMBEDDING)
-        texts = {CONFIG: config_from_args(ckpt.args, ckpt.tied, out_dtype, bos, eos),
+        texts = {CONFIG: config_from_args(ckpt.args, ckpt.tied, out_dtype, bos, eos, context_length(ckpt)),
                  GENERATION_CONFIG: {"bos_token_id": bos, "eos_token_id": eos}}
         if len(groups) > 1:
             total = sum(ckpt.shape(k).numel() * (dtype or ckpt.dtype(k)).itemsize for k in hf_keys(ckpt))

@@ -206,7 +206,7 @@ class FullTuning(Method):
 
     def restore(self, saved: dict, optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
         check_layout(saved, self.parallel)
-        manifest = json.loads((out_dir / "model" / "manifest.json").read_text())
+        manifest = checkpoint.read_json(out_dir / "model" / "manifest.json", "the run was killed before its first checkpoint was complete")
         if manifest.get("step") != saved["step"]:
             raise UserError(f"{out_dir / 'model'} holds step {manifest.get('step')} but ckpt.pt step {saved['step']}: the run was killed while saving")
         optimizer.optim.load_state_dict(_load_rank_file(self._optimizer_file(out_dir), saved["step"])["optimizer"])

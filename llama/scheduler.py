@@ -221,10 +221,7 @@ class Scheduler:
 
     def _sample(self, request: Request, logits: torch.Tensor) -> tuple[int, Optional[TokenLogprob]]:
         settings = request.sampling
-        if settings.temperature <= 0:
-            token = int(logits.argmax())
-        else:
-            token = int(sample(logits.unsqueeze(0), settings.temperature, settings.top_p, request.generator)[0])
+        token = int(sample(logits.unsqueeze(0), settings.temperature, settings.top_p, request.generator)[0])  # argmax at 0
         if settings.top_logprobs is None:
             return token, None
         logprobs = torch.log_softmax(logits.float(), dim=-1)
