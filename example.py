@@ -1,13 +1,14 @@
 """Sharded inference: `python example.py` or `torchrun --nproc_per_node N example.py`.
 
-Loads any Meta checkpoint (any shard count) split over the N ranks and completes prompts.
-Only rank 0 prints. With --json, stdout holds one JSON object per prompt and nothing else.
+Loads a Meta or Hugging Face model directory (any shard count) split over the N ranks and
+completes prompts. Only rank 0 prints. With --json, stdout holds one JSON object per prompt and
+nothing else.
 """
 
 import argparse
 import json
 
-from llama import distributed
+from llama import cli, distributed
 from llama.errors import run_cli
 from llama.generation import Llama
 
@@ -15,34 +16,25 @@ DEFAULT_PROMPTS = ["Once upon a time", "Lily and Tom went to the park"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     add_generation_args(parser)
     parser.add_argument("--prompt", action="append", help="prompt to complete (repeatable); default: two story openings")
     parser.add_argument("--chat", action="store_true", help="treat each prompt as a user message in the model family's chat format (Llama 2 or 3)")
     parser.add_argument("--system", default=None, help="system prompt for --chat")
-    return parser.parse_args(argv)
+    return cli.check_args(parser.parse_args(argv))
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
     """Options shared with example_ft.py."""
-    parser.add_argument("--ckpt_dir", default="ckpts/stories260K", help="Meta model directory (params.json, consolidated.NN.pth)")
-    parser.add_argument("--tokenizer_path", default=None, help="default: <ckpt_dir>/tokenizer.model, else <ckpt_dir>/original/tokenizer.model")
-    parser.add_argument("--max_gen_len", type=int, default=64, help="tokens to generate per prompt")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (temperature > 0)")
-    parser.add_argument("--seed", type=int, default=1, help="sampling seed (the same on every rank)")
-    parser.add_argument("--max_seq_len", type=int, default=512, help="positions the KV cache holds")
-    parser.add_argument("--max_batch_size", type=int, default=4, help="rows the KV cache holds")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    cli.add_model_args(parser)
+    cli.add_sampling_args(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt and nothing else")
-    parser.add_argument("--rope_scaling_factor", type=float, default=None,
-                        help="Llama 3.1+: override the RoPE scaling factor the checkpoint states (Meta's files: 8; HF's 3.2 configs: 32)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (CUDA graphs on GPU); the first prompts pay the compile time")
 
 
-def rope_override(args: argparse.Namespace) -> dict | None:
-    """--rope_scaling_factor as an override of the checkpoint's RoPE scaling constants."""
-    return {"factor": args.rope_scaling_factor} if args.rope_scaling_factor is not None else None
+def build(args: argparse.Namespace) -> Llama:
+    """The model the shared options describe, split over this job's ranks."""
+    return Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed,
+                       compile=args.compile, rope_scaling=cli.rope_override(args))
 
 
 def print_results(llm: Llama, prompts: list[str], results: list[dict], as_json: bool) -> None:
@@ -76,8 +68,7 @@ def stream_one(llm: Llama, prompt: str, prompt_ids: list[int], args: argparse.Na
 def main(argv=None) -> None:
     args = parse_args(argv)
     prompts = args.prompt or DEFAULT_PROMPTS
-    llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed, compile=args.compile,
-                      rope_scaling=rope_override(args))
+    llm = build(args)
     try:
         if args.chat:
             system = [{"role": "system", "content": args.system}] if args.system else []

@@ -10,24 +10,25 @@ Only rank 0 prints. With --json, stdout holds one JSON object per instruction an
 
 import argparse
 
-from example import add_generation_args, print_results, rope_override, stream_one
-from llama import data, distributed, lora
+from example import add_generation_args, build, print_results, stream_one
+from llama import cli, distributed
 from llama.errors import run_cli
-from llama.generation import Llama
-from llama.prompt_tuning import check_dim, load_prompt
+from llama.formats import adapters
+from llama.tuning import data
+from llama.tuning.prompt import check_dim, load_prompt
 
 DEFAULT_INSTRUCTIONS = ["Write a short story about a cat.", "Give three tips for staying healthy."]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     add_generation_args(parser)
     parser.add_argument("--adapter", default="runs/prompt_tuning/prompt.pt", help="prompt.pt, adapter.pt or a PEFT adapter directory")
     parser.add_argument("--instruction", action="append", help="instruction to answer (repeatable); default: two examples")
     parser.add_argument("--input", default="", help="optional input (context) for every instruction")
     parser.add_argument("--template", default="alpaca", help=f"prompt template used in training: {', '.join(data.TEMPLATES)}")
     parser.add_argument("--no_adapter", action="store_true", help="generate without the adapter, to compare")
-    return parser.parse_args(argv)
+    return cli.check_args(parser.parse_args(argv))
 
 
 def main(argv=None) -> None:
@@ -36,14 +37,13 @@ def main(argv=None) -> None:
     instructions = args.instruction or DEFAULT_INSTRUCTIONS
     records = [{"instruction": i, "input": args.input, "output": ""} for i in instructions]
     texts = [data.render(record, args.template)[0] for record in records]
-    kind = None if args.no_adapter else lora.adapter_kind(args.adapter)
+    kind = None if args.no_adapter else adapters.adapter_kind(args.adapter)
     prompt = load_prompt(args.adapter) if kind == "prompt" else None
-    llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed, compile=args.compile,
-                      rope_scaling=rope_override(args))
+    llm = build(args)
     try:
         prefix = None
         if kind == "lora":
-            lora.apply_adapter(llm.model, args.adapter)
+            adapters.apply_adapter(llm.model, args.adapter)
         if prompt is not None:
             check_dim(prompt, llm.model.args.dim, args.adapter)
             prefix = prompt.weight.detach().to(llm.parallel.device)

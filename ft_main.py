@@ -6,15 +6,17 @@
 
 The world is tp x dp processes (`--tp`, default all of them): the model is split over the tp
 ranks of a group, and each data-parallel group reads different batches. What a method trains
-and writes lives in llama/methods.py; this file is the one loop they share.
+and writes lives in llama/tuning/methods.py; this file is the one loop they share.
 
 Outputs in --out_dir (default runs/<method>): the method's result (prompt.pt + peft/, adapter.pt +
 peft/, or model/ as a Meta checkpoint), ckpt.pt and per-rank files (for --resume), and
-metrics.jsonl (plot it with `python -m llama.plot`).
+metrics.jsonl (plot it with `python -m llama.tuning.plot`).
 """
 
 import argparse
 import math
+import os
+import shutil
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -23,14 +25,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from fairscale.nn.model_parallel import initialize as fs_init
 from tqdm import tqdm
 
-from llama import checkpoint, data, distributed, lora, methods, train
+from llama import cli, distributed, lora
 from llama.errors import UserError, run_cli
 from llama.model import Transformer
-from llama.prompt_tuning import INITS
 from llama.tokenizer import find_tokenizer, load_tokenizer
+from llama.tuning import data, methods, train
+from llama.tuning.prompt import INITS
 
 # Options a resumed run may change; everything else comes from the checkpoint, so it continues exactly.
 RESUMABLE_OVERRIDES = {"max_steps", "eval_interval", "eval_batches", "ckpt_interval", "resume", "out_dir"}
@@ -38,15 +40,13 @@ DEFAULT_INIT_TEXT = "Below is an instruction. Write a response that completes th
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
+    cli.add_model_args(p, max_seq_len=256, max_batch_size=None, compile=False)
     p.add_argument("--method", default="prompt", choices=list(methods.METHODS), help="what trains: a soft prompt, LoRA adapters, or all weights")
-    p.add_argument("--ckpt_dir", default="ckpts/stories260K", help="frozen base model (Meta layout, any shard count)")
-    p.add_argument("--tokenizer_path", default=None, help="default: <ckpt_dir>/tokenizer.model, else <ckpt_dir>/original/tokenizer.model")
     p.add_argument("--data", default="datasets/alpaca_en_demo.json", help="alpaca-format JSON list or JSONL")
     p.add_argument("--template", default="alpaca", help=f"prompt template: {', '.join(data.TEMPLATES)}")
     p.add_argument("--field_map", default=None, help="map field names, e.g. instruction=prompt,output=completion")
     p.add_argument("--train_on_inputs", action="store_true", help="also learn the prompt/template tokens")
-    p.add_argument("--max_seq_len", type=int, default=256, help="tokens per example (longer ones are cut)")
     p.add_argument("--val_fraction", type=float, default=0.05, help="share of records held out for eval")
     p.add_argument("--max_examples", type=int, default=None, help="use only this many records")
     p.add_argument("--group_by_length", action="store_true", help="batch examples of similar length (less padding)")
@@ -71,19 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_batches", type=int, default=0, help="held-out batches per eval (0 = all)")
     p.add_argument("--ckpt_interval", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--chunk_size", type=int, default=256, help="positions per cross-entropy chunk (bounds logits memory)")
-    p.add_argument("--dtype", default="auto", help="frozen weights (full: compute dtype): auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per group (default: the whole world)")
     p.add_argument("--seed", type=int, default=0, help="prompt init, data order and split")
     p.add_argument("--out_dir", default=None, help="where outputs and checkpoints go (default runs/prompt_tuning, runs/lora, runs/full)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir/ckpt.pt")
+    p.add_argument("--force", action="store_true", help="start over in an --out_dir that holds an earlier run, deleting its files")
     return p
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, Optional[dict]]:
     """Command-line options, or on --resume the checkpoint's options (+ the few that may change)."""
-    args = build_parser().parse_args(argv)
+    args = cli.check_args(build_parser().parse_args(argv))
     args.out_dir = args.out_dir or methods.METHODS[args.method].defaults["out_dir"]
+    if args.resume and args.force:
+        raise UserError("--resume continues the run in --out_dir and --force deletes it: pass one of them")
     if not args.resume:
+        check_out_dir(Path(args.out_dir), args.force)
         return args, None
     saved = train.load_checkpoint(Path(args.out_dir) / "ckpt.pt")
     probe = build_parser()  # the same parser with None defaults tells which options were typed
@@ -99,19 +102,29 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, Op
 
 def resolve(args: argparse.Namespace, parallel: distributed.Parallel) -> argparse.Namespace:
     """Fill defaults that depend on others or on the device, and check ranges once."""
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if parallel.device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    checkpoint.parse_dtype(args.dtype)
+    args.dtype = cli.resolve_dtype(args.dtype, parallel.device)
     args.lr = methods.METHODS[args.method].defaults["lr"] if args.lr is None else args.lr
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.lr_decay_steps = args.lr_decay_steps or args.max_steps
     args.tokenizer_path = str(find_tokenizer(args.ckpt_dir, args.tokenizer_path))
     if args.method == "lora":
         lora.parse_targets(args.lora_targets)
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "ckpt_interval", "chunk_size", "lora_rank"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    return args
+    return cli.check_args(args)
+
+
+# What a run writes into --out_dir; --force deletes these (and nothing else) before starting over.
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "prompt.pt", "adapter.pt", "peft", "model", "lora_optimizer.*.pt", "optimizer.*.pt")
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """An --out_dir holding an earlier run is kept unless --force (then its run files are deleted)."""
+    earlier = sorted(path for pattern in RUN_FILES for path in out_dir.glob(pattern)) if out_dir.is_dir() else []
+    if earlier and not force:
+        raise UserError(f"{out_dir} holds an earlier run ({', '.join(p.name for p in earlier[:3])}): pass --resume to continue it, "
+                        "--force to start over (deleting it), or choose another --out_dir")
+    if earlier and int(os.environ.get("RANK", "0")) == 0:  # one process deletes; the others only read options here
+        for path in earlier:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def main(argv: Optional[list[str]] = None) -> methods.Method:
@@ -139,7 +152,7 @@ class Run:
 
 def prepare(args: argparse.Namespace, parallel: distributed.Parallel, saved: Optional[dict]) -> Run:
     """Load the model and the data, make what trains and its optimizer, restore a checkpoint."""
-    device, dtype = parallel.device, checkpoint.parse_dtype(args.dtype)
+    device, dtype = parallel.device, cli.parse_dtype(args.dtype)
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer_path)
     method = methods.make_method(args, parallel)
@@ -150,7 +163,7 @@ def prepare(args: argparse.Namespace, parallel: distributed.Parallel, saved: Opt
         print(splits.summary(), flush=True)
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
 
-    optimizer = method.optimizer(data_parallel_group())
+    optimizer = method.optimizer(parallel.dp_group)
     use_amp = device.type == "cuda" and dtype != torch.float32  # CPU trains in float32
     autocast = partial(torch.autocast, device.type, dtype=dtype) if use_amp else nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and dtype == torch.float16)
@@ -169,7 +182,7 @@ def tune(args: argparse.Namespace, parallel: distributed.Parallel, saved: Option
     run = prepare(args, parallel, saved)
     model, method, optimizer, scaler, step = run.model, run.method, run.optimizer, run.scaler, run.step
     params, split = method.trainable(), method.split()
-    out_dir, is_main, dp_group = Path(args.out_dir), parallel.is_main, data_parallel_group()
+    out_dir, is_main, dp_group = Path(args.out_dir), parallel.is_main, parallel.dp_group
     metrics = train.MetricsLog(out_dir / "metrics.jsonl", resume_step=step if saved else None) if is_main else None
     evaluate = partial(train.estimate_loss, model, batches=run.val_batches, chunk_size=args.chunk_size, dp_group=dp_group, autocast=run.autocast)
     untuned_loss = untuned(saved, evaluate, bool(run.val_batches))  # the figure to beat
@@ -186,7 +199,7 @@ def tune(args: argparse.Namespace, parallel: distributed.Parallel, saved: Option
         start = time.perf_counter()
         loss, n_labels = train.accumulate_gradients(model, method.prompt, micro_batches, args.chunk_size, dp_group, run.autocast, scaler.scale, params)
         scaler.unscale_(optimizer)
-        grad_norm = train.clip_gradients(params, split, args.grad_clip, methods.tp_group())
+        grad_norm = train.clip_gradients(params, split, args.grad_clip, parallel.tp_group)
         if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm)):
             raise UserError(diverged_message(step + 1, loss, grad_norm, out_dir, last_ckpt))
         scaler.step(optimizer)  # an fp16 step with inf gradients is skipped and the scale lowered
@@ -225,11 +238,6 @@ def log_eval(metrics: Optional[train.MetricsLog], progress: Optional[tqdm], step
     loss, ppl = result
     metrics.write({"step": step, "eval_loss": loss, "eval_ppl": ppl, "eval_loss_untuned": untuned_loss})
     (progress.write if progress else print)(f"step {step}: eval loss {loss:.4f} (perplexity {ppl:.2f}); untuned model {untuned_loss:.4f}")
-
-
-def data_parallel_group():
-    """fairscale's group of ranks holding the same model slice; they sum their gradients."""
-    return fs_init.get_data_parallel_group()
 
 
 def save_all(args: argparse.Namespace, run: Run, step: int, lr: float, out_dir: Path, untuned_loss: float) -> None:

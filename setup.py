@@ -12,6 +12,6 @@ setup(
         "serve": ["fastapi", "uvicorn"],
         "plot": ["matplotlib"],
         # transformers/peft are reference implementations for the tests only; openai is the client the server is tested with.
-        "test": ["pytest", "transformers>=4.45", "peft", "gguf>=0.10", "fastapi", "uvicorn", "openai", "httpx"],
+        "test": ["pytest", "import-linter", "transformers>=4.45", "peft", "gguf>=0.10", "fastapi", "uvicorn", "openai", "httpx"],
     },
 )

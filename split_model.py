@@ -19,22 +19,25 @@ import argparse
 import signal
 from pathlib import Path
 
-from llama import plan
-from llama.checkpoint import DTYPES, model_args, open_checkpoint, parse_dtype, read_params
+from llama import cli
+from llama.cli import DTYPES, parse_dtype
 from llama.errors import UserError, run_cli
-from llama.reshard import OUT_FORMATS, convert
+from llama.files import GiB, parse_size
+from llama.formats import OUT_FORMATS, open_checkpoint, plan
+from llama.formats.convert import convert
+from llama.formats.params import model_args, read_params
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_dir", type=Path, help="model directory: Meta (params.json, consolidated.NN.pth) or Hugging Face (config.json, *.safetensors)")
+    parser = cli.parser(__doc__)
+    parser.add_argument("--ckpt_dir", type=Path, help=cli.MODEL_DIR_HELP)
     parser.add_argument("--num_shards", type=int, help="N, the number of output shards (tensor-parallel ranks) of a Meta output")
-    parser.add_argument("--out_format", choices=OUT_FORMATS, default="meta", help="meta (default), hf (Hugging Face folder) or gguf (llama.cpp)")
-    parser.add_argument("--out_dir", type=Path, help="output directory (default <ckpt_dir>_mp<N>, <ckpt_dir>_hf or <ckpt_dir>_gguf)")
+    parser.add_argument("--out_format", choices=OUT_FORMATS, default="meta", help="meta (Meta N shards), hf (Hugging Face folder) or gguf (llama.cpp)")
+    parser.add_argument("--out_dir", type=Path, help="output directory; default <ckpt_dir>_mp<N>, <ckpt_dir>_hf or <ckpt_dir>_gguf (<ckpt_dir>_merged_... with --adapter)")
     parser.add_argument("--dtype", default=None,
                         help=f"meta/hf: output dtype, keep (default) or one of {', '.join(DTYPES)}; gguf: float32 (default), float16 or q8_0; "
                              "--plan: runtime dtype (default float16)")
-    parser.add_argument("--max_shard_size", default="5GB", help="hf: largest safetensors file before splitting (default 5GB)")
+    parser.add_argument("--max_shard_size", default="5GB", help="hf: largest safetensors file before splitting")
     parser.add_argument("--adapter", type=Path, help="LoRA adapter (ft_main.py's adapter.pt or a PEFT LoRA directory) merged into the output")
     parser.add_argument("--force", action="store_true", help="replace the shards in an existing non-empty --out_dir")
     parser.add_argument("--verify", action="store_true", help="re-read the output and check it bit for bit against the input")
@@ -42,15 +45,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     planning.add_argument("--plan", action="store_true", help="print per-card memory for N = 1, 2, 4, 8 instead of resharding")
     planning.add_argument("--params", type=Path, help="params.json to plan for (instead of --ckpt_dir)")
     planning.add_argument("--vocab_size", type=int, help="vocabulary size when params.json says -1 and there are no shards")
-    planning.add_argument("--gpu_mem", default="12GiB", help="memory of one card, e.g. 12GiB, 24GB (default 12GiB)")
-    planning.add_argument("--batch_size", type=int, default=8, help="sequences per batch (default 8)")
-    planning.add_argument("--seq_len", type=int, default=512, help="tokens per sequence, soft prompt included (default 512)")
+    planning.add_argument("--gpu_mem", default="12GiB", help="memory of one card, e.g. 12GiB, 24GB")
+    planning.add_argument("--batch_size", type=int, default=8, help="sequences per batch")
+    planning.add_argument("--seq_len", type=int, default=512, help="tokens per sequence, soft prompt included")
     planning.add_argument("--mode", choices=plan.MODES, default="infer", help="what the cards will run (lora/full: ft_main.py --method)")
-    planning.add_argument("--lora_rank", type=int, default=8, help="lora: adapter rank (default 8, all seven block linears)")
+    planning.add_argument("--lora_rank", type=int, default=8, help="lora: adapter rank (all seven block linears)")
     planning.add_argument("--data_parallel", type=int, default=1, help="full: data-parallel ranks sharing the AdamW states (ZeRO)")
     planning.add_argument("--checkpoint_activations", action="store_true", help="full: keep only each block's input")
-    planning.add_argument("--overhead", default="1GiB", help="CUDA context and allocator slack per card (default 1GiB)")
-    return parser.parse_args(argv)
+    planning.add_argument("--overhead", default="1GiB", help="CUDA context and allocator slack per card")
+    return cli.check_args(parser.parse_args(argv), dtype=False)
 
 
 def plan_model(args: argparse.Namespace) -> str:
@@ -67,12 +70,12 @@ def plan_model(args: argparse.Namespace) -> str:
     if min(args.batch_size, args.seq_len) < 1:
         raise UserError("--batch_size and --seq_len must be at least 1")
     dtype = parse_dtype("float16" if args.dtype in (None, "keep") else args.dtype)
-    gpu_mem, overhead = plan.parse_size(args.gpu_mem), plan.parse_size(args.overhead)
+    gpu_mem, overhead = parse_size(args.gpu_mem), parse_size(args.overhead)
     if min(args.lora_rank, args.data_parallel) < 1:
         raise UserError("--lora_rank and --data_parallel must be at least 1")
     training = {"data_parallel": args.data_parallel, "lora_rank": args.lora_rank, "checkpoint_activations": args.checkpoint_activations}
     rows = [plan.estimate(model, n, args.batch_size, args.seq_len, dtype.itemsize, args.mode, overhead, **training) for n in plan.CARD_COUNTS]
-    header = f"{args.mode}, {str(dtype).removeprefix('torch.')}, batch {args.batch_size} x seq {args.seq_len}, {gpu_mem / plan.GiB:.1f} GiB cards"
+    header = f"{args.mode}, {str(dtype).removeprefix('torch.')}, batch {args.batch_size} x seq {args.seq_len}, {gpu_mem / GiB:.1f} GiB cards"
     if args.mode == "lora":
         header += f", LoRA r={args.lora_rank}"
     elif args.mode == "full":

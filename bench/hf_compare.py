@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from bench.common import format_table, peak_memory, reset_peak_memory  # noqa: E402
 from bench.generate import SHAPES, shape_args  # noqa: E402
 from llama import checkpoint, hf  # noqa: E402
-from llama.data import IGNORE_INDEX  # noqa: E402
+from llama.tuning.data import IGNORE_INDEX  # noqa: E402
 from llama.errors import run_cli  # noqa: E402
 
 OURS = ("prompt", "lora", "full")

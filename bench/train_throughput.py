@@ -39,10 +39,11 @@ from tqdm import tqdm  # noqa: E402
 from bench.common import start, device_name, emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
 from bench.generate import SHAPES, STORIES, random_model, shape_args  # noqa: E402
 from llama import checkpoint, distributed, lora, methods, train  # noqa: E402
-from llama.data import IGNORE_INDEX  # noqa: E402
+from llama.formats import layout
+from llama.tuning.data import IGNORE_INDEX  # noqa: E402
 from llama.errors import UserError, run_cli  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
-from llama.prompt_tuning import SoftPrompt  # noqa: E402
+from llama.tuning.prompt import SoftPrompt  # noqa: E402
 from llama.tokenizer import load_tokenizer  # noqa: E402
 
 TABLE = [
@@ -117,7 +118,7 @@ def trainable(method: str, model: Transformer, cli: argparse.Namespace) -> tuple
         model.requires_grad_(True).train()
         model.checkpoint_activations = cli.checkpoint_activations
         named = list(model.named_parameters())
-    return None, [p for _, p in named], [lora.tensor_split_dim(name) is not None for name, _ in named]
+    return None, [p for _, p in named], [layout.tensor_split_dim(name) is not None for name, _ in named]
 
 
 def run_config(method: str, shape: str, cli: argparse.Namespace, parallel: distributed.Parallel) -> dict:

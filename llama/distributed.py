@@ -33,6 +33,16 @@ class Parallel:
         """Only global rank 0 prints, writes files and shows progress bars."""
         return self.rank == 0
 
+    @property
+    def tp_group(self):
+        """The ranks that hold the slices of one model (they all-reduce activations)."""
+        return fs_init.get_model_parallel_group()
+
+    @property
+    def dp_group(self):
+        """The ranks that hold the same slice and read different batches (they sum gradients)."""
+        return fs_init.get_data_parallel_group()
+
 
 def setup(tp_size: Optional[int] = None) -> Parallel:
     """Join (or create) the process group and fairscale's model-parallel groups.
@@ -52,7 +62,7 @@ def setup(tp_size: Optional[int] = None) -> Parallel:
         device = torch.device("cpu")
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        if world_size == 1 and "RANK" not in os.environ:  # plain `python`, whatever the shell exports (MASTER_ADDR...)
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
             dist.init_process_group(backend)

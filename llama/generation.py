@@ -10,23 +10,15 @@ from typing import Iterator, Optional
 
 import torch
 
-from llama import chat, checkpoint, distributed
+from llama import chat, distributed
 from llama.chat import Message
+from llama.cli import parse_dtype, resolve_dtype, say_compiling
 from llama.errors import UserError
+from llama.formats import model_format
+from llama.formats.load import load_model
 from llama.model import Transformer
+from llama.sampling import Sampling, sample
 from llama.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """Next token [B] from last-position logits [B, V]: argmax at temperature 0, else top-p."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)
-    return order.gather(-1, choice).squeeze(-1)
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, prefix: Optional[torch.Tensor], all_logits: bool) -> torch.Tensor:
@@ -71,6 +63,7 @@ class Llama:
         self.eos_check_every = 1 if parallel.device.type == "cpu" else 8
         self.compiled_step = None
         if compile:  # one specialisation per batch size; CUDA graphs remove the per-kernel launch cost
+            say_compiling(True, parallel.is_main)
             mode = "reduce-overhead" if parallel.device.type == "cuda" else None
             self.compiled_step = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
             self.step_pos = torch.zeros(1, dtype=torch.long, device=parallel.device)
@@ -81,7 +74,7 @@ class Llama:
         tokenizer_path: Optional[str | Path] = None,
         max_seq_len: int = 512,
         max_batch_size: int = 4,
-        dtype: str = "float32",
+        dtype: str = "auto",
         seed: int = 1,
         tp_size: Optional[int] = None,
         compile: bool = False,
@@ -92,12 +85,12 @@ class Llama:
         `rope_scaling` overrides Llama 3 RoPE scaling constants the checkpoint states (or Meta's defaults).
         """
         ckpt_dir = Path(ckpt_dir)
-        checkpoint.model_format(ckpt_dir)  # a missing or unfinished model directory says so before the tokenizer is sought
-        torch_dtype = checkpoint.parse_dtype(dtype)
+        model_format(ckpt_dir)  # a missing or unfinished model directory says so before the tokenizer is sought
+        torch_dtype = parse_dtype(resolve_dtype(dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
         tokenizer = load_tokenizer(find_tokenizer(ckpt_dir, tokenizer_path))
         parallel = distributed.setup(tp_size)
         torch.manual_seed(seed)
-        model = checkpoint.load_model(
+        model = load_model(
             ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size, torch_dtype, parallel.device, parallel.tp_rank, parallel.tp_size,
             **({"rope_scaling": rope_scaling} if rope_scaling else {}),
         )
@@ -120,8 +113,8 @@ class Llama:
         self,
         prompt_tokens: list[list[int]],
         max_gen_len: int,
-        temperature: float = 0.6,
-        top_p: float = 0.9,
+        temperature: float = Sampling.temperature,
+        top_p: float = Sampling.top_p,
         prefix: Optional[torch.Tensor] = None,
         logprobs: bool = False,
         echo: bool = False,
@@ -178,8 +171,8 @@ class Llama:
         self,
         prompt_tokens: list[list[int]],
         max_gen_len: int,
-        temperature: float = 0.6,
-        top_p: float = 0.9,
+        temperature: float = Sampling.temperature,
+        top_p: float = Sampling.top_p,
         logprobs: bool = False,
         echo: bool = False,
         prefix: Optional[torch.Tensor] = None,
@@ -203,8 +196,8 @@ class Llama:
         self,
         prompt: list[int],
         max_gen_len: int,
-        temperature: float = 0.6,
-        top_p: float = 0.9,
+        temperature: float = Sampling.temperature,
+        top_p: float = Sampling.top_p,
         prefix: Optional[torch.Tensor] = None,
     ) -> Iterator[str]:
         """Yield the text of one prompt's continuation piece by piece as tokens are generated.
@@ -232,8 +225,8 @@ class Llama:
         self,
         prompts: list[str],
         max_gen_len: int = 64,
-        temperature: float = 0.6,
-        top_p: float = 0.9,
+        temperature: float = Sampling.temperature,
+        top_p: float = Sampling.top_p,
         logprobs: bool = False,
         echo: bool = False,
     ) -> list[dict]:
@@ -245,8 +238,8 @@ class Llama:
         self,
         dialogs: list[list[Message]],
         max_gen_len: int = 64,
-        temperature: float = 0.6,
-        top_p: float = 0.9,
+        temperature: float = Sampling.temperature,
+        top_p: float = Sampling.top_p,
         logprobs: bool = False,
     ) -> list[dict]:
         """Answer each dialog with the next assistant message, in the model family's chat format."""
@@ -261,8 +254,8 @@ class Llama:
         self,
         prompt_tokens: list[list[int]],
         max_gen_len: int,
-        temperature: float = 0.6,
-        top_p: float = 0.9,
+        temperature: float = Sampling.temperature,
+        top_p: float = Sampling.top_p,
         logprobs: bool = False,
         echo: bool = False,
         prefix: Optional[torch.Tensor] = None,

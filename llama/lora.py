@@ -1,18 +1,14 @@
-"""LoRA adapters on the tensor-parallel model: attach, gather, slice, save, load, merge.
+"""LoRA adapters on the tensor-parallel model: attach, gather, slice.
 
-The adapter of a layer lives inside its parallel linear (llama/parallel.py). Its tensors are
-named after the layer, `layers.N.attention.wq.lora.A` / `.lora.B`, and split like it: the split
-dims come from the base weight's entry in llama.checkpoint.SPLIT_DIMS (`lora_split_dims`), so
-the table stays the one source of truth. Files always hold full (unsplit) tensors, so an
-adapter trained on N ranks runs on any number of ranks.
-
-Two file formats:
-- the project's `adapter.pt`: `{"format": "llama-mp-lora", "config": {...}, "weights": {...}}`;
-- Hugging Face PEFT's LoRA adapter directory (llama/peft_lora.py).
+The adapter of a layer lives inside its parallel linear (llama/parallel.py), which says how its
+factors split (`lora_split`: a column-parallel layer's B is split like its rows, a row-parallel
+layer's A like its columns). Tensors are named after the layer, `layers.N.attention.wq.lora.A` /
+`.lora.B`. Full (unsplit) factors go in and come out, so an adapter trained on N ranks runs on any
+number of ranks. Adapter files (the project's and PEFT's) are read and written by
+llama/formats/adapters.py and llama/formats/peft.py; training them is llama/tuning/.
 """
 
 import math
-from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 import torch
@@ -20,16 +16,15 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 
-from llama.checkpoint import load_file, split_dim
 from llama.errors import UserError
-from llama.model import ModelArgs, Transformer
+from llama.model import Transformer
 from llama.parallel import LoRA, ParallelLinear
-from llama.prompt_tuning import atomic_torch_save
 
-PROJECT_FORMAT = "llama-mp-lora"
 # --lora_targets names -> the layer's module path in a block (None: the model's own `output`).
 TARGETS = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
            "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3", "output": None}
+
+
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
@@ -40,25 +35,6 @@ def parse_targets(text: str | list[str]) -> list[str]:
     if unknown or not names:
         raise UserError(f"unknown LoRA target {unknown or names}: choose from {', '.join(TARGETS)} (comma-separated)")
     return [t for t in TARGETS if t in names]
-
-
-def lora_split_dims(weight_key: str) -> tuple[Optional[int], Optional[int]]:
-    """(A's, B's) split dim for the adapter of `weight_key`, from the base weight's split dim.
-
-    Column-parallel base (split dim 0): A replicated, B split on dim 0. Row-parallel (split dim
-    1): A split on dim 1, B replicated. A replicated base: both replicated.
-    """
-    base = split_dim(weight_key)
-    return (1 if base == 1 else None), (0 if base == 0 else None)
-
-
-def tensor_split_dim(key: str) -> Optional[int]:
-    """Split dim of an adapter tensor `...wq.lora.A` (or of a base weight, for full fine-tuning)."""
-    if ".lora." not in key:
-        return split_dim(key)
-    module, factor = key.rsplit(".lora.", 1)
-    a_dim, b_dim = lora_split_dims(module + ".weight")
-    return a_dim if factor == "A" else b_dim
 
 
 def target_layers(model: Transformer, targets: list[str]) -> Iterator[tuple[str, ParallelLinear]]:
@@ -97,7 +73,7 @@ def attach(name: str, layer: ParallelLinear, A: torch.Tensor, B: torch.Tensor, a
     if A.shape != (A.size(0), layer.in_features) or B.shape != (layer.out_features, A.size(0)):
         raise UserError(f"LoRA for '{name}' has A {tuple(A.shape)} and B {tuple(B.shape)}, but the layer is "
                         f"[{layer.out_features}, {layer.in_features}]: the adapter is for another model")
-    a_dim, b_dim = lora_split_dims(name + ".weight")
+    a_dim, b_dim = layer.lora_split
     split_width = layer.out_features // tp if b_dim is not None else layer.in_features // tp
     if A.size(0) > split_width:
         raise UserError(f"--lora_rank {A.size(0)} exceeds the {split_width} features '{name}' holds on each of {tp} "
@@ -124,14 +100,15 @@ def gather_state(model: Transformer) -> dict[str, torch.Tensor]:
     """Full adapter tensors on every rank: split ones all-gathered over the tensor-parallel group."""
     tp, group = fs_init.get_model_parallel_world_size(), fs_init.get_model_parallel_group()
     full = {}
-    for key, tensor in local_state(model).items():
-        tensor, dim = tensor.detach(), tensor_split_dim(key)
-        if dim is None or tp == 1:
-            full[key] = tensor.cpu().clone()
-            continue
-        pieces = [torch.empty_like(tensor) for _ in range(tp)]
-        dist.all_gather(pieces, tensor.contiguous(), group=group)
-        full[key] = torch.cat(pieces, dim).cpu()
+    for name, lora in adapters(model).items():
+        split = (None, 0) if lora.replicated == "A" else (1, None)
+        for factor, tensor, dim in zip("AB", (lora.A, lora.B), split):
+            tensor = tensor.detach()
+            if dim is not None and tp > 1:
+                pieces = [torch.empty_like(tensor) for _ in range(tp)]
+                dist.all_gather(pieces, tensor.contiguous(), group=group)
+                tensor = torch.cat(pieces, dim)
+            full[f"{name}.lora.{factor}"] = tensor.cpu().clone()
     return full
 
 
@@ -153,83 +130,3 @@ def targets_of(full: Mapping[str, torch.Tensor]) -> list[str]:
     """The --lora_targets names an adapter's tensors cover."""
     paths = {key.rsplit(".lora.", 1)[0].split(".", 2)[-1] if key.startswith("layers.") else "output" for key in full}
     return [t for t, path in TARGETS.items() if (path or "output") in paths]
-
-
-def save_adapter(full: Mapping[str, torch.Tensor], config: dict, path: Path) -> Path:
-    """Write the project's format atomically: full tensors + config (rank, alpha, targets, base model)."""
-    return atomic_torch_save({"format": PROJECT_FORMAT, "config": dict(config), "weights": dict(full)}, Path(path))
-
-
-def load_adapter(path: Path, args: Optional[ModelArgs] = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """(full tensors, config) from adapter.pt or a PEFT LoRA directory (which needs the model's `args`)."""
-    path = Path(path)
-    if path.is_dir():
-        from llama import peft_lora
-
-        if args is None:
-            raise ValueError("reading a PEFT adapter needs the model's args (for the q/k row order)")
-        return peft_lora.import_peft(path, args)
-    if not path.is_file():
-        raise UserError(f"adapter {path} not found: pass an adapter.pt file or a PEFT adapter directory (train one with ft_main.py)")
-    state = load_file(path, mmap=False)
-    if not isinstance(state, dict) or state.get("format") != PROJECT_FORMAT:
-        raise UserError(f"{path} is not a LoRA adapter written by ft_main.py (expected format '{PROJECT_FORMAT}')")
-    return dict(state["weights"]), dict(state["config"])
-
-
-def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """W + scale * B @ A, computed in float32 and returned in W's dtype."""
-    return (weight.float() + scale * (B.float() @ A.float())).to(weight.dtype)
-
-
-def adapter_kind(path: Path) -> str:
-    """'lora' or 'prompt': what a file or PEFT directory holds (example_ft.py runs either)."""
-    path = Path(path)
-    if path.is_dir():
-        from llama.peft_lora import read_config
-
-        return "lora" if read_config(path).get("peft_type") == "LORA" else "prompt"
-    if path.is_file():
-        state = load_file(path, mmap=True)
-        return "lora" if isinstance(state, dict) and state.get("format") == PROJECT_FORMAT else "prompt"
-    return "prompt"  # load_prompt names the missing path
-
-
-def apply_adapter(model: Transformer, path: Path) -> None:
-    """Run a saved LoRA adapter (project or PEFT format) inside `model`, each rank its slices."""
-    full, config = load_adapter(path, model.args)
-    load_state(model, full, config["alpha"])
-
-
-def merge_adapter(ckpt, path: Path):
-    """Read checkpoint `ckpt` as base + scale * B @ A: its `read` of an adapted weight returns merged slices.
-
-    Merging needs no gathering: a column-parallel slice is W_local + s * B_local @ A, a
-    row-parallel one W_local + s * B @ A_local, so every writer (Meta N shards, HF, GGUF)
-    streams the merged model one tensor at a time. Shapes are checked first.
-    """
-    full, config = load_adapter(path, ckpt.args)
-    scale = config["alpha"] / config["rank"]
-    factors = {}
-    for module in sorted({key.rsplit(".lora.", 1)[0] for key in full}):
-        key, A, B = module + ".weight", full.get(module + ".lora.A"), full.get(module + ".lora.B")
-        if key not in ckpt.keys or A is None or B is None:
-            raise UserError(f"adapter {path} has weights for '{module}', which {ckpt.path} does not have: the adapter is for another model")
-        if key == "output.weight" and ckpt.tied:
-            raise UserError(f"adapter {path} adapts the output layer, but {ckpt.path} ties it to the embedding: merge would change both")
-        out_features, in_features = ckpt.shape(key)
-        if A.shape != (A.size(0), in_features) or B.shape != (out_features, A.size(0)):
-            raise UserError(f"adapter {path} has A {tuple(A.shape)}, B {tuple(B.shape)} for '{key}' of shape "
-                            f"{(out_features, in_features)} in {ckpt.path}: the adapter's base model does not match")
-        factors[key] = (A, B)
-    base_read = ckpt.read
-
-    def read(key: str, rank: int = 0, n_ranks: int = 1) -> torch.Tensor:
-        weight = base_read(key, rank, n_ranks)
-        if key not in factors:
-            return weight
-        (A, B), (a_dim, b_dim) = factors[key], lora_split_dims(key)
-        return merged_weight(weight, local_slice(A, a_dim, rank, n_ranks), local_slice(B, b_dim, rank, n_ranks), scale)
-
-    ckpt.read = read
-    return ckpt

@@ -5,7 +5,7 @@ returns its slice of the outputs; a row-parallel layer (wo, w2) keeps in/tp colu
 slice of the inputs and all-reduces the partial outputs. Both are fairscale's layers (same
 weights, same checkpoint keys) with one forward written here, so the local kernel is one
 method, `local`: the dense product with this rank's slice, plus, when the layer holds one, a
-LoRA adapter (later: a quantized kernel). llama.checkpoint.SPLIT_DIMS says how the weights split.
+LoRA adapter (later: a quantized kernel). llama.formats.layout.SPLIT_DIMS says how a checkpoint's weights split.
 
 LoRA (Hu et al. 2021) adds scale * B A x with A [r, in], B [out, r]. Inside a parallel layer it
 is split like the layer, as HF PEFT's Megatron layers and LLaMA2-Accessory do, so it needs no
@@ -80,6 +80,9 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         super().__init__(in_features, out_features, bias=False, gather_output=gather_output, init_method=_no_init)
         self.lora: Optional[LoRA] = None
 
+    lora_split = (None, 0)
+    """(A's, B's) split dim over TP ranks: A [r, in] replicated, B [out, r] split like the weight's rows."""
+
     def local(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's kernel: dense, or dense + LoRA."""
         out = F.linear(x, self.weight)
@@ -104,6 +107,9 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
             raise ValueError("Llama's row-parallel layers read the column-parallel layers' split outputs")
         super().__init__(in_features, out_features, bias=False, input_is_parallel=True, init_method=_no_init)
         self.lora: Optional[LoRA] = None
+
+    lora_split = (1, None)
+    """(A's, B's) split dim over TP ranks: A [r, in] split like the weight's columns, B [out, r] replicated."""
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial output: dense, or dense + LoRA (joined before the all-reduce)."""

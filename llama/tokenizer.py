@@ -154,13 +154,21 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                         f"pass the model's own tokenizer.model with --tokenizer_path") from None
 
 
+TOKENIZER = "tokenizer.model"  # the file name every model folder uses
+
+
+def locate_tokenizer(ckpt_dir: str | Path) -> Optional[Path]:
+    """<ckpt_dir>/tokenizer.model, else <ckpt_dir>/original/tokenizer.model (where Hugging Face
+    repos of Llama 3 keep Meta's file), else None."""
+    places = [Path(ckpt_dir) / TOKENIZER, Path(ckpt_dir) / "original" / TOKENIZER]
+    return next((place for place in places if place.is_file()), None)
+
+
 def find_tokenizer(ckpt_dir: str | Path, override: Optional[str | Path] = None) -> Path:
-    """`override` if given, else <ckpt_dir>/tokenizer.model, else <ckpt_dir>/original/tokenizer.model
-    (where Hugging Face repos of Llama 3 keep Meta's file)."""
+    """`override` if given, else the tokenizer in the model folder (`locate_tokenizer`)."""
     if override:
         return Path(override)
-    places = [Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir) / "original" / "tokenizer.model"]
-    for place in places:
-        if place.is_file():
-            return place
-    raise UserError(f"no tokenizer.model in {places[0].parent} or {places[1].parent}: pass --tokenizer_path")
+    found = locate_tokenizer(ckpt_dir)
+    if found is None:
+        raise UserError(f"no {TOKENIZER} in {ckpt_dir} or {Path(ckpt_dir) / 'original'}: pass --tokenizer_path")
+    return found

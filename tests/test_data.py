@@ -15,7 +15,7 @@ import pytest
 from sentencepiece import SentencePieceProcessor
 
 from llama import data
-from llama.data import IGNORE_INDEX
+from llama.tuning.data import IGNORE_INDEX
 from llama.errors import UserError
 from llama.generation import Llama
 from llama.tokenizer import Tokenizer, load_tokenizer

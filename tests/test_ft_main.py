@@ -22,7 +22,7 @@ import example_ft  # noqa: E402
 import ft_main  # noqa: E402
 from llama import train  # noqa: E402
 from llama.errors import UserError  # noqa: E402
-from llama.prompt_tuning import load_prompt  # noqa: E402
+from llama.tuning.prompt import load_prompt  # noqa: E402
 
 # Small, fast runs: 200 records, short sequences, a few steps.
 FAST = ["--max_examples", "200", "--max_seq_len", "128", "--n_virtual_tokens", "8", "--batch_size", "4", "--warmup_steps", "2",
@@ -131,7 +131,7 @@ def test_diverging_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def test_adapter_of_another_width_is_one_clear_error(tmp_path):
-    from llama.prompt_tuning import SoftPrompt, save_prompt
+    from llama.tuning.prompt import SoftPrompt, save_prompt
 
     save_prompt(SoftPrompt(torch.zeros(4, 768)), tmp_path / "wide.pt")
     result = python("example_ft.py", "--adapter", tmp_path / "wide.pt", "--max_gen_len", "4")

@@ -27,6 +27,8 @@ import example  # noqa: E402
 import example_ft  # noqa: E402
 import ft_main  # noqa: E402
 from llama import checkpoint, distributed, lora, train  # noqa: E402
+from llama.formats import layout
+from llama.formats import adapters
 from llama.errors import UserError  # noqa: E402
 
 STEPS = ["--max_steps", "5", "--eval_interval", "5"]
@@ -55,7 +57,7 @@ def run_args(method: str, out) -> list[str]:
 def trained_weights(method: str, out_dir, model_dir=None) -> dict[str, torch.Tensor]:
     """Full (unsplit) trained tensors of a run: the LoRA adapter, or the merged Meta shards."""
     if method == "lora":
-        return lora.load_adapter(out_dir / "adapter.pt")[0]
+        return adapters.load_adapter(out_dir / "adapter.pt")[0]
     shards = [checkpoint.load_file(p) for p in checkpoint.shard_paths(model_dir or out_dir / "model")]
     return {key: checkpoint.rank_slice(key, [s[key] for s in shards], 0, 1) for key in shards[0] if key not in checkpoint.NOT_LOADED}
 
@@ -116,8 +118,8 @@ def test_layouts_match_one_rank(runs, initial_weights, method, layout):
 @pytest.mark.parametrize("method", list(LR))
 def test_replicated_tensors_are_bit_identical_across_tp_ranks(runs, method):
     ranks = [torch.load(runs / f"{method}_tp2" / f"rank{r}.pt") for r in range(2)]
-    replicated = [name for name in ranks[0] if lora.tensor_split_dim(name) is None]
-    split = [name for name in ranks[0] if lora.tensor_split_dim(name) is not None]
+    replicated = [name for name in ranks[0] if layout.tensor_split_dim(name) is None]
+    split = [name for name in ranks[0] if layout.tensor_split_dim(name) is not None]
     assert replicated and split
     for name in replicated:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
@@ -133,7 +135,7 @@ def greedy_with_margins(model_dir, prompt_ids: list[int], n: int, adapter=None) 
     try:
         model = checkpoint.load_model(model_dir, 512, 64, 1, torch.float32, torch.device("cpu"))
         if adapter is not None:
-            full, config = lora.load_adapter(adapter, model.args)
+            full, config = adapters.load_adapter(adapter, model.args)
             lora.load_state(model, full, config["alpha"])
         ids, margins = [], []
         with torch.no_grad():
@@ -245,7 +247,7 @@ def test_diverging_lora_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     with pytest.raises(UserError, match=r"training diverged at step 3: loss nan.*last good checkpoint is .*ckpt.pt \(step 2"):
         ft_main.main(["--method", "lora", *FAST, "--max_steps", "5", "--ckpt_interval", "1", "--out_dir", str(tmp_path)])
     assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
-    full, config = lora.load_adapter(tmp_path / "adapter.pt")
+    full, config = adapters.load_adapter(tmp_path / "adapter.pt")
     assert config["step"] == 2 and all(torch.isfinite(t).all() for t in full.values())
     assert not list(tmp_path.glob(".*tmp"))
 

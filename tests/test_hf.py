@@ -24,7 +24,11 @@ import pytest
 import torch
 
 from dist_utils import REPO, torchrun
-from llama.checkpoint import PARTIAL, load_model, model_args, open_checkpoint, random_state_dict, shard_state_dict
+from llama.files import STAGING as PARTIAL
+from llama.formats.load import load_model
+from llama.formats.params import model_args
+from llama.formats import open_checkpoint
+from llama.formats.layout import random_state_dict, shard_state_dict
 from llama.errors import run_cli
 from references import GOLDEN, LLAMA2_TOKENIZER, STORIES
 

@@ -24,7 +24,7 @@ from dist_utils import torchrun
 from llama import checkpoint
 from llama.errors import UserError
 from llama.model import META_ROPE_SCALING, precompute_rope, scale_rope_freqs
-from llama.reshard import reshard
+from llama.formats.convert import reshard
 from llama3_worker import TOKENS, VOCAB, load, logit_columns
 from references import DATA, REPO
 

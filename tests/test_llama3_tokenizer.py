@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from llama import chat, data
-from llama.data import IGNORE_INDEX
+from llama.tuning.data import IGNORE_INDEX
 from llama.errors import UserError
 from llama.generation import Llama
 from llama.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, find_tokenizer, load_tokenizer

@@ -20,8 +20,10 @@ from references import REPO, STORIES
 sys.path.insert(0, str(REPO))  # split_model.py lives at the repo root
 import split_model  # noqa: E402
 from llama import checkpoint, lora, peft_lora  # noqa: E402
+from llama.formats import layout
+from llama.formats import adapters
 from llama.errors import UserError  # noqa: E402
-from llama.reshard import convert  # noqa: E402
+from llama.formats.convert import convert  # noqa: E402
 
 ALL = list(lora.TARGETS)  # the seven block linears and the output
 # Two implementations of the same fp32 forward (different op order: HF's rotate-half RoPE and eager
@@ -73,11 +75,11 @@ def test_step_zero_gives_the_base_logits_exactly(model):
 
 def test_split_dims_follow_the_base_table():
     for name, base in checkpoint.SPLIT_DIMS.items():
-        a_dim, b_dim = lora.lora_split_dims(name)
+        a_dim, b_dim = layout.lora_split_dims(name)
         assert (a_dim, b_dim) == {0: (None, 0), 1: (1, None), None: (None, None)}[base], name
-    assert lora.tensor_split_dim("layers.2.attention.wo.lora.A") == 1
-    assert lora.tensor_split_dim("layers.2.attention.wo.lora.B") is None
-    assert lora.tensor_split_dim("output.lora.B") == 0 and lora.tensor_split_dim("output.lora.A") is None
+    assert layout.tensor_split_dim("layers.2.attention.wo.lora.A") == 1
+    assert layout.tensor_split_dim("layers.2.attention.wo.lora.B") is None
+    assert layout.tensor_split_dim("output.lora.B") == 0 and layout.tensor_split_dim("output.lora.A") is None
 
 
 def hf_permute(w, n_heads, dim1, dim2):
@@ -130,7 +132,7 @@ def test_peft_forward_with_our_exported_adapter_equals_ours(model, tmp_path):
         ours, theirs = model(ids), peft_model(ids).logits
     assert close(ours, theirs)
     assert (ours - hf_copy(model.args)(ids).logits).abs().max() > 0.1  # the adapter matters
-    back, back_config = lora.load_adapter(tmp_path / "peft", model.args)
+    back, back_config = adapters.load_adapter(tmp_path / "peft", model.args)
     assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
     assert back_config["rank"] == 4 and back_config["alpha"] == 8.0 and back_config["targets"] == ALL
 
@@ -140,8 +142,8 @@ def test_project_format_round_trip_and_merge(model, tmp_path):
     full = random_adapter(model, targets=["wq", "wk", "wo", "w2", "output"])
     with torch.no_grad():
         adapted = model(ids)
-    lora.save_adapter(full, {"rank": 4, "alpha": 8.0, "targets": ["wq"]}, tmp_path / "adapter.pt")
-    back, config = lora.load_adapter(tmp_path / "adapter.pt")
+    adapters.save_adapter(full, {"rank": 4, "alpha": 8.0, "targets": ["wq"]}, tmp_path / "adapter.pt")
+    back, config = adapters.load_adapter(tmp_path / "adapter.pt")
     assert config["alpha"] == 8.0 and all(torch.equal(back[k], full[k]) for k in full)
     convert(STORIES, "meta", 1, tmp_path / "merged1", progress=False, adapter=tmp_path / "adapter.pt")
     split_model.main(["--ckpt_dir", str(STORIES), "--adapter", str(tmp_path / "adapter.pt"), "--num_shards", "2", "--out_dir", str(tmp_path / "merged2")])
@@ -167,17 +169,17 @@ def test_bad_input_is_one_clear_error(model, tmp_path):
     wide = {"layers.0.attention.wq.lora.A": torch.zeros(4, 128), "layers.0.attention.wq.lora.B": torch.zeros(64, 4)}
     with pytest.raises(UserError, match=r"LoRA for 'layers.0.attention.wq' has A \(4, 128\).*adapter is for another model"):
         lora.load_state(model, wide, 8.0)
-    lora.save_adapter(wide, {"rank": 4, "alpha": 8.0}, tmp_path / "wide.pt")
+    adapters.save_adapter(wide, {"rank": 4, "alpha": 8.0}, tmp_path / "wide.pt")
     with pytest.raises(UserError, match="the adapter's base model does not match"):
         convert(STORIES, "meta", 1, tmp_path / "merged", progress=False, adapter=tmp_path / "wide.pt")
     assert not (tmp_path / "merged").exists()
     (tmp_path / "prompt").mkdir()
     (tmp_path / "prompt" / "adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING"}')
     with pytest.raises(UserError, match="is a PROMPT_TUNING adapter, not LORA"):
-        lora.load_adapter(tmp_path / "prompt", model.args)
+        adapters.load_adapter(tmp_path / "prompt", model.args)
     with pytest.raises(UserError, match="not a LoRA adapter written by ft_main.py"):
         torch.save({"weights": {}}, tmp_path / "other.pt")
-        lora.load_adapter(tmp_path / "other.pt")
+        adapters.load_adapter(tmp_path / "other.pt")
 
 
 def test_an_adapter_trained_with_peft_runs_here(model, tmp_path):
@@ -195,7 +197,7 @@ def test_an_adapter_trained_with_peft_runs_here(model, tmp_path):
         theirs = peft_model(ids).logits
         base = model(ids)
     peft_model.save_pretrained(tmp_path / "trained")
-    full, config = lora.load_adapter(tmp_path / "trained", model.args)
+    full, config = adapters.load_adapter(tmp_path / "trained", model.args)
     assert config["rank"] == 4 and config["alpha"] == pytest.approx(8 * 2.0)  # rsLoRA: alpha / sqrt(r) == (alpha * sqrt(r)) / r
     lora.load_state(model, full, config["alpha"])
     with torch.no_grad():

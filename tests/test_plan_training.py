@@ -91,7 +91,7 @@ def test_full_memory_warning_and_plan_cli(capsys):
 
     import split_model
     from llama.distributed import Parallel
-    from llama.methods import memory_warning
+    from llama.tuning.methods import memory_warning
 
     args = argparse.Namespace(dtype="bfloat16", batch_size=8, max_seq_len=512, checkpoint_activations=False)
     seven_b = checkpoint.model_args({"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256}, 32000)

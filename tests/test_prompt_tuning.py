@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from references import STORIES, STORIES_TOKENIZER
 
 from llama import checkpoint, data, train
-from llama.data import IGNORE_INDEX
+from llama.tuning.data import IGNORE_INDEX
 from llama.errors import UserError
-from llama.prompt_tuning import SoftPrompt, export_peft, init_prompt, load_prompt, save_prompt
+from llama.tuning.prompt import SoftPrompt, export_peft, init_prompt, load_prompt, save_prompt
 from llama.tokenizer import load_tokenizer
 
 DATASET = STORIES.parent.parent / "datasets" / "alpaca_en_demo.json"

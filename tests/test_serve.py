@@ -36,10 +36,12 @@ pytest.importorskip("fastapi")
 
 from dist_utils import REPO, free_port, python
 from llama import distributed
-from llama.batching import decode_rows, prefill_row
+from llama.formats import adapters
+from llama.serving.batching import decode_rows, prefill_row
 from llama.generation import Llama
 from llama.model import Transformer
-from llama.scheduler import Piece, QueueFull, Request, Sampling, Scheduler, ShuttingDown, safe_end, stop_string_end
+from llama.sampling import Sampling
+from llama.serving.scheduler import Piece, QueueFull, Request, Scheduler, ShuttingDown, safe_end, stop_string_end
 
 MARGIN = 1e-3  # > 10x the largest reordering error argued above
 API_KEY = "sk-test-key"
@@ -415,7 +417,7 @@ def test_lora_adapter_is_served_as_example_ft_runs_it(tmp_path):
         for name, (n_in, n_out) in {"attention.wq": (64, 64), "attention.wv": (64, 32), "feed_forward.w2": (172, 64)}.items():
             full[f"layers.{layer}.{name}.lora.A"] = torch.randn(4, n_in, generator=gen) / n_in**0.5
             full[f"layers.{layer}.{name}.lora.B"] = torch.randn(n_out, 4, generator=gen)
-    adapter = lora.save_adapter(full, {"rank": 4, "alpha": 8.0, "targets": ["wq", "wv", "w2"]}, tmp_path / "adapter.pt")
+    adapter = adapters.save_adapter(full, {"rank": 4, "alpha": 8.0, "targets": ["wq", "wv", "w2"]}, tmp_path / "adapter.pt")
     prompt, n = "Once upon a time", 24
     tuned = python(REPO / "example_ft.py", "--adapter", adapter, "--template", "plain", "--instruction", prompt,
                    "--json", "--max_gen_len", str(n), "--max_seq_len", str(MAX_SEQ_LEN), timeout=120)

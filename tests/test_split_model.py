@@ -15,10 +15,14 @@ import torch
 
 from dist_utils import REPO, python, torchrun
 from llama import distributed, plan
-from llama.checkpoint import build_empty, load_model, model_args, random_state_dict, rank_slice, shard_state_dict
+from llama.formats.load import build_empty, load_model
+from llama.formats.params import model_args
+from llama.formats.layout import random_state_dict, rank_slice, shard_state_dict
 from llama.errors import UserError, run_cli
 from llama.generation import Llama
-from llama.reshard import file_sha256, reshard, same_bits
+from llama.files import file_sha256
+from llama.formats.convert import reshard
+from llama.formats.checkpoint import same_bits
 
 sys.path.insert(0, str(REPO))  # split_model.py lives at the repo root
 import example  # noqa: E402

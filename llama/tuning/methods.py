@@ -5,7 +5,7 @@ float32 master weights), which parameters train (and which of them are split ove
 tensor-parallel ranks, for the global gradient norm), the optimizer, and the files it writes.
 The loop (ft_main.py) is the same for all three:
 
-- `prompt`: a soft prompt before the tokens (llama/prompt_tuning.py); the model is frozen.
+- `prompt`: a soft prompt before the tokens (llama/tuning/prompt.py); the model is frozen.
   Writes prompt.pt and peft/ (PEFT prompt tuning); ckpt.pt holds the prompt and its optimizer.
 - `lora`: low-rank adapters inside the parallel linears (llama/lora.py); the model is frozen.
   Writes adapter.pt (full tensors) and peft/ (PEFT LoRA), plus lora_optimizer.TT.pt per
@@ -22,22 +22,38 @@ never mixes steps.
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from llama import checkpoint, lora, peft_lora, plan
+from llama import lora
+from llama.cli import parse_dtype
 from llama.distributed import Parallel
 from llama.errors import UserError
+from llama.files import (
+    MANIFEST,
+    GiB,
+    atomic_copy,
+    atomic_torch_save,
+    atomic_write_text,
+    describe_file,
+    load_file,
+    manifest,
+    read_json,
+    write_manifest,
+)
+from llama.formats import adapters, open_checkpoint, peft, plan
+from llama.formats.layout import shard_name, tensor_split_dim
+from llama.formats.load import load_model
+from llama.formats.params import PARAMS, params_from_args, read_params
 from llama.model import Transformer
-from llama.prompt_tuning import SoftPrompt, atomic_torch_save, atomic_write_text, export_peft, init_prompt, save_prompt
+from llama.tokenizer import TOKENIZER
+from llama.tuning.prompt import SoftPrompt, export_peft, init_prompt, save_prompt
 
 
 class Method:
@@ -60,8 +76,8 @@ class Method:
     def load_model(self, tokenizer, ckpt_dir: Optional[Path] = None, dtype: Optional[torch.dtype] = None) -> Transformer:
         """This rank's slice of the model, frozen, with a RoPE table but no KV cache."""
         args, parallel = self.args, self.parallel
-        dtype = dtype or checkpoint.parse_dtype(args.dtype)
-        self.model = checkpoint.load_model(Path(ckpt_dir or args.ckpt_dir), tokenizer.n_words, self.positions(), args.batch_size,
+        dtype = dtype or parse_dtype(args.dtype)
+        self.model = load_model(Path(ckpt_dir or args.ckpt_dir), tokenizer.n_words, self.positions(), args.batch_size,
                                            dtype, parallel.device, parallel.tp_rank, parallel.tp_size, kv_cache=False)
         return self.model
 
@@ -77,7 +93,7 @@ class Method:
 
     def split(self) -> list[bool]:
         """For each trained tensor: is it split over the tensor-parallel ranks?"""
-        return [lora.tensor_split_dim(name) is not None for name, _ in self.named_trainable()]
+        return [tensor_split_dim(name) is not None for name, _ in self.named_trainable()]
 
     def optimizer(self, dp_group) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.trainable(), lr=self.args.lr, weight_decay=self.args.weight_decay)
@@ -145,7 +161,7 @@ class LoRATuning(Method):
         if resume_dir is None:
             lora.add_lora(model, targets, args.lora_rank, args.lora_alpha, args.lora_dropout, args.seed)
         else:
-            full, config = lora.load_adapter(resume_dir / "adapter.pt")
+            full, config = adapters.load_adapter(resume_dir / "adapter.pt")
             lora.load_state(model, full, config["alpha"], args.lora_dropout)
             self.resumed_step = config.get("step")
         return model.train()  # LoRA dropout is on in training
@@ -169,8 +185,8 @@ class LoRATuning(Method):
     def save(self, out_dir: Path, step: int, optimizer: torch.optim.Optimizer) -> None:
         full = lora.gather_state(self.model)  # a collective: every rank takes part
         if self.parallel.is_main:
-            lora.save_adapter(full, self.config(step), out_dir / "adapter.pt")
-            peft_lora.export_peft(full, self.config(step), self.model.args, out_dir / "peft")
+            adapters.save_adapter(full, self.config(step), out_dir / "adapter.pt")
+            peft.export_peft(full, self.config(step), self.model.args, out_dir / "peft")
         if self.parallel.dp_rank == 0:  # data-parallel ranks hold the same optimizer state
             atomic_torch_save({"step": step, "optimizer": optimizer.state_dict()}, out_dir / f"lora_optimizer.{self.parallel.tp_rank:02d}.pt")
 
@@ -185,7 +201,7 @@ class FullTuning(Method):
     def build(self, tokenizer, resume_dir: Optional[Path]) -> Transformer:
         # float32 master weights whatever --dtype says; on CUDA the loop's autocast computes in --dtype
         if self.parallel.device.type == "cuda" and self.parallel.is_main:
-            warning = memory_warning(self.args, checkpoint.open_checkpoint(self.args.ckpt_dir).args, self.parallel,
+            warning = memory_warning(self.args, open_checkpoint(self.args.ckpt_dir).args, self.parallel,
                                      torch.cuda.mem_get_info(self.parallel.device)[1])
             if warning:
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
@@ -206,7 +222,7 @@ class FullTuning(Method):
 
     def restore(self, saved: dict, optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
         check_layout(saved, self.parallel)
-        manifest = checkpoint.read_json(out_dir / "model" / "manifest.json", "the run was killed before its first checkpoint was complete")
+        manifest = read_json(out_dir / "model" / MANIFEST, "the run was killed before its first checkpoint was complete")
         if manifest.get("step") != saved["step"]:
             raise UserError(f"{out_dir / 'model'} holds step {manifest.get('step')} but ckpt.pt step {saved['step']}: the run was killed while saving")
         optimizer.optim.load_state_dict(_load_rank_file(self._optimizer_file(out_dir), saved["step"])["optimizer"])
@@ -215,7 +231,7 @@ class FullTuning(Method):
         parallel, model_dir = self.parallel, out_dir / "model"
         if parallel.dp_rank == 0:  # one copy of each tensor-parallel slice
             state = {key: tensor.detach().to("cpu", copy=True) for key, tensor in self.model.state_dict().items()}
-            atomic_torch_save(state, model_dir / f"consolidated.{parallel.tp_rank:02d}.pth")
+            atomic_torch_save(state, model_dir / shard_name(parallel.tp_rank))
         atomic_torch_save({"step": step, "optimizer": optimizer.optim.state_dict()}, self._optimizer_file(out_dir))
         dist.barrier()
         if parallel.is_main:
@@ -236,31 +252,26 @@ def make_method(args: argparse.Namespace, parallel: Parallel) -> Method:
 
 def write_meta_extras(args: argparse.Namespace, model: Transformer, model_dir: Path, step: int, n_shards: int) -> None:
     """params.json (vocab filled in), the tokenizer and, last, manifest.json beside the shards."""
-    from llama.hf import params_from_args
-
-    base_params = Path(args.ckpt_dir) / "params.json"
-    params = checkpoint.read_params(base_params) if base_params.is_file() else params_from_args(model.args)
+    base_params = Path(args.ckpt_dir) / PARAMS
+    params = read_params(base_params) if base_params.is_file() else params_from_args(model.args)
     params["vocab_size"] = model.args.vocab_size
-    atomic_write_text(json.dumps(params) + "\n", model_dir / "params.json")
-    tokenizer = Path(args.tokenizer_path)
-    tmp = model_dir / f".{tokenizer.name}.tmp"
-    shutil.copyfile(tokenizer, tmp)
-    tmp.replace(model_dir / tokenizer.name)
-    manifest = {"source": str(args.ckpt_dir), "method": "full", "step": step, "num_shards": n_shards, "dtype": "float32",
-                "files": [f"consolidated.{i:02d}.pth" for i in range(n_shards)] + ["params.json", tokenizer.name]}
-    atomic_write_text(json.dumps(manifest, indent=2) + "\n", model_dir / "manifest.json")
+    atomic_write_text(json.dumps(params) + "\n", model_dir / PARAMS)
+    atomic_copy(Path(args.tokenizer_path), model_dir / TOKENIZER)
+    names = [shard_name(i) for i in range(n_shards)] + [PARAMS, TOKENIZER]
+    write_manifest(model_dir, manifest("meta", str(args.ckpt_dir), n_shards, "float32", [describe_file(model_dir / n) for n in names],
+                                       method="full", step=step))
 
 
 def memory_warning(args: argparse.Namespace, model_args, parallel: Parallel, card_bytes: int) -> Optional[str]:
     """The planner's per-card total for this full fine-tuning run, if it exceeds a card's memory."""
-    dtype_bytes = checkpoint.parse_dtype(args.dtype).itemsize
+    dtype_bytes = parse_dtype(args.dtype).itemsize
     need = plan.estimate(model_args, parallel.tp_size, args.batch_size, args.max_seq_len, dtype_bytes, "full", 0,
                          data_parallel=parallel.dp_size, checkpoint_activations=args.checkpoint_activations)
     if need.total <= card_bytes:
         return None
-    return (f"the planner puts --method full at {need.total / plan.GiB:.1f} GiB per card (weights {need.weights / plan.GiB:.1f}, "
-            f"gradients + AdamW {need.train_state / plan.GiB:.1f}, activations {need.activations / plan.GiB:.1f}) but a card has "
-            f"{card_bytes / plan.GiB:.1f} GiB: use more tensor- or data-parallel ranks, --checkpoint_activations, a smaller "
+    return (f"the planner puts --method full at {need.total / GiB:.1f} GiB per card (weights {need.weights / GiB:.1f}, "
+            f"gradients + AdamW {need.train_state / GiB:.1f}, activations {need.activations / GiB:.1f}) but a card has "
+            f"{card_bytes / GiB:.1f} GiB: use more tensor- or data-parallel ranks, --checkpoint_activations, a smaller "
             "--batch_size, or --method lora (see split_model.py --plan --mode full)")
 
 
@@ -277,12 +288,8 @@ def _load_rank_file(path: Path, step: int) -> dict:
     """A per-rank resume file, checked to belong to ckpt.pt's step."""
     if not path.is_file():
         raise UserError(f"--resume: {path} is missing; resume with the same number of ranks (--tp and data-parallel size) as the run")
-    state = checkpoint.load_file(path, mmap=False)
+    state = load_file(path, mmap=False)
     if state.get("step") != step:
         raise UserError(f"{path} is from step {state.get('step')} but ckpt.pt from step {step}: the run was killed while saving")
     return state
 
-
-def tp_group():
-    """fairscale's group of ranks that split one model."""
-    return fs_init.get_model_parallel_group()

@@ -13,23 +13,22 @@ Two file formats:
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional
+from typing import Optional
 
-import safetensors.torch
 import torch
 from torch import nn
 
-from llama.checkpoint import load_file, read_json
 from llama.errors import UserError
+from llama.files import atomic_torch_save, atomic_write_text, load_file, read_json, read_safetensors
+from llama.formats.peft import CONFIG as PEFT_CONFIG
+from llama.formats.peft import WEIGHTS as PEFT_SAFETENSORS
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 
 INITS = ("text", "vocab", "random")
 PROJECT_FORMAT = "llama-mp-soft-prompt"
-PEFT_CONFIG, PEFT_WEIGHTS, PEFT_SAFETENSORS = "adapter_config.json", "adapter_model.bin", "adapter_model.safetensors"
+PEFT_WEIGHTS = "adapter_model.bin"  # what our export writes; PEFT reads it, and its own safetensors file is read too
 # Our init names <-> PEFT's PromptTuningInit values.
 PEFT_INIT = {"text": "TEXT", "vocab": "RANDOM_DISCRETE", "random": "RANDOM"}
 
@@ -185,41 +184,3 @@ def _check_matrix(tensor, path: Path) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or not tensor.is_floating_point():
         raise UserError(f"{path}: prompt embeddings must be a 2-d float tensor [n_virtual_tokens, dim]")
     return tensor
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file (recent PEFT's default); an unreadable file is a UserError."""
-    try:
-        return safetensors.torch.load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for foreign or truncated files
-        raise UserError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:200]})") from None
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Write through a temporary file in the target directory, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_torch_save(obj, path: Path) -> Path:
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_bytes(data: bytes, path: Path) -> Path:
-    return atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(text: str, path: Path) -> Path:
-    return atomic_write_bytes(text.encode("utf-8"), path)

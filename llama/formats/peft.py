@@ -23,12 +23,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as safetensors_bytes
 
-from llama import hf
-from llama.checkpoint import read_json
 from llama.errors import UserError
+from llama.files import atomic_write, atomic_write_text, read_json
+from llama.formats import hf
 from llama.lora import TARGETS, targets_of
 from llama.model import ModelArgs
-from llama.prompt_tuning import atomic_write, atomic_write_text
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from llama.errors import UserError, run_cli
-from llama.prompt_tuning import atomic_write_bytes
+from llama.files import atomic_write_bytes
 
 
 def read_records(path: Path) -> list[dict]:

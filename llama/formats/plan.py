@@ -12,30 +12,18 @@ adapters with float32 gradients and AdamW moments), full (float32 master weights
 and AdamW moments sharded over D by ZeRO; activations in b, optionally checkpointed per block).
 """
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
-from llama.checkpoint import full_shapes, split_dim, split_sizes
-from llama.errors import UserError
-from llama.lora import DEFAULT_TARGETS, TARGETS, lora_split_dims
+from llama.files import GiB
+from llama.formats.layout import full_shapes, lora_split_dims, split_dim, split_sizes
+from llama.lora import DEFAULT_TARGETS, TARGETS
 from llama.model import ModelArgs
 
 Mode = Literal["infer", "prompt-tune", "lora", "full"]
 MODES = ("infer", "prompt-tune", "lora", "full")
 LORA_TARGETS = DEFAULT_TARGETS  # ft_main.py's default --lora_targets
 CARD_COUNTS = (1, 2, 4, 8)
-GiB = 2**30
-_UNITS = {"": GiB, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
-          "g": GiB, "gib": GiB, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
-
-
-def parse_size(text: str) -> int:
-    """'12GiB', '12G' (GiB), '12GB' (10^9), '11000MiB', '12' (GiB) -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise UserError(f"cannot read memory size '{text}': write e.g. 12GiB, 12GB or 11000MiB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 @dataclass

@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from llama.checkpoint import Checkpoint, OUTPUT
 from llama.errors import UserError
-from llama.hf import context_length
+from llama.formats.checkpoint import Checkpoint
+from llama.formats.hf import context_length
+from llama.formats.layout import OUTPUT
 from llama.model import META_ROPE_SCALING, scale_rope_freqs
+from llama.tokenizer import load_tokenizer
 
 GGUF_FILE = "model.gguf"
 GGUF_DTYPES = ("float32", "float16", "q8_0")
@@ -154,8 +156,6 @@ def tiktoken_vocab(gguf, tok, path: Path, vocab_size: int) -> dict:
 
 def vocabulary(gguf, ckpt: Checkpoint) -> dict:
     """The model's vocabulary in llama.cpp's terms (SentencePiece or Llama 3 tiktoken)."""
-    from llama.tokenizer import load_tokenizer
-
     path = ckpt.tokenizer_file()
     if path is None:
         raise UserError(f"no tokenizer.model in {ckpt.path} (or its original/): a GGUF file carries the vocabulary, "
@@ -326,9 +326,7 @@ class GGUFWriter:
 
     @staticmethod
     def write(ckpt: Checkpoint, staging, num_shards: int, prepared: dict, progress: bool) -> list[dict]:
-        from llama.reshard import write_files
-
-        return write_files([(GGUF_FILE, lambda path: write_gguf(ckpt, path, prepared, progress))], staging)
+        return staging.write_files([(GGUF_FILE, lambda path: write_gguf(ckpt, path, prepared, progress))])
 
     @staticmethod
     def verify(ckpt: Checkpoint, staging, prepared: dict, progress: bool) -> None:

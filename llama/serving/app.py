@@ -31,13 +31,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama import distributed, lora
-from llama.batching import broadcast, run_steps
+from llama import cli, distributed
 from llama.errors import UserError
+from llama.formats import adapters
 from llama.generation import Llama
-from llama.openai_api import ChatRequest, CompletionRequest, GenerationFields, Reply, error_body
-from llama.scheduler import Piece, QueueFull, Sampling, Scheduler, ShuttingDown
-from llama.scheduler import Request as Job
+from llama.sampling import Sampling
+from llama.serving.batching import broadcast, run_steps
+from llama.serving.openai_api import ChatRequest, CompletionRequest, GenerationFields, Reply, error_body
+from llama.serving.scheduler import Piece, QueueFull
+from llama.serving.scheduler import Request as Job
+from llama.serving.scheduler import Scheduler, ShuttingDown
 
 
 class APIError(Exception):
@@ -59,7 +62,7 @@ def sampling_for(body: GenerationFields, max_tokens: Optional[int], n_prompt: in
     if max_tokens is not None and max_tokens <= 0:
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     max_new = room if max_tokens is None else min(max_tokens, room)
-    return Sampling(max_new, body.temperature, body.top_p, body.seed, body.stop_strings(), top_logprobs)
+    return Sampling(body.temperature, body.top_p, body.seed, max_new, body.stop_strings(), top_logprobs)
 
 
 def completion_prompt(llm: Llama, prompt: str | list[int]) -> list[int]:
@@ -297,16 +300,15 @@ def follow(llm: Llama) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.max_queue < 0 or args.max_batch_size < 1:
-        raise UserError("--max_queue must be >= 0 and --max_batch_size >= 1")
-    rope = {"factor": args.rope_scaling_factor} if args.rope_scaling_factor is not None else None
-    if args.adapter is not None and lora.adapter_kind(args.adapter) != "lora":
+    if args.max_queue < 0:
+        raise UserError(f"--max_queue must be 0 or more, got {args.max_queue}")
+    if args.adapter is not None and adapters.adapter_kind(args.adapter) != "lora":
         raise UserError(f"--adapter {args.adapter} is not a LoRA adapter: serve.py runs LoRA adapters (a soft prompt runs with example_ft.py)")
     llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed,
-                      compile=args.compile, rope_scaling=rope)
+                      compile=args.compile, rope_scaling=cli.rope_override(args))
     try:
         if args.adapter is not None:
-            lora.apply_adapter(llm.model, args.adapter)
+            adapters.apply_adapter(llm.model, args.adapter)
         sock, error = bind(args.host, args.port) if llm.parallel.is_main else (None, None)
         error = broadcast(error, llm.parallel.device)
         if error is not None:

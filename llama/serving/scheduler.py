@@ -16,8 +16,9 @@ from typing import Callable, Optional
 
 import torch
 
-from llama.batching import Plan
-from llama.generation import Llama, sample
+from llama.generation import Llama
+from llama.sampling import Sampling, sample
+from llama.serving.batching import Plan
 
 
 class QueueFull(Exception):
@@ -26,21 +27,6 @@ class QueueFull(Exception):
 
 class ShuttingDown(Exception):
     """The server is stopping and takes no new requests."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """A request's generation settings (validated by the HTTP layer)."""
-
-    max_new: int
-    """Tokens to generate at most (already capped so that prompt + max_new <= max_seq_len)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    stop: tuple[str, ...] = ()
-    """Strings that end the completion; the text stops before the first one."""
-    top_logprobs: Optional[int] = None
-    """None: no logprobs; k >= 0: each token's logprob and the k most likely alternatives."""
 
 
 @dataclass

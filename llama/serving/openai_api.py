@@ -11,7 +11,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llama.scheduler import Piece, TokenLogprob
+from llama.sampling import Sampling
+from llama.serving.scheduler import Piece, TokenLogprob
 
 MAX_TOP_LOGPROBS = 5
 """OpenAI's limit for legacy completions; enough for a margin check (top-2)."""
@@ -32,8 +33,8 @@ class GenerationFields(Strict):
 
     model: Optional[str] = None
     max_tokens: Optional[int] = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(Sampling.temperature, ge=0.0, le=2.0)  # left out: the project's default (greedy)
+    top_p: float = Field(Sampling.top_p, gt=0.0, le=1.0)
     n: int = 1
     stream: bool = False
     stream_options: Optional[StreamOptions] = None

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llama import data
-from llama.checkpoint import load_file
-from llama.data import IGNORE_INDEX
 from llama.errors import UserError
+from llama.files import atomic_torch_save, atomic_write_text, load_file
 from llama.model import Transformer
-from llama.prompt_tuning import SoftPrompt, atomic_torch_save, atomic_write_text
+from llama.tuning import data
+from llama.tuning.data import IGNORE_INDEX
+from llama.tuning.prompt import SoftPrompt
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [B, T], labels [B, T]
 

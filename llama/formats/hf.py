@@ -22,23 +22,16 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
-from llama.checkpoint import (
-    EMBEDDING,
-    LLAMA3_MIN_VOCAB,
-    NOT_LOADED,
-    OUTPUT,
-    PARTIAL,
-    Checkpoint,
-    check_names,
-    full_shapes,
-    model_args,
-    parse_dtype,
-    read_json,
-    rope_freqs,
-)
+from llama.cli import parse_dtype
 from llama.errors import UserError
+from llama.files import STAGING, Staging, parse_size, read_json
+from llama.formats.checkpoint import Checkpoint, verify
+from llama.formats.layout import EMBEDDING, LLAMA3_MIN_VOCAB, NOT_LOADED, OUTPUT, check_names, full_shapes, rope_freqs
+from llama.formats.params import model_args
 from llama.model import META_ROPE_SCALING, ModelArgs
+from llama.tokenizer import load_tokenizer
 
 CONFIG, INDEX, SINGLE = "config.json", "model.safetensors.index.json", "model.safetensors"
 GENERATION_CONFIG = "generation_config.json"
@@ -159,18 +152,6 @@ def params_from_config(config: dict, path: Path) -> dict:
     return params
 
 
-def params_from_args(args: ModelArgs) -> dict:
-    """Meta params.json of a model (written when converting to the Meta layout)."""
-    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
-              "vocab_size": args.vocab_size, "multiple_of": args.multiple_of, "ffn_dim_multiplier": args.ffn_dim_multiplier,
-              "norm_eps": args.norm_eps, "rope_theta": args.rope_theta}
-    if args.use_scaled_rope:
-        params["use_scaled_rope"] = True
-        if args.rope_scaling not in (None, META_ROPE_SCALING):
-            params["rope_scaling"] = args.rope_scaling  # e.g. HF's factor 32 for Llama 3.2, kept
-    return params
-
-
 def weight_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it (from the index, or the one file)."""
     if (path / INDEX).is_file():
@@ -185,8 +166,8 @@ def weight_files(path: Path) -> dict[str, Path]:
         return files
     if (path / SINGLE).is_file():
         return {name: path / SINGLE for name in _open(path / SINGLE).keys()}
-    if (path / PARTIAL).is_dir():
-        raise UserError(f"{path} holds only the partial output of an interrupted conversion ({PARTIAL}): "
+    if (path / STAGING).is_dir():
+        raise UserError(f"{path} holds only the partial output of an interrupted conversion ({STAGING}): "
                         "rerun the split_model.py command that writes it")
     other = sorted(p.name for p in path.glob("*.bin"))
     hint = f" ({other[0]} is a pickle: only safetensors are read)" if other else ""
@@ -333,8 +314,6 @@ def tokenizer_ids(ckpt: Checkpoint) -> tuple[Optional[int], Optional[int | list[
     path = ckpt.tokenizer_file()
     if path is None:
         return None, None
-    from llama.tokenizer import load_tokenizer
-
     tok = load_tokenizer(path)
     stops = sorted(tok.stop_ids)
     return tok.bos_id, stops[0] if len(stops) == 1 else stops
@@ -345,8 +324,6 @@ class HFWriter:
 
     @staticmethod
     def prepare(ckpt: Checkpoint, dtype, max_shard_size: str = "5GB") -> dict:
-        from llama.plan import parse_size
-
         return {"dtype": parse_dtype(dtype) if isinstance(dtype, str) else dtype, "max_bytes": parse_size(max_shard_size)}
 
     @staticmethod
@@ -354,11 +331,7 @@ class HFWriter:
         return sum(ckpt.shape(k).numel() * (prepared["dtype"] or ckpt.dtype(k)).itemsize for k in hf_keys(ckpt)) + 2**20
 
     @staticmethod
-    def write(ckpt: Checkpoint, staging, num_shards: int, prepared: dict, progress: bool) -> list[dict]:
-        from tqdm import tqdm
-
-        from llama.reshard import flush_and_describe, write_files
-
+    def write(ckpt: Checkpoint, staging: Staging, num_shards: int, prepared: dict, progress: bool) -> list[dict]:
         dtype = prepared["dtype"]
         groups = plan_files(ckpt, dtype, prepared["max_bytes"])
         names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
@@ -370,7 +343,7 @@ class HFWriter:
                 os.chmod(path, 0o644)  # safetensors creates files readable by the owner only
             return write
 
-        files = write_files(list(zip(names, map(file_writer, groups))), staging)
+        files = staging.write_files(list(zip(names, map(file_writer, groups))))
         bos, eos = tokenizer_ids(ckpt)
         out_dtype = dtype or ckpt.dtype(EMBEDDING)
         texts = {CONFIG: config_from_args(ckpt.args, ckpt.tied, out_dtype, bos, eos, context_length(ckpt)),
@@ -379,15 +352,10 @@ class HFWriter:
             total = sum(ckpt.shape(k).numel() * (dtype or ckpt.dtype(k)).itemsize for k in hf_keys(ckpt))
             texts[INDEX] = {"metadata": {"total_size": total},
                             "weight_map": {hf_name(k): name for name, keys in zip(names, groups) for k in keys}}
-        for name, content in texts.items():
-            staging.path(name).write_text(json.dumps(content, indent=2) + "\n")
-            files.append(flush_and_describe(staging.path(name)))
-        return files
+        return files + [staging.write_text(name, json.dumps(content, indent=2) + "\n") for name, content in texts.items()]
 
     @staticmethod
-    def verify(ckpt: Checkpoint, staging, prepared: dict, progress: bool) -> None:
-        from llama.reshard import verify
-
+    def verify(ckpt: Checkpoint, staging: Staging, prepared: dict, progress: bool) -> None:
         verify(ckpt, HFCheckpoint(staging.tmp), prepared["dtype"], progress)
 
     @staticmethod

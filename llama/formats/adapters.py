@@ -1,0 +1,99 @@
+"""LoRA adapter files: the project's `adapter.pt` and PEFT directories, read, written and merged.
+
+- the project's `adapter.pt`: `{"format": "llama-mp-lora", "config": {...}, "weights": {...}}`
+  with full (unsplit) tensors named `layers.N.attention.wq.lora.A` / `.lora.B`;
+- Hugging Face PEFT's LoRA adapter directory (llama/formats/peft.py).
+
+`merge_adapter` wraps a checkpoint reader so that every writer streams base + scale * B @ A; the
+split dims of the factors come from `SPLIT_DIMS` (`lora_split_dims`), so no gathering is needed.
+"""
+
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from llama.errors import UserError
+from llama.files import atomic_torch_save, load_file
+from llama.formats import peft
+from llama.formats.layout import lora_split_dims
+from llama.lora import load_state, local_slice
+from llama.model import ModelArgs, Transformer
+
+PROJECT_FORMAT = "llama-mp-lora"
+
+
+def save_adapter(full: Mapping[str, torch.Tensor], config: dict, path: Path) -> Path:
+    """Write the project's format atomically: full tensors + config (rank, alpha, targets, base model)."""
+    return atomic_torch_save({"format": PROJECT_FORMAT, "config": dict(config), "weights": dict(full)}, Path(path))
+
+
+def load_adapter(path: Path, args: Optional[ModelArgs] = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(full tensors, config) from adapter.pt or a PEFT LoRA directory (which needs the model's `args`)."""
+    path = Path(path)
+    if path.is_dir():
+        if args is None:
+            raise ValueError("reading a PEFT adapter needs the model's args (for the q/k row order)")
+        return peft.import_peft(path, args)
+    if not path.is_file():
+        raise UserError(f"adapter {path} not found: pass an adapter.pt file or a PEFT adapter directory (train one with ft_main.py)")
+    state = load_file(path, mmap=False)
+    if not isinstance(state, dict) or state.get("format") != PROJECT_FORMAT:
+        raise UserError(f"{path} is not a LoRA adapter written by ft_main.py (expected format '{PROJECT_FORMAT}')")
+    return dict(state["weights"]), dict(state["config"])
+
+
+def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B @ A, computed in float32 and returned in W's dtype."""
+    return (weight.float() + scale * (B.float() @ A.float())).to(weight.dtype)
+
+
+def adapter_kind(path: Path) -> str:
+    """'lora' or 'prompt': what a file or PEFT directory holds (example_ft.py runs either)."""
+    path = Path(path)
+    if path.is_dir():
+        return "lora" if peft.read_config(path).get("peft_type") == "LORA" else "prompt"
+    if path.is_file():
+        state = load_file(path, mmap=True)
+        return "lora" if isinstance(state, dict) and state.get("format") == PROJECT_FORMAT else "prompt"
+    return "prompt"  # load_prompt names the missing path
+
+
+def apply_adapter(model: Transformer, path: Path) -> None:
+    """Run a saved LoRA adapter (project or PEFT format) inside `model`, each rank its slices."""
+    full, config = load_adapter(path, model.args)
+    load_state(model, full, config["alpha"])
+
+
+def merge_adapter(ckpt, path: Path):
+    """Read checkpoint `ckpt` as base + scale * B @ A: its `read` of an adapted weight returns merged slices.
+
+    Merging needs no gathering: a column-parallel slice is W_local + s * B_local @ A, a
+    row-parallel one W_local + s * B @ A_local, so every writer (Meta N shards, HF, GGUF)
+    streams the merged model one tensor at a time. Shapes are checked first.
+    """
+    full, config = load_adapter(path, ckpt.args)
+    scale = config["alpha"] / config["rank"]
+    factors = {}
+    for module in sorted({key.rsplit(".lora.", 1)[0] for key in full}):
+        key, A, B = module + ".weight", full.get(module + ".lora.A"), full.get(module + ".lora.B")
+        if key not in ckpt.keys or A is None or B is None:
+            raise UserError(f"adapter {path} has weights for '{module}', which {ckpt.path} does not have: the adapter is for another model")
+        if key == "output.weight" and ckpt.tied:
+            raise UserError(f"adapter {path} adapts the output layer, but {ckpt.path} ties it to the embedding: merge would change both")
+        out_features, in_features = ckpt.shape(key)
+        if A.shape != (A.size(0), in_features) or B.shape != (out_features, A.size(0)):
+            raise UserError(f"adapter {path} has A {tuple(A.shape)}, B {tuple(B.shape)} for '{key}' of shape "
+                            f"{(out_features, in_features)} in {ckpt.path}: the adapter's base model does not match")
+        factors[key] = (A, B)
+    base_read = ckpt.read
+
+    def read(key: str, rank: int = 0, n_ranks: int = 1) -> torch.Tensor:
+        weight = base_read(key, rank, n_ranks)
+        if key not in factors:
+            return weight
+        (A, B), (a_dim, b_dim) = factors[key], lora_split_dims(key)
+        return merged_weight(weight, local_slice(A, a_dim, rank, n_ranks), local_slice(B, b_dim, rank, n_ranks), scale)
+
+    ckpt.read = read
+    return ckpt
