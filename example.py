@@ -54,7 +54,7 @@ def stream_one(llm: Llama, prompt: str, prompt_ids: list[int], args: argparse.Na
     The first piece is computed before anything is printed, so a bad prompt (too long, ...)
     is an error with nothing half-written on stdout.
     """
-    pieces = llm.stream(prompt_ids, args.max_gen_len, args.temperature, args.top_p, prefix)
+    pieces = llm.stream(prompt_ids, cli.sampling_of(args), prefix)
     first = next(pieces, "")
     if llm.parallel.is_main:
         print(prompt + first, end="", flush=True)
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
         if len(prompts) == 1 and not args.json:
             stream_one(llm, prompts[0], prompt_ids[0], args)
         else:
-            results = llm.complete(prompt_ids, args.max_gen_len, args.temperature, args.top_p, False, False)
+            results = llm.complete(prompt_ids, cli.sampling_of(args))
             print_results(llm, prompts, results, args.json)
     finally:
         distributed.teardown()

@@ -52,7 +52,7 @@ def main(argv=None) -> None:
         if len(texts) == 1 and not args.json:
             stream_one(llm, texts[0], prompt_ids[0], args, prefix)
             return
-        results = llm.complete(prompt_ids, args.max_gen_len, args.temperature, args.top_p, prefix=prefix)
+        results = llm.complete(prompt_ids, cli.sampling_of(args), prefix=prefix)
         print_results(llm, texts, results, args.json)
     finally:
         distributed.teardown()

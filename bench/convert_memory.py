@@ -35,11 +35,11 @@ import torch  # noqa: E402
 
 from bench.common import peak_memory, reset_peak_memory  # noqa: E402
 from bench.split_memory import MB, PeakSampler, make_checkpoint_apart, rss_anon, timed_copy  # noqa: E402
-from llama.formats.load import load_model  # noqa: E402
-from llama.formats import open_checkpoint  # noqa: E402
 from llama.cli import parse_dtype  # noqa: E402
-from llama.formats.convert import convert  # noqa: E402
+from llama.formats import open_checkpoint  # noqa: E402
 from llama.formats.checkpoint import verify  # noqa: E402
+from llama.formats.convert import convert  # noqa: E402
+from llama.formats.load import load_model  # noqa: E402
 
 
 def load_worker(ckpt_dir: Path, dtype_name: str) -> None:

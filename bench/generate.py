@@ -29,11 +29,24 @@ import torch.distributed as dist  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.common import start, device_name, copy_bandwidth, emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
-from llama import checkpoint, distributed  # noqa: E402
+from bench.common import (  # noqa: E402
+    copy_bandwidth,
+    device_name,
+    emit_json,
+    format_table,
+    peak_memory,
+    reset_peak_memory,
+    start,
+    synchronize,
+)
+from llama import distributed  # noqa: E402
+from llama.cli import parse_dtype  # noqa: E402
 from llama.errors import UserError, run_cli  # noqa: E402
+from llama.formats import layout  # noqa: E402
+from llama.formats.load import build_empty, load_model  # noqa: E402
 from llama.generation import Llama, prefill  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
+from llama.sampling import Sampling  # noqa: E402
 from llama.tokenizer import load_tokenizer  # noqa: E402
 
 STORIES = REPO / "ckpts" / "stories260K"
@@ -98,20 +111,20 @@ def random_model(args: ModelArgs, dtype: torch.dtype, parallel: distributed.Para
     Drawing on the device in the target dtype avoids materialising a float32 7B model on the
     host first; the values are irrelevant to speed (scaled 1/sqrt(fan_in) to stay finite).
     """
-    checkpoint.check_shardable(args, parallel.tp_size)
+    layout.check_shardable(args, parallel.tp_size)
     device = parallel.device
     gen = torch.Generator(device).manual_seed(parallel.tp_rank)
     state = {}
-    for key, shape in checkpoint.full_shapes(args).items():
+    for key, shape in layout.full_shapes(args).items():
         local = list(shape)
-        split = checkpoint.split_dim(key)
+        split = layout.split_dim(key)
         if split is not None:
             local[split] //= parallel.tp_size
         if key.endswith("norm.weight"):
             state[key] = torch.ones(local, dtype=dtype, device=device)
         else:
             state[key] = torch.randn(local, generator=gen, dtype=dtype, device=device).mul_(shape[-1] ** -0.5)
-    model = checkpoint.build_empty(args, dtype)
+    model = build_empty(args, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     model.setup_caches(max_batch, max_seq_len)
@@ -120,10 +133,10 @@ def random_model(args: ModelArgs, dtype: torch.dtype, parallel: distributed.Para
 
 def build(shape: str, cli: argparse.Namespace, parallel: distributed.Parallel) -> tuple[Llama, str]:
     """The Llama for a shape on this rank, and a label of its layer count."""
-    dtype, max_seq_len = checkpoint.parse_dtype(cli.dtype), cli.prompt_len + cli.gen_len
+    dtype, max_seq_len = parse_dtype(cli.dtype), cli.prompt_len + cli.gen_len
     if SHAPES[shape] is None:
         tokenizer = load_tokenizer(STORIES / "tokenizer.model")
-        model = checkpoint.load_model(
+        model = load_model(
             STORIES, tokenizer.n_words, max_seq_len, max(cli.batch), dtype, parallel.device, parallel.tp_rank, parallel.tp_size
         )
     else:
@@ -169,7 +182,7 @@ def time_generation(llm: Llama, prompts: list[list[int]], gen_len: int) -> tuple
     synchronize(device)
     start = first = time.perf_counter()
     steps = -1
-    for steps, _ in enumerate(llm.generate_steps(prompts, gen_len, temperature=0.0)):
+    for steps, _ in enumerate(llm.generate_steps(prompts, Sampling(max_new=gen_len))):
         if steps == 0:
             synchronize(device)
             first = time.perf_counter()

@@ -26,9 +26,10 @@ import torch  # noqa: E402
 
 from bench.common import format_table, peak_memory, reset_peak_memory  # noqa: E402
 from bench.generate import SHAPES, shape_args  # noqa: E402
-from llama import checkpoint, hf  # noqa: E402
-from llama.tuning.data import IGNORE_INDEX  # noqa: E402
 from llama.errors import run_cli  # noqa: E402
+from llama.formats import hf  # noqa: E402
+from llama.formats import layout  # noqa: E402
+from llama.tuning.data import IGNORE_INDEX  # noqa: E402
 
 OURS = ("prompt", "lora", "full")
 THEIRS = ("hf-prompt", "hf-lora")
@@ -61,7 +62,7 @@ def hf_model(shape: str):
     model = transformers.LlamaForCausalLM(config)
     gen = torch.Generator().manual_seed(0)
     state = {}
-    for key, shape_ in checkpoint.full_shapes(args).items():  # the order and scale random_model draws
+    for key, shape_ in layout.full_shapes(args).items():  # the order and scale random_model draws
         w = torch.ones(shape_) if key.endswith("norm.weight") else torch.randn(shape_, generator=gen).mul_(shape_[-1] ** -0.5)
         heads = hf.qk_heads(key, args)
         state[hf.hf_name(key)] = hf.to_hf_rows(w, heads) if heads else w

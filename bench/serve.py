@@ -39,10 +39,12 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import device_name, emit_json, format_table  # noqa: E402
-from llama import checkpoint, distributed  # noqa: E402
+from llama import distributed  # noqa: E402
 from llama.errors import UserError, run_cli  # noqa: E402
+from llama.formats import layout  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
+from llama.sampling import Sampling  # noqa: E402
 
 STORIES = REPO / "ckpts" / "stories260K"
 LLAMA2_TOKENIZER = REPO / "tests" / "data" / "tokenizers" / "llama2" / "tokenizer.model"
@@ -79,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def random_checkpoint(shape: str, directory: Path) -> Path:
     """A one-shard Meta checkpoint with random weights (values do not matter to speed)."""
     args = ModelArgs(**SHAPES[shape])
-    torch.save(checkpoint.random_state_dict(args), directory / "consolidated.00.pth")
+    torch.save(layout.random_state_dict(args), directory / "consolidated.00.pth")
     params = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "norm_eps")}
     (directory / "params.json").write_text(json.dumps(params))
     shutil.copy(LLAMA2_TOKENIZER, directory / "tokenizer.model")
@@ -102,14 +104,14 @@ def example_rates(ckpt_dir: Path, prompts: list, cli: argparse.Namespace, max_se
     llm = Llama.build(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max(cli.clients), tp_size=1)
     encode = lambda p: llm.tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else p  # noqa: E731
     try:
-        llm.generate([encode(prompts[0])], 4, temperature=0.0)  # warm-up
+        llm.generate([encode(prompts[0])], Sampling(max_new=4))  # warm-up
         rates = {}
         for batch in cli.clients:
             best = 0.0
             for r in range(cli.repeats):
                 ids = [encode(prompts[(r * batch + i) % len(prompts)]) for i in range(batch)]
                 start = time.perf_counter()
-                out, _ = llm.generate(ids, cli.gen_len, temperature=0.0)
+                out, _ = llm.generate(ids, Sampling(max_new=cli.gen_len))
                 best = max(best, sum(map(len, out)) / (time.perf_counter() - start))
             rates[batch] = best
         return rates

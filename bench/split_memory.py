@@ -25,14 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from llama.formats.params import model_args  # noqa: E402
-
 from llama.cli import parse_dtype  # noqa: E402
-
-from llama.formats.layout import random_state_dict  # noqa: E402
 from llama.formats import open_checkpoint  # noqa: E402
-from llama.formats.convert import reshard  # noqa: E402
 from llama.formats.checkpoint import verify  # noqa: E402
+from llama.formats.convert import reshard  # noqa: E402
+from llama.formats.layout import random_state_dict  # noqa: E402
+from llama.formats.params import model_args  # noqa: E402
 
 PARAMS_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "norm_eps": 1e-05, "vocab_size": 32000}
 MB = 10**6

@@ -36,15 +36,19 @@ from fairscale.nn.model_parallel import initialize as fs_init  # noqa: E402
 from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.common import start, device_name, emit_json, format_table, peak_memory, reset_peak_memory, synchronize  # noqa: E402
+from bench.common import device_name, emit_json, format_table, peak_memory, reset_peak_memory, start, synchronize  # noqa: E402
 from bench.generate import SHAPES, STORIES, random_model, shape_args  # noqa: E402
-from llama import checkpoint, distributed, lora, methods, train  # noqa: E402
-from llama.formats import layout
-from llama.tuning.data import IGNORE_INDEX  # noqa: E402
+from llama import distributed, lora  # noqa: E402
+from llama.cli import parse_dtype  # noqa: E402
 from llama.errors import UserError, run_cli  # noqa: E402
+from llama.formats import layout
+from llama.formats.load import load_model  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
-from llama.tuning.prompt import SoftPrompt  # noqa: E402
 from llama.tokenizer import load_tokenizer  # noqa: E402
+from llama.tuning import methods  # noqa: E402
+from llama.tuning import train  # noqa: E402
+from llama.tuning.data import IGNORE_INDEX  # noqa: E402
+from llama.tuning.prompt import SoftPrompt  # noqa: E402
 
 TABLE = [
     ("method", "method", ""), ("shape", "shape", ""), ("layers", "layers", ""), ("dtype", "dtype", ""), ("tp", "TP", ""), ("batch_size", "batch", ""),
@@ -89,7 +93,7 @@ def load(shape: str, cli: argparse.Namespace, parallel: distributed.Parallel, dt
     positions = cli.n_virtual_tokens + cli.seq_len
     if SHAPES[shape] is None:
         vocab = load_tokenizer(STORIES / "tokenizer.model").n_words
-        model = checkpoint.load_model(STORIES, vocab, positions, cli.batch_size, dtype, parallel.device, parallel.tp_rank, parallel.tp_size)
+        model = load_model(STORIES, vocab, positions, cli.batch_size, dtype, parallel.device, parallel.tp_rank, parallel.tp_size)
     else:
         model = random_model(shape_args(shape, cli.layers, cli.device), dtype, parallel, cli.batch_size, positions)
     model.setup_caches(cli.batch_size, positions, kv_cache=False)
@@ -122,7 +126,7 @@ def trainable(method: str, model: Transformer, cli: argparse.Namespace) -> tuple
 
 
 def run_config(method: str, shape: str, cli: argparse.Namespace, parallel: distributed.Parallel) -> dict:
-    device, dtype = parallel.device, checkpoint.parse_dtype(cli.dtype)
+    device, dtype = parallel.device, parse_dtype(cli.dtype)
     reset_peak_memory(device)
     model = load(shape, cli, parallel, torch.float32 if method == "full" else dtype)  # full: float32 master weights
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

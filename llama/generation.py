@@ -112,9 +112,7 @@ class Llama:
     def generate_steps(
         self,
         prompt_tokens: list[list[int]],
-        max_gen_len: int,
-        temperature: float = Sampling.temperature,
-        top_p: float = Sampling.top_p,
+        sampling: Sampling = Sampling(),
         prefix: Optional[torch.Tensor] = None,
         logprobs: bool = False,
         echo: bool = False,
@@ -125,8 +123,8 @@ class Llama:
         row still inside its prompt keeps its prompt token instead of the sampled one. `prefix`
         [P, dim] is a soft prompt placed before every row (it shifts cache positions by P).
         """
-        model, n_rows = self.model, len(prompt_tokens)
-        cache_rows = model.layers[0].attention.cache.k.size(0)
+        model, n_rows, max_gen_len = self.model, len(prompt_tokens), sampling.max_new
+        cache_rows = model.cache_rows
         if n_rows > cache_rows:
             raise UserError(f"{n_rows} prompts exceed --max_batch_size {cache_rows}")
         if max_gen_len < 1:
@@ -150,6 +148,7 @@ class Llama:
         finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
         stop_ids = torch.tensor(sorted(self.tokenizer.stop_ids), dtype=torch.long, device=device)
         batch_prefix = None if prefix is None else prefix.unsqueeze(0).expand(n_rows, -1, -1)
+        generator = self.generator if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
 
         logits = prefill(model, tokens[:, :shortest], batch_prefix, all_logits=logprobs and echo)
         if logprobs and echo:
@@ -157,7 +156,7 @@ class Llama:
         for cur_pos in range(shortest, total_len):
             if cur_pos > shortest:
                 logits = self.decode(next_token.unsqueeze(1), n_prefix + cur_pos - 1)
-            next_token = sample(logits[:, -1], temperature, top_p, self.generator)
+            next_token = sample(logits[:, -1], sampling.temperature, sampling.top_p, generator)
             next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
             if logprobs:
@@ -170,16 +169,14 @@ class Llama:
     def generate(
         self,
         prompt_tokens: list[list[int]],
-        max_gen_len: int,
-        temperature: float = Sampling.temperature,
-        top_p: float = Sampling.top_p,
+        sampling: Sampling = Sampling(),
         logprobs: bool = False,
         echo: bool = False,
         prefix: Optional[torch.Tensor] = None,
     ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
         """Generated ids per prompt (with the prompt if echo), cut at the first stop token."""
-        end, tokens, token_lp = 0, None, None
-        for end, tokens, token_lp in self.generate_steps(prompt_tokens, max_gen_len, temperature, top_p, prefix, logprobs, echo):
+        end, tokens, token_lp, max_gen_len = 0, None, None, sampling.max_new
+        for end, tokens, token_lp in self.generate_steps(prompt_tokens, sampling, prefix, logprobs, echo):
             pass
         out_tokens, out_lp = [], []
         for row, prompt in enumerate(prompt_tokens):
@@ -195,9 +192,7 @@ class Llama:
     def stream(
         self,
         prompt: list[int],
-        max_gen_len: int,
-        temperature: float = Sampling.temperature,
-        top_p: float = Sampling.top_p,
+        sampling: Sampling = Sampling(),
         prefix: Optional[torch.Tensor] = None,
     ) -> Iterator[str]:
         """Yield the text of one prompt's continuation piece by piece as tokens are generated.
@@ -206,7 +201,7 @@ class Llama:
         characters (byte-fallback tokens) whole.
         """
         shown = ""
-        for pos, tokens, _ in self.generate_steps([prompt], max_gen_len, temperature, top_p, prefix):
+        for pos, tokens, _ in self.generate_steps([prompt], sampling, prefix):
             ids = tokens[0, len(prompt) : pos + 1].tolist()
             if ids and ids[-1] in self.tokenizer.stop_ids:
                 return
@@ -224,27 +219,23 @@ class Llama:
     def text_completion(
         self,
         prompts: list[str],
-        max_gen_len: int = 64,
-        temperature: float = Sampling.temperature,
-        top_p: float = Sampling.top_p,
+        sampling: Sampling = Sampling(),
         logprobs: bool = False,
         echo: bool = False,
     ) -> list[dict]:
         """Complete each prompt; returns {"prompt_ids", "ids", "text"} (+ "logprobs") per prompt."""
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-        return self.complete(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        return self.complete(prompt_tokens, sampling, logprobs, echo)
 
     def chat_completion(
         self,
         dialogs: list[list[Message]],
-        max_gen_len: int = 64,
-        temperature: float = Sampling.temperature,
-        top_p: float = Sampling.top_p,
+        sampling: Sampling = Sampling(),
         logprobs: bool = False,
     ) -> list[dict]:
         """Answer each dialog with the next assistant message, in the model family's chat format."""
         prompt_tokens = [self.chat_tokens(dialog) for dialog in dialogs]
-        return self.complete(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False)
+        return self.complete(prompt_tokens, sampling, logprobs, echo=False)
 
     def chat_tokens(self, dialog: list[Message]) -> list[int]:
         """The prompt for the dialog's next answer in the model family's chat format (llama/chat.py)."""
@@ -253,15 +244,13 @@ class Llama:
     def complete(
         self,
         prompt_tokens: list[list[int]],
-        max_gen_len: int,
-        temperature: float = Sampling.temperature,
-        top_p: float = Sampling.top_p,
+        sampling: Sampling = Sampling(),
         logprobs: bool = False,
         echo: bool = False,
         prefix: Optional[torch.Tensor] = None,
     ) -> list[dict]:
         """Complete token prompts (after an optional soft prompt); {"prompt_ids", "ids", "text"} (+ "logprobs") each."""
-        ids, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, prefix)
+        ids, lps = self.generate(prompt_tokens, sampling, logprobs, echo, prefix)
         results = []
         for row, prompt in enumerate(prompt_tokens):
             result = {"prompt_ids": prompt, "ids": ids[row], "text": self.decode_continuation([] if echo else prompt, ids[row])}

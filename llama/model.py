@@ -276,7 +276,7 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """Token ids -> float32 logits for every position.
 
-    Build it, load weights (see checkpoint.load_model), then call `setup_caches`, which allocates
+    Build it, load weights (see llama.formats.load.load_model), then call `setup_caches`, which allocates
     the RoPE table and, for generation, the KV caches on the weights' device and dtype.
     """
 
@@ -311,6 +311,12 @@ class Transformer(nn.Module):
     @property
     def max_seq_len(self) -> int:
         return 0 if self.rope is None else self.rope.size(0)
+
+    @property
+    def cache_rows(self) -> int:
+        """Sequences the KV caches hold (0 without caches): the most a batch or a server decodes at once."""
+        cache = self.layers[0].attention.cache if len(self.layers) else None
+        return 0 if cache is None else cache.k.size(0)
 
     def hidden_states(
         self, tokens: torch.Tensor, start_pos: int = 0, prefix: Optional[torch.Tensor] = None

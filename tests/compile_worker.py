@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when not pip-installed
-from llama import checkpoint, distributed  # noqa: E402
+from llama import distributed  # noqa: E402
+from llama.formats import load  # noqa: E402
 from llama.generation import Llama  # noqa: E402
+from llama.sampling import Sampling  # noqa: E402
 from llama.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPTS = [[1, 403, 407, 261, 378], [1, 317, 269]]
@@ -29,9 +31,9 @@ def main() -> None:
     args = parser.parse_args()
     parallel = distributed.setup()
     tokenizer = load_tokenizer(args.tokenizer)
-    model = checkpoint.load_model(args.ckpt, tokenizer.n_words, 32, len(PROMPTS), torch.float32, parallel.device, parallel.tp_rank, parallel.tp_size)
-    eager, _ = Llama(model, tokenizer, parallel).generate(PROMPTS, GEN_LEN, temperature=0.0)
-    compiled, logprobs = Llama(model, tokenizer, parallel, compile=True).generate(PROMPTS, GEN_LEN, temperature=0.0, logprobs=True)
+    model = load.load_model(args.ckpt, tokenizer.n_words, 32, len(PROMPTS), torch.float32, parallel.device, parallel.tp_rank, parallel.tp_size)
+    eager, _ = Llama(model, tokenizer, parallel).generate(PROMPTS, Sampling(max_new=GEN_LEN))
+    compiled, logprobs = Llama(model, tokenizer, parallel, compile=True).generate(PROMPTS, Sampling(max_new=GEN_LEN), logprobs=True)
     if parallel.is_main:
         torch.save({"eager": eager, "compiled": compiled, "compiled_logprobs": logprobs}, args.out)
     distributed.teardown()

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/hf_worker.py --hf HF_DIR --meta META_DIR --tokens TOKENS.pt --out DIR
 
-Every safetensors file llama/hf.py opens is wrapped so that each tensor handed out through
+Every safetensors file llama/formats/hf.py opens is wrapped so that each tensor handed out through
 `get_slice(name)[...]` is recorded (name, shape, bytes), and `get_tensor` (a whole tensor) too.
 Each rank writes DIR/rank<R>.pt: the logits of both copies on TOKENS, both state dicts, and the
 record. No transformers import here: the test process computes the reference.
@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when not pip-installed
-from llama import checkpoint, distributed, hf  # noqa: E402
+from llama import distributed  # noqa: E402
+from llama.formats import hf  # noqa: E402
+from llama.formats import load  # noqa: E402
 
 
 class RecordingSlice:
@@ -67,7 +69,7 @@ def main() -> None:
     result = {"reads": log}
     try:
         for name, ckpt_dir in (("hf", args.hf), ("meta", args.meta)):
-            model = checkpoint.load_model(ckpt_dir, None, tokens.shape[1], tokens.shape[0], torch.float32, parallel.device,
+            model = load.load_model(ckpt_dir, None, tokens.shape[1], tokens.shape[0], torch.float32, parallel.device,
                                           parallel.tp_rank, parallel.tp_size)
             with torch.inference_mode():
                 result[f"{name}_logits"] = model(tokens, 0)

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when not pip-installed
-from llama import checkpoint, distributed  # noqa: E402
+from llama import distributed  # noqa: E402
+from llama.formats.load import load_model  # noqa: E402
 from llama.model import Transformer  # noqa: E402
 
 VOCAB = 128256  # Llama 3's
@@ -32,7 +33,7 @@ def logit_columns(vocab_size: int) -> torch.Tensor:
 
 def load(ckpt_dir: Path, parallel: distributed.Parallel, **overrides) -> Transformer:
     """This rank's slice of a checkpoint, float32, cache for one row of TOKENS."""
-    return checkpoint.load_model(ckpt_dir, None, TOKENS.size(1), 1, torch.float32, parallel.device,
+    return load_model(ckpt_dir, None, TOKENS.size(1), 1, torch.float32, parallel.device,
                                  parallel.tp_rank, parallel.tp_size, **overrides)
 
 

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # ft_main.py li
 import torch  # noqa: E402
 
 import ft_main  # noqa: E402
-from llama import distributed, train  # noqa: E402
+from llama import distributed  # noqa: E402
+from llama.tuning import train  # noqa: E402
 
 
 def main() -> None:

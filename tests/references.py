@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama import checkpoint
+from llama.formats import load
 from llama.model import Transformer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +51,7 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 
 def load_stories(device: str = "cpu", dtype: torch.dtype = torch.float32, max_batch_size: int = 4, max_seq_len: int = 512) -> Transformer:
     """The bundled model on one rank (needs the `world1` fixture's process group)."""
-    return checkpoint.load_model(STORIES, 512, max_seq_len, max_batch_size, dtype, torch.device(device))
+    return load.load_model(STORIES, 512, max_seq_len, max_batch_size, dtype, torch.device(device))
 
 
 @torch.inference_mode()

@@ -13,7 +13,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import pytest
-
 from dist_utils import python, torchrun
 from references import GOLDEN, LLAMA2_TOKENIZER, STORIES
 

@@ -14,13 +14,14 @@ import shutil
 
 import pytest
 import torch
-
 from compile_worker import GEN_LEN, PROMPTS
 from dist_utils import torchrun
-from llama import checkpoint
-from llama.generation import Llama, decode_one_token
-from llama.tokenizer import load_tokenizer
 from references import GOLDEN, REPO, STORIES_TOKENIZER, load_stories, needs_cuda
+
+from llama.formats import layout, load, params
+from llama.generation import Llama, decode_one_token
+from llama.sampling import Sampling
+from llama.tokenizer import load_tokenizer
 
 TINY_PARAMS = {"dim": 64, "n_layers": 1, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 512, "multiple_of": 32}
 # Compiled kernels sum in another order than eager ones: float32 log-probs differ by ~1e-6.
@@ -53,7 +54,7 @@ def test_static_step_reproduces_golden_ids(world1):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny")
-    state = checkpoint.random_state_dict(checkpoint.model_args(TINY_PARAMS), seed=0)
+    state = layout.random_state_dict(params.model_args(TINY_PARAMS), seed=0)
     (directory / "params.json").write_text(json.dumps(TINY_PARAMS))
     torch.save(state, directory / "consolidated.00.pth")
     return directory
@@ -67,8 +68,8 @@ def test_compiled_tp2_equals_eager(world1, tiny_ckpt, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     got = torch.load(out, weights_only=True)
     tokenizer = load_tokenizer(STORIES_TOKENIZER)
-    model = checkpoint.load_model(tiny_ckpt, tokenizer.n_words, 32, len(PROMPTS), torch.float32, world1.device)
-    tp1_ids, tp1_lps = Llama(model, tokenizer, world1).generate(PROMPTS, GEN_LEN, temperature=0.0, logprobs=True)
+    model = load.load_model(tiny_ckpt, tokenizer.n_words, 32, len(PROMPTS), torch.float32, world1.device)
+    tp1_ids, tp1_lps = Llama(model, tokenizer, world1).generate(PROMPTS, Sampling(max_new=GEN_LEN), logprobs=True)
     assert all(len(ids) == GEN_LEN for ids in tp1_ids), "EOS cut the comparison short"
     assert len(set(tp1_ids[0])) > 3, "degenerate greedy path"
     assert got["eager"] == tp1_ids, "TP=2 eager differs from TP=1"
@@ -82,5 +83,5 @@ def test_compiled_cuda_graphs_reproduce_golden_ids(world1):
     case = GOLDEN["greedy_bos_200"]
     tokenizer = load_tokenizer(STORIES_TOKENIZER)
     llm = Llama(load_stories("cuda", max_batch_size=1, max_seq_len=512), tokenizer, world1, compile=True)
-    ids, _ = llm.generate([case["prompt_ids"]], case["n_generated"], temperature=0.0)
+    ids, _ = llm.generate([case["prompt_ids"]], Sampling(max_new=case["n_generated"]))
     assert ids[0] == case["generated_ids"]

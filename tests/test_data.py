@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import pytest
 from sentencepiece import SentencePieceProcessor
 
-from llama import data
-from llama.tuning.data import IGNORE_INDEX
 from llama.errors import UserError
 from llama.generation import Llama
 from llama.tokenizer import Tokenizer, load_tokenizer
+from llama.tuning import data
+from llama.tuning.data import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA2 = REPO / "tests/data/tokenizers/llama2/tokenizer.model"

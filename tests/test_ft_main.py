@@ -20,8 +20,8 @@ from dist_utils import REPO, python, torchrun
 sys.path.insert(0, str(REPO))  # the scripts at the repo root
 import example_ft  # noqa: E402
 import ft_main  # noqa: E402
-from llama import train  # noqa: E402
 from llama.errors import UserError  # noqa: E402
+from llama.tuning import train  # noqa: E402
 from llama.tuning.prompt import load_prompt  # noqa: E402
 
 # Small, fast runs: 200 records, short sequences, a few steps.

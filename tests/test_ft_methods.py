@@ -26,10 +26,15 @@ sys.path.insert(0, str(REPO))  # the scripts at the repo root
 import example  # noqa: E402
 import example_ft  # noqa: E402
 import ft_main  # noqa: E402
-from llama import checkpoint, distributed, lora, train  # noqa: E402
-from llama.formats import layout
-from llama.formats import adapters
+from llama import files  # noqa: E402
+from llama import formats  # noqa: E402
+from llama import distributed, lora  # noqa: E402
 from llama.errors import UserError  # noqa: E402
+from llama.formats import layout  # noqa: E402
+from llama.formats import load  # noqa: E402
+from llama.formats import meta  # noqa: E402
+from llama.formats import adapters
+from llama.tuning import train  # noqa: E402
 
 STEPS = ["--max_steps", "5", "--eval_interval", "5"]
 LAYOUTS = {"tp2": ["--tp", "2"], "dp2": ["--tp", "1", "--batch_size", "2"]}
@@ -58,8 +63,8 @@ def trained_weights(method: str, out_dir, model_dir=None) -> dict[str, torch.Ten
     """Full (unsplit) trained tensors of a run: the LoRA adapter, or the merged Meta shards."""
     if method == "lora":
         return adapters.load_adapter(out_dir / "adapter.pt")[0]
-    shards = [checkpoint.load_file(p) for p in checkpoint.shard_paths(model_dir or out_dir / "model")]
-    return {key: checkpoint.rank_slice(key, [s[key] for s in shards], 0, 1) for key in shards[0] if key not in checkpoint.NOT_LOADED}
+    shards = [files.load_file(p) for p in meta.shard_paths(model_dir or out_dir / "model")]
+    return {key: layout.rank_slice(key, [s[key] for s in shards], 0, 1) for key in shards[0] if key not in layout.NOT_LOADED}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +91,7 @@ def initial_weights() -> dict[str, dict[str, torch.Tensor]]:
     """What the runs start from: the base checkpoint (full), the seeded adapter with B = 0 (lora)."""
     distributed.setup()
     try:
-        model = checkpoint.load_model(STORIES, 512, 16, 1, torch.float32, torch.device("cpu"), kv_cache=False)
+        model = load.load_model(STORIES, 512, 16, 1, torch.float32, torch.device("cpu"), kv_cache=False)
         lora.add_lora(model, TARGETS, 8, 16.0, seed=0)  # ft_main's defaults but for the targets
         adapter = lora.gather_state(model)
     finally:
@@ -133,7 +138,7 @@ def greedy_with_margins(model_dir, prompt_ids: list[int], n: int, adapter=None) 
     """TP=1 greedy ids from the plain forward (with a LoRA adapter if given), with each step's top1 - top2 margin."""
     distributed.setup()
     try:
-        model = checkpoint.load_model(model_dir, 512, 64, 1, torch.float32, torch.device("cpu"))
+        model = load.load_model(model_dir, 512, 64, 1, torch.float32, torch.device("cpu"))
         if adapter is not None:
             full, config = adapters.load_adapter(adapter, model.args)
             lora.load_state(model, full, config["alpha"])
@@ -226,18 +231,18 @@ def test_bad_method_options_are_clear_errors(tmp_path):
 
 def test_planner_per_card_terms_match_the_runs(runs):
     """lora/full per-card numbers for N=2 and ZeRO's moments for D=2, from what the runs held and wrote."""
-    from llama import plan
+    from llama.formats import plan
 
-    args = checkpoint.open_checkpoint(STORIES).args
+    args = formats.open_checkpoint(STORIES).args
     for method, count in {"lora": plan.lora_parameter_count(args, 2, 8, TARGETS), "full": plan.weight_bytes(args, 2, 1)}.items():
         for rank in range(2):
             held = torch.load(runs / f"{method}_tp2" / f"rank{rank}.pt")
             assert sum(t.numel() for t in held.values()) == count, (method, rank)
-    shards = [checkpoint.load_file(runs / "full_dp2" / f"optimizer.00.{d:02d}.pt")["optimizer"]["state"] for d in range(2)]
+    shards = [files.load_file(runs / "full_dp2" / f"optimizer.00.{d:02d}.pt")["optimizer"]["state"] for d in range(2)]
     moments = [sum(t.nbytes for s in shard.values() for name, t in s.items() if name != "step") for shard in shards]
     params = plan.weight_bytes(args, 1, 1)
     assert sum(moments) == 8 * params  # every parameter's two moments, on exactly one rank
-    largest = max(a * b for a, b in (s for s in checkpoint.full_shapes(args).values() if len(s) == 2))
+    largest = max(a * b for a, b in (s for s in layout.full_shapes(args).values() if len(s) == 2))
     assert all(abs(m - 8 * params // 2) <= 8 * largest for m in moments)  # ZeRO balances by whole tensors
 
 

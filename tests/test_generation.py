@@ -5,11 +5,12 @@ sampling, the Llama 2 chat template, streaming, and prompt-length errors."""
 import pytest
 import sentencepiece
 import torch
+from references import GOLDEN, LLAMA2_TOKENIZER, STORIES
 
 from llama.errors import UserError
 from llama.generation import Llama, sample
+from llama.sampling import Sampling
 from llama.tokenizer import load_tokenizer
-from references import GOLDEN, LLAMA2_TOKENIZER, STORIES
 
 ONCE = GOLDEN["greedy_prompt_once_upon_a_time"]
 LILY = GOLDEN["greedy_prompt_lily_park"]
@@ -32,16 +33,16 @@ def nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> set[int]:
 # --- greedy --------------------------------------------------------------------------------------
 
 def test_greedy_matches_llama2c(llm: Llama):
-    (from_bos,), _ = llm.generate([[1]], max_gen_len=256, temperature=0)
+    (from_bos,), _ = llm.generate([[1]], Sampling(max_new=256))
     assert from_bos == FROM_BOS
-    (once,), _ = llm.generate([ONCE["prompt_ids"]], max_gen_len=ONCE["n_generated"], temperature=0)
+    (once,), _ = llm.generate([ONCE["prompt_ids"]], Sampling(max_new=ONCE["n_generated"]))
     assert once == ONCE["generated_ids"]
 
 
 def test_batch_of_different_length_prompts_matches_llama2c(llm: Llama):
     """Rows start generating at different positions; each gets exactly max_gen_len new ids."""
     prompts = [[1], LILY["prompt_ids"], ONCE["prompt_ids"]]
-    ids, _ = llm.generate(prompts, max_gen_len=LILY["n_generated"], temperature=0)
+    ids, _ = llm.generate(prompts, Sampling(max_new=LILY["n_generated"]))
     n = LILY["n_generated"]
     assert ids == [FROM_BOS[:n], LILY["generated_ids"], ONCE["generated_ids"][:n]]
 
@@ -52,18 +53,18 @@ def test_eos_stops_each_row(llm: Llama):
     stop_id = FROM_BOS[13]
     assert FROM_BOS.index(stop_id) == 13 and stop_id not in LILY["generated_ids"][:40]
     llm.tokenizer.eos_id = stop_id
-    ids, _ = llm.generate([[1], LILY["prompt_ids"]], max_gen_len=40, temperature=0)
+    ids, _ = llm.generate([[1], LILY["prompt_ids"]], Sampling(max_new=40))
     assert ids == [FROM_BOS[:13], LILY["generated_ids"][:40]]
-    steps = list(llm.generate_steps([[1]], max_gen_len=100, temperature=0))
+    steps = list(llm.generate_steps([[1]], Sampling(max_new=100)))
     # Generation stops once every row has produced EOS: at once on CPU; a GPU checks every few steps.
     assert len(steps) == 14 if llm.parallel.device.type == "cpu" else 14 <= len(steps) <= 24
-    assert "".join(llm.stream([1], 100, temperature=0)) == llm.tokenizer.decode(FROM_BOS[:13])
+    assert "".join(llm.stream([1], Sampling(max_new=100))) == llm.tokenizer.decode(FROM_BOS[:13])
 
 
 def test_eos_inside_the_prompt_does_not_stop(llm: Llama):
     """Multi-turn chat prompts contain EOS; only a generated EOS ends a row."""
     prompt = ONCE["prompt_ids"] + [llm.tokenizer.eos_id, llm.tokenizer.bos_id] + ONCE["prompt_ids"][1:]
-    (ids,), _ = llm.generate([prompt], max_gen_len=10, temperature=0, echo=True)
+    (ids,), _ = llm.generate([prompt], Sampling(max_new=10), echo=True)
     assert ids[: len(prompt)] == prompt and len(ids) == len(prompt) + 10
 
 
@@ -71,8 +72,8 @@ def test_eos_inside_the_prompt_does_not_stop(llm: Llama):
 
 def test_echo_logprobs_equal_a_full_forward(llm: Llama):
     prompts = [ONCE["prompt_ids"], LILY["prompt_ids"]]
-    ids, lps = llm.generate(prompts, max_gen_len=12, temperature=0, logprobs=True, echo=True)
-    new_ids, new_lps = llm.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
+    ids, lps = llm.generate(prompts, Sampling(max_new=12), logprobs=True, echo=True)
+    new_ids, new_lps = llm.generate(prompts, Sampling(max_new=12), logprobs=True)
     for prompt, row, row_lp, new_row, new_lp in zip(prompts, ids, lps, new_ids, new_lps):
         assert row == prompt + new_row and len(row_lp) == len(row) == len(prompt) + 12
         assert row_lp[0] == 0.0, "the first token has no prediction (Meta reports 0)"
@@ -110,8 +111,8 @@ def test_top_p_generation_is_seeded_and_stays_in_the_nucleus(world1):
     temperature, top_p = 1.0, 0.5
     runs = {seed: Llama.build(STORIES, max_seq_len=128, max_batch_size=2, seed=seed) for seed in (3, 4)}
     prompts = [[1], ONCE["prompt_ids"]]
-    ids = {seed: llm.generate(prompts, max_gen_len=40, temperature=temperature, top_p=top_p)[0] for seed, llm in runs.items()}
-    again = Llama.build(STORIES, max_seq_len=128, max_batch_size=2, seed=3).generate(prompts, 40, temperature, top_p)[0]
+    ids = {seed: llm.generate(prompts, Sampling(max_new=40, temperature=temperature, top_p=top_p))[0] for seed, llm in runs.items()}
+    again = Llama.build(STORIES, max_seq_len=128, max_batch_size=2, seed=3).generate(prompts, Sampling(max_new=40, temperature=temperature, top_p=top_p))[0]
     assert again == ids[3], "same seed, same ids"
     assert ids[3] != ids[4], "another seed should sample differently"
     assert ids[3] != [FROM_BOS[:40], ONCE["generated_ids"][:40]], "sampling should leave the greedy path"
@@ -159,15 +160,15 @@ def test_chat_template_matches_meta_layout(world1):
 def test_streamed_pieces_join_to_the_full_text(llm: Llama, temperature: float):
     prompt = ONCE["prompt_ids"]
     llm.generator.manual_seed(7)
-    pieces = list(llm.stream(prompt, 60, temperature, top_p=0.9))
+    pieces = list(llm.stream(prompt, Sampling(max_new=60, temperature=temperature, top_p=0.9)))
     llm.generator.manual_seed(7)
-    (result,) = llm.complete([prompt], 60, temperature, top_p=0.9)
+    (result,) = llm.complete([prompt], Sampling(max_new=60, temperature=temperature, top_p=0.9))
     assert len(pieces) > 20, "text should arrive piece by piece"
     assert "".join(pieces) == result["text"]
 
 
 def test_text_completion_matches_llama2c_text(llm: Llama):
-    (result,) = llm.text_completion([ONCE["prompt"]], max_gen_len=40, temperature=0)
+    (result,) = llm.text_completion([ONCE["prompt"]], Sampling(max_new=40))
     assert result["prompt_ids"] == ONCE["prompt_ids"] and result["ids"] == ONCE["generated_ids"][:40]
     assert ONCE["text"].startswith(ONCE["prompt"] + result["text"]) and len(result["text"]) > 100
 
@@ -175,12 +176,12 @@ def test_text_completion_matches_llama2c_text(llm: Llama):
 def test_prompt_length_and_batch_limits(world1):
     llm = Llama.build(STORIES, max_seq_len=32, max_batch_size=2)
     with pytest.raises(UserError, match="max_seq_len"):
-        llm.generate([[1] * 32], max_gen_len=4, temperature=0)
-    (ids,), _ = llm.generate([[1] * 31], max_gen_len=4, temperature=0)
+        llm.generate([[1] * 32], Sampling(max_new=4))
+    (ids,), _ = llm.generate([[1] * 31], Sampling(max_new=4))
     assert len(ids) == 1, "a prompt of max_seq_len - 1 tokens leaves room for one new token"
     with pytest.raises(UserError, match="max_batch_size"):
-        llm.generate([[1]] * 3, max_gen_len=4, temperature=0)
+        llm.generate([[1]] * 3, Sampling(max_new=4))
     with pytest.raises(UserError, match="empty"):
-        llm.generate([[1], []], max_gen_len=4, temperature=0)
+        llm.generate([[1], []], Sampling(max_new=4))
     with pytest.raises(UserError, match="max_gen_len"):
-        llm.generate([[1]], max_gen_len=0, temperature=0)
+        llm.generate([[1]], Sampling(max_new=0))

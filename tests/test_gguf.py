@@ -20,12 +20,12 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from llama.formats.params import model_args  # noqa: E402
+from references import DATA, GOLDEN, LLAMA2_TOKENIZER, REPO, STORIES, STORIES_TOKENIZER  # noqa: E402
 
-from llama.formats.layout import random_state_dict  # noqa: E402
 from llama.errors import run_cli  # noqa: E402
 from llama.formats.convert import convert  # noqa: E402
-from references import DATA, GOLDEN, LLAMA2_TOKENIZER, REPO, STORIES, STORIES_TOKENIZER  # noqa: E402
+from llama.formats.layout import random_state_dict  # noqa: E402
+from llama.formats.params import model_args  # noqa: E402
 
 sys.path.insert(0, str(REPO))  # split_model.py lives at the repo root
 import split_model  # noqa: E402

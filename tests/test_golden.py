@@ -7,9 +7,9 @@ CUDA float32 and float16 with the tolerances stated in references.PRECISIONS.
 
 import pytest
 import torch
+from references import GOLDEN, GREEDY_CASES, LAST_LOGITS_CASES, PRECISIONS, STORIES_TOKENIZER, Precision, greedy_ids, load_stories
 
 from llama.tokenizer import load_tokenizer
-from references import GOLDEN, GREEDY_CASES, LAST_LOGITS_CASES, PRECISIONS, STORIES_TOKENIZER, Precision, greedy_ids, load_stories
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

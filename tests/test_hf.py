@@ -3,7 +3,7 @@
 In: a random Llama-2-style GQA model built by transformers from a LlamaConfig (no download) and
 saved sharded (safetensors + index), and the test's own copy of the same weights in Meta layout
 (names and q/k rows converted here, by inverting transformers' `permute` of
-convert_llama_weights_to_hf.py, not by llama/hf.py). Both load on 1 and 2 ranks and match
+convert_llama_weights_to_hf.py, not by llama/formats/hf.py). Both load on 1 and 2 ranks and match
 transformers' forward computed in float64; the 2-rank run is shown to read only its slices.
 Out: stories260K -> HF folder -> transformers reproduces llama2.c's golden greedy ids; the Meta
 and HF layouts round-trip byte for byte; an HF folder runs example.py directly and on 2 ranks.
@@ -22,15 +22,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import REPO, torchrun
+from references import GOLDEN, LLAMA2_TOKENIZER, STORIES
+
+from llama.errors import run_cli
 from llama.files import STAGING as PARTIAL
-from llama.formats.load import load_model
-from llama.formats.params import model_args
 from llama.formats import open_checkpoint
 from llama.formats.layout import random_state_dict, shard_state_dict
-from llama.errors import run_cli
-from references import GOLDEN, LLAMA2_TOKENIZER, STORIES
+from llama.formats.load import load_model
+from llama.formats.params import model_args
 
 sys.path.insert(0, str(REPO))  # example.py and split_model.py live at the repo root
 import example  # noqa: E402

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import torchrun
-from llama import checkpoint
-from llama.errors import UserError
-from llama.model import META_ROPE_SCALING, precompute_rope, scale_rope_freqs
-from llama.formats.convert import reshard
 from llama3_worker import TOKENS, VOCAB, load, logit_columns
 from references import DATA, REPO
+
+from llama import files, formats
+from llama.errors import UserError
+from llama.formats import layout, params
+from llama.formats.convert import reshard
+from llama.model import META_ROPE_SCALING, precompute_rope, scale_rope_freqs
 
 PARAMS = {"dim": 128, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4, "vocab_size": VOCAB, "multiple_of": 1024,
           "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
@@ -92,7 +93,7 @@ def hf_logits(state: dict[str, torch.Tensor], scaling: dict | None, tied: bool) 
 @pytest.fixture(scope="module")
 def state() -> dict[str, torch.Tensor]:
     """Llama-3.1-shaped random weights with wq, wk scaled up (position-selective attention)."""
-    weights = checkpoint.random_state_dict(checkpoint.model_args(PARAMS), seed=0)
+    weights = layout.random_state_dict(params.model_args(PARAMS), seed=0)
     for key in weights:
         if key.endswith(("attention.wq.weight", "attention.wk.weight")):
             weights[key] = weights[key] * QK_SCALE
@@ -136,7 +137,7 @@ def write_meta(directory: Path, params: dict, shards: list[dict] | Path) -> Path
 def ckpts(tmp_path_factory, state, tied_state) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("llama3")
     base = write_meta(root / "llama31", PARAMS, [state])
-    split = {f"mp2_{name}": [checkpoint.shard_state_dict(state, r, 2, vocab_parallel=vp) for r in range(2)]
+    split = {f"mp2_{name}": [layout.shard_state_dict(state, r, 2, vocab_parallel=vp) for r in range(2)]
              for name, vp in (("vocab", True), ("dim", False))}
     return {
         "llama31": base,
@@ -199,7 +200,7 @@ def test_scale_rope_freqs_is_metas_apply_scaling(head_dim: int, factor: float):
 # --- Llama 3.1 on one rank ------------------------------------------------------------------------
 
 def test_llama31_params_read_as_meta_means(ckpts):
-    args = checkpoint.open_checkpoint(ckpts["llama31"]).args
+    args = formats.open_checkpoint(ckpts["llama31"]).args
     assert (args.kv_heads, args.head_dim, args.hidden_dim, args.vocab_size) == (4, 16, HIDDEN, VOCAB)
     assert args.use_scaled_rope and args.rope_scaling is None and args.rope_theta == 500000.0
     assert args.vocab_parallel_embedding, "a one-shard Llama 3 file: Meta's vocab-split layout"
@@ -232,7 +233,7 @@ def test_prefill_then_decode_equals_full_forward(world1, ckpts):
 # --- Llama 3.2: tied embeddings -------------------------------------------------------------------
 
 def test_tied_checkpoint_uses_the_embedding_as_output(world1, ckpts, state, reference):
-    ckpt = checkpoint.open_checkpoint(ckpts["tied"])
+    ckpt = formats.open_checkpoint(ckpts["tied"])
     assert ckpt.tied and "output.weight" in ckpt.keys
     model = load(ckpts["tied"], world1)
     assert torch.equal(model.output.weight, state["tok_embeddings.weight"])
@@ -246,19 +247,19 @@ def test_tied_checkpoint_uses_the_embedding_as_output(world1, ckpts, state, refe
 # --- params.json variants ---------------------------------------------------------------------------
 
 def test_params_extra_keys_are_noted_unknown_keys_refused(ckpts, capsys):
-    args = checkpoint.open_checkpoint(ckpts["extra_keys"]).args
+    args = formats.open_checkpoint(ckpts["extra_keys"]).args
     note = capsys.readouterr().err
     assert "note:" in note and "vision_chunk_size" in note and "quantization_args" in note
-    assert args == checkpoint.open_checkpoint(ckpts["llama31"]).args
+    assert args == formats.open_checkpoint(ckpts["llama31"]).args
     with pytest.raises(UserError, match=r"unknown keys \['n_experts'\]"):
-        checkpoint.open_checkpoint(ckpts["unknown_key"])
+        formats.open_checkpoint(ckpts["unknown_key"])
 
 
 @pytest.mark.parametrize("name", ["factor32_meta", "factor32_hf"])
 def test_rope_constants_stated_in_params_are_used(world1, ckpts, reference, name: str):
     """factor 32 in params.json (Meta's `rope_scaling_factor` or HF's `rope_scaling`) gives HF's
     factor-32 logits, far from factor 8's (0.44 measured); an override brings factor 8 back."""
-    assert checkpoint.open_checkpoint(ckpts[name]).args.rope_scaling == SCALING_32
+    assert formats.open_checkpoint(ckpts[name]).args.rope_scaling == SCALING_32
     logits = logits_of(ckpts[name], world1)
     torch.testing.assert_close(logits, reference(SCALING_32), **TOL)
     assert max_diff(logits, reference()) > 200 * ATOL
@@ -273,7 +274,7 @@ def test_embedding_split_is_decided_from_the_files(world1, ckpts, state):
     each is recognised and loads on one rank to the one-shard file's logits, bit for bit."""
     one_shard = logits_of(ckpts["llama31"], world1)
     for name, vocab_parallel, piece in (("mp2_vocab", True, (VOCAB // 2, 128)), ("mp2_dim", False, (VOCAB, 64))):
-        ckpt = checkpoint.open_checkpoint(ckpts[name])
+        ckpt = formats.open_checkpoint(ckpts[name])
         assert ckpt.args.vocab_parallel_embedding == vocab_parallel, name
         assert [tuple(p.shape) for p in ckpt.pieces("tok_embeddings.weight")] == [piece, piece]
         assert torch.equal(ckpt.read("tok_embeddings.weight"), state["tok_embeddings.weight"]), name
@@ -286,17 +287,17 @@ def test_reshard_keeps_the_vocab_split(ckpts, state, tmp_path):
     embedding = state["tok_embeddings.weight"]
     for n in (1, 4):
         out = reshard(ckpts["mp2_vocab"], n, tmp_path / f"vocab{n}", progress=False)
-        pieces = [checkpoint.load_file(out / f"consolidated.{r:02d}.pth")["tok_embeddings.weight"] for r in range(n)]
+        pieces = [files.load_file(out / f"consolidated.{r:02d}.pth")["tok_embeddings.weight"] for r in range(n)]
         assert all(p.shape == (VOCAB // n, 128) for p in pieces)
         assert torch.equal(torch.cat(pieces, dim=0), embedding)
-        assert checkpoint.open_checkpoint(out).args.vocab_parallel_embedding
+        assert formats.open_checkpoint(out).args.vocab_parallel_embedding
     stories_mp2 = DATA / "stories260K_mp2"
-    assert not checkpoint.open_checkpoint(stories_mp2).args.vocab_parallel_embedding
-    given = [checkpoint.load_file(stories_mp2 / f"consolidated.{r:02d}.pth")["tok_embeddings.weight"] for r in range(2)]
+    assert not formats.open_checkpoint(stories_mp2).args.vocab_parallel_embedding
+    given = [files.load_file(stories_mp2 / f"consolidated.{r:02d}.pth")["tok_embeddings.weight"] for r in range(2)]
     out = reshard(stories_mp2, 1, tmp_path / "stories1", progress=False)
-    whole = checkpoint.load_file(out / "consolidated.00.pth")["tok_embeddings.weight"]
+    whole = files.load_file(out / "consolidated.00.pth")["tok_embeddings.weight"]
     assert whole.shape == (512, 64) and torch.equal(whole, torch.cat(given, dim=1))
-    stories = checkpoint.load_file(REPO / "ckpts" / "stories260K" / "consolidated.00.pth")["tok_embeddings.weight"]
+    stories = files.load_file(REPO / "ckpts" / "stories260K" / "consolidated.00.pth")["tok_embeddings.weight"]
     assert torch.equal(whole, stories)
 
 

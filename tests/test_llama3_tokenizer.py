@@ -10,13 +10,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from references import DATA
+from references import GOLDEN as STORIES_GOLDEN
+from references import LLAMA2_TOKENIZER, REPO, load_stories
 
-from llama import chat, data
-from llama.tuning.data import IGNORE_INDEX
+from llama import chat
 from llama.errors import UserError
 from llama.generation import Llama
+from llama.sampling import Sampling
 from llama.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, find_tokenizer, load_tokenizer
-from references import DATA, GOLDEN as STORIES_GOLDEN, LLAMA2_TOKENIZER, REPO, load_stories
+from llama.tuning import data
+from llama.tuning.data import IGNORE_INDEX
 
 LLAMA3_TOKENIZER = DATA / "tokenizers" / "llama3" / "tokenizer.model"
 LLAMA3_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"  # shared/data/MANIFEST.md
@@ -85,10 +89,10 @@ def test_generation_stops_at_any_stop_id(world1):
     assert [from_bos.index(from_bos[i]) for i in (13, 20)] == [13, 20]
     stub = SimpleNamespace(pad_id=-1, eos_id=2, stop_ids=frozenset({from_bos[20], from_bos[13]}))
     llm = Llama(load_stories(), stub, world1)
-    assert llm.generate([[1]], max_gen_len=40, temperature=0)[0] == [from_bos[:13]]
+    assert llm.generate([[1]], Sampling(max_new=40))[0] == [from_bos[:13]]
     assert 511 not in from_bos[:40]
     stub.stop_ids = frozenset({from_bos[20], 511})
-    assert llm.generate([[1]], max_gen_len=40, temperature=0)[0] == [from_bos[:20]]
+    assert llm.generate([[1]], Sampling(max_new=40))[0] == [from_bos[:20]]
 
 
 def test_bad_chat_message_is_a_user_error(tok: TiktokenTokenizer):

@@ -19,10 +19,13 @@ from references import REPO, STORIES
 
 sys.path.insert(0, str(REPO))  # split_model.py lives at the repo root
 import split_model  # noqa: E402
-from llama import checkpoint, lora, peft_lora  # noqa: E402
-from llama.formats import layout
-from llama.formats import adapters
+from llama import files  # noqa: E402
+from llama import lora  # noqa: E402
 from llama.errors import UserError  # noqa: E402
+from llama.formats import layout  # noqa: E402
+from llama.formats import load  # noqa: E402
+from llama.formats import adapters
+from llama.formats import peft as peft_lora  # noqa: E402
 from llama.formats.convert import convert  # noqa: E402
 
 ALL = list(lora.TARGETS)  # the seven block linears and the output
@@ -40,7 +43,7 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.fixture
 def model(world1):
-    return checkpoint.load_model(STORIES, 512, 64, 2, torch.float32, torch.device("cpu"), kv_cache=False)
+    return load.load_model(STORIES, 512, 64, 2, torch.float32, torch.device("cpu"), kv_cache=False)
 
 
 def random_adapter(model, targets=ALL, rank=4, alpha=8.0, seed=0):
@@ -74,7 +77,7 @@ def test_step_zero_gives_the_base_logits_exactly(model):
 
 
 def test_split_dims_follow_the_base_table():
-    for name, base in checkpoint.SPLIT_DIMS.items():
+    for name, base in layout.SPLIT_DIMS.items():
         a_dim, b_dim = layout.lora_split_dims(name)
         assert (a_dim, b_dim) == {0: (None, 0), 1: (1, None), None: (None, None)}[base], name
     assert layout.tensor_split_dim("layers.2.attention.wo.lora.A") == 1
@@ -96,7 +99,7 @@ def hf_copy(args):
                                       rope_theta=args.rope_theta, tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
     config._attn_implementation = "eager"
     hf = transformers.LlamaForCausalLM(config).eval()
-    meta = checkpoint.load_file(STORIES / "consolidated.00.pth")
+    meta = files.load_file(STORIES / "consolidated.00.pth")
     names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
              "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
              "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
@@ -149,12 +152,12 @@ def test_project_format_round_trip_and_merge(model, tmp_path):
     split_model.main(["--ckpt_dir", str(STORIES), "--adapter", str(tmp_path / "adapter.pt"), "--num_shards", "2", "--out_dir", str(tmp_path / "merged2")])
     for n in (1, 2):
         out = tmp_path / f"merged{n}"
-        merged = checkpoint.load_model(out, 512, 64, 2, torch.float32, torch.device("cpu"), kv_cache=False)
+        merged = load.load_model(out, 512, 64, 2, torch.float32, torch.device("cpu"), kv_cache=False)
         with torch.no_grad():
             # merged W + s*B@A rounds once more per weight than the unmerged (W x + s*B(A x)) path
             assert close(merged(ids), adapted)
-    shards = [checkpoint.load_file(tmp_path / "merged2" / f"consolidated.0{i}.pth") for i in range(2)]
-    base = checkpoint.load_file(STORIES / "consolidated.00.pth")
+    shards = [files.load_file(tmp_path / "merged2" / f"consolidated.0{i}.pth") for i in range(2)]
+    base = files.load_file(STORIES / "consolidated.00.pth")
     wo = torch.cat([s["layers.1.attention.wo.weight"] for s in shards], dim=1)
     expected = base["layers.1.attention.wo.weight"] + 2.0 * full["layers.1.attention.wo.lora.B"] @ full["layers.1.attention.wo.lora.A"]
     assert torch.allclose(wo, expected, rtol=0, atol=1e-6)  # fp32 rounding of |W| < 1 entries

@@ -9,17 +9,17 @@ rope_theta 500000, norm_eps 1e-6). Every test runs on CPU and, when available, C
 import pytest
 import torch
 import torch.nn.functional as F
-
-from llama import checkpoint
-from llama.errors import UserError
-from llama.model import ModelArgs, RMSNorm, Transformer, apply_rope, precompute_rope
 from references import DEVICES, STORIES
+
+from llama.errors import UserError
+from llama.formats import layout, load, params
+from llama.model import ModelArgs, RMSNorm, Transformer, apply_rope, precompute_rope
 
 LLAMA2_STYLE = ModelArgs(
     dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=256, multiple_of=64,
     ffn_dim_multiplier=1.3, norm_eps=1e-6, rope_theta=500000.0, max_batch_size=4, max_seq_len=64,
 )
-STORIES_ARGS = checkpoint.model_args(checkpoint.read_params(STORIES / "params.json"), 512, max_batch_size=4, max_seq_len=64)
+STORIES_ARGS = params.model_args(params.read_params(STORIES / "params.json"), 512, max_batch_size=4, max_seq_len=64)
 # float32 logits (|logit| up to ~19, where one float32 ulp is 2e-6) vs the float64 reference
 # (measured 1.0e-5), and vs float32 by another summation order: cache, chunks (measured 1.05e-5).
 REF_ATOL = 1e-4
@@ -29,13 +29,13 @@ SAME_ATOL = 2e-5
 def model_and_state(name: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     if name == "stories260K":
         return STORIES_ARGS, torch.load(STORIES / "consolidated.00.pth", weights_only=True, mmap=True)
-    return LLAMA2_STYLE, checkpoint.random_state_dict(LLAMA2_STYLE, seed=0)
+    return LLAMA2_STYLE, layout.random_state_dict(LLAMA2_STYLE, seed=0)
 
 
 def build(args: ModelArgs, state: dict, device: str, kv_cache: bool = True) -> Transformer:
     """A one-rank model holding `state` (needs the world1 fixture)."""
-    model = checkpoint.build_empty(args, torch.float32)
-    weights = {k: v.to(device) for k, v in state.items() if k not in checkpoint.NOT_LOADED}
+    model = load.build_empty(args, torch.float32)
+    weights = {k: v.to(device) for k, v in state.items() if k not in layout.NOT_LOADED}
     model.load_state_dict(weights, strict=True, assign=True)
     model.setup_caches(args.max_batch_size, args.max_seq_len, kv_cache=kv_cache)
     return model.eval()
@@ -102,18 +102,18 @@ def test_hidden_dim_follows_meta_rule():
 
 def test_model_args_from_meta_params():
     llama1_7b = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-06, "vocab_size": -1}
-    args = checkpoint.model_args(llama1_7b, 32000)
+    args = params.model_args(llama1_7b, 32000)
     assert (args.vocab_size, args.kv_heads, args.head_dim, args.norm_eps) == (32000, 32, 128, 1e-6)
     llama2_70b = {
         "dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8,
         "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1,
     }
-    args = checkpoint.model_args(llama2_70b, 32000)
+    args = params.model_args(llama2_70b, 32000)
     assert (args.kv_heads, args.head_dim, args.hidden_dim) == (8, 128, 28672)
     with pytest.raises(UserError, match="unknown keys"):
-        checkpoint.model_args({**llama1_7b, "n_expert": 8}, 32000)
+        params.model_args({**llama1_7b, "n_expert": 8}, 32000)
     with pytest.raises(UserError, match="tokenizer has 32000 tokens"):
-        checkpoint.model_args({**llama1_7b, "vocab_size": 32001}, 32000)
+        params.model_args({**llama1_7b, "vocab_size": 32001}, 32000)
 
 
 # --- RoPE and RMSNorm --------------------------------------------------------------------------

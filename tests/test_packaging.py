@@ -26,14 +26,18 @@ def test_wheel_ships_the_package_and_imports_outside_the_repo(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = wheels.glob("llama_mp-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("llama/__init__.py", "llama/model.py", "llama/checkpoint.py", "llama/hf.py", "llama/tokenizer.py"):
+    rooms = ("llama/formats/__init__.py", "llama/formats/hf.py", "llama/tuning/train.py", "llama/serving/app.py")
+    for module in ("llama/__init__.py", "llama/model.py", "llama/tokenizer.py", *rooms):
         assert module in names, f"{module} missing from {wheel.name}"
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # a wheel is a zip laid out as site-packages
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
-    code = "import llama, llama.model, llama.checkpoint, llama.hf, llama.generation; print(llama.__file__)"
+    # the public entry points, and modules under the paths they had before the rooms (llama.MOVED)
+    code = ("from llama import Llama; from llama.generation import Llama; from llama.model import ModelArgs, Transformer; "
+            "from llama.checkpoint import load_model, SPLIT_DIMS, open_checkpoint; from llama.hf import HFCheckpoint; "
+            "from llama.reshard import convert; from llama.prompt_tuning import SoftPrompt; import llama.plan; print(llama.__file__)")
     run = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().startswith(str(site)), f"imported {run.stdout.strip()}, not the wheel's copy"

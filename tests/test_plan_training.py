@@ -10,7 +10,8 @@ import pytest
 import torch
 from references import STORIES
 
-from llama import checkpoint, lora, plan
+from llama import lora
+from llama.formats import layout, load, params, plan
 from llama.model import ModelArgs
 
 # A model wide enough that per-token scalars (RMSNorm's rsqrt, attention's logsumexp) and the
@@ -20,9 +21,9 @@ BATCH, SEQ = 2, 48
 
 
 def build(dtype: torch.dtype):
-    model = checkpoint.build_empty(ARGS, dtype)
-    state = checkpoint.random_state_dict(ARGS, seed=1, dtype=dtype)
-    model.load_state_dict({k: v for k, v in state.items() if k not in checkpoint.NOT_LOADED}, assign=True)
+    model = load.build_empty(ARGS, dtype)
+    state = layout.random_state_dict(ARGS, seed=1, dtype=dtype)
+    model.load_state_dict({k: v for k, v in state.items() if k not in layout.NOT_LOADED}, assign=True)
     model.requires_grad_(False)
     model.setup_caches(BATCH, SEQ, kv_cache=False)
     return model
@@ -94,7 +95,7 @@ def test_full_memory_warning_and_plan_cli(capsys):
     from llama.tuning.methods import memory_warning
 
     args = argparse.Namespace(dtype="bfloat16", batch_size=8, max_seq_len=512, checkpoint_activations=False)
-    seven_b = checkpoint.model_args({"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256}, 32000)
+    seven_b = params.model_args({"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256}, 32000)
     parallel = Parallel(rank=0, world_size=2, tp_rank=0, tp_size=2, dp_rank=0, dp_size=1, device=torch.device("cuda"))
     warning = memory_warning(args, seven_b, parallel, 24 * plan.GiB)
     assert warning.startswith("the planner puts --method full at ") and "but a card has 24.0 GiB" in warning

@@ -15,18 +15,19 @@ import torch
 import torch.nn.functional as F
 from references import STORIES, STORIES_TOKENIZER
 
-from llama import checkpoint, data, train
-from llama.tuning.data import IGNORE_INDEX
 from llama.errors import UserError
-from llama.tuning.prompt import SoftPrompt, export_peft, init_prompt, load_prompt, save_prompt
+from llama.formats import load
 from llama.tokenizer import load_tokenizer
+from llama.tuning import data, train
+from llama.tuning.data import IGNORE_INDEX
+from llama.tuning.prompt import SoftPrompt, export_peft, init_prompt, load_prompt, save_prompt
 
 DATASET = STORIES.parent.parent / "datasets" / "alpaca_en_demo.json"
 
 
 @pytest.fixture
 def model(world1):
-    model = checkpoint.load_model(STORIES, 512, 64 + 16, 4, torch.float32, torch.device("cpu"))
+    model = load.load_model(STORIES, 512, 64 + 16, 4, torch.float32, torch.device("cpu"))
     model.setup_caches(4, 64 + 16, kv_cache=False)
     return model
 
@@ -205,7 +206,7 @@ def test_metrics_log_drops_records_after_the_resumed_step(tmp_path):
 
 
 def test_plot(tmp_path, monkeypatch):
-    from llama import plot
+    from llama.tuning import plot
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps(r) for r in [

@@ -35,12 +35,13 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from dist_utils import REPO, free_port, python
+
 from llama import distributed
 from llama.formats import adapters
-from llama.serving.batching import decode_rows, prefill_row
 from llama.generation import Llama
 from llama.model import Transformer
 from llama.sampling import Sampling
+from llama.serving.batching import decode_rows, prefill_row
 from llama.serving.scheduler import Piece, QueueFull, Request, Scheduler, ShuttingDown, safe_end, stop_string_end
 
 MARGIN = 1e-3  # > 10x the largest reordering error argued above
@@ -409,8 +410,6 @@ def test_sigterm_stops_every_rank_cleanly(server):
 def test_lora_adapter_is_served_as_example_ft_runs_it(tmp_path):
     """`serve.py --adapter adapter.pt` (2 ranks, each its LoRA slices) completes a prompt with the
     ids `example_ft.py --adapter` gives on 1 rank, and they differ from the base model's."""
-    from llama import lora
-
     gen = torch.Generator().manual_seed(0)
     full = {}
     for layer in range(5):  # stories260K: dim 64, kv dim 32, hidden 172; random A and B so the adapter matters

@@ -12,17 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import REPO, python, torchrun
-from llama import distributed, plan
+
+from llama import distributed
+from llama.errors import UserError, run_cli
+from llama.files import file_sha256
+from llama.formats import plan
+from llama.formats.checkpoint import same_bits
+from llama.formats.convert import reshard
+from llama.formats.layout import random_state_dict, rank_slice, shard_state_dict
 from llama.formats.load import build_empty, load_model
 from llama.formats.params import model_args
-from llama.formats.layout import random_state_dict, rank_slice, shard_state_dict
-from llama.errors import UserError, run_cli
 from llama.generation import Llama
-from llama.files import file_sha256
-from llama.formats.convert import reshard
-from llama.formats.checkpoint import same_bits
+from llama.sampling import Sampling
 
 sys.path.insert(0, str(REPO))  # split_model.py lives at the repo root
 import example  # noqa: E402
@@ -104,7 +106,7 @@ def test_dtype_conversion_verify_and_manifest(tmp_path, random_ckpt):
 
 
 def test_verify_catches_a_wrong_tensor(tmp_path, monkeypatch):
-    from llama import reshard as reshard_module
+    from llama.formats import convert as reshard_module
 
     real = reshard_module.out_tensor
 
@@ -273,7 +275,7 @@ def original_greedy_ids() -> list[list[int]]:
     """What `python example.py --json` prints for the 1-shard original, computed in-process."""
     llm = Llama.build(STORIES, max_seq_len=512, max_batch_size=4)  # example.py's defaults
     try:
-        results = llm.text_completion(example.DEFAULT_PROMPTS, max_gen_len=64, temperature=0.0)
+        results = llm.text_completion(example.DEFAULT_PROMPTS, Sampling(max_new=64))
     finally:
         distributed.teardown()
     assert all(len(r["ids"]) > 10 for r in results)

@@ -5,10 +5,10 @@ import hashlib
 import json
 
 import pytest
+from references import DATA, LLAMA2_TOKENIZER, STORIES, STORIES_TOKENIZER
 
 from llama.errors import UserError
 from llama.tokenizer import load_tokenizer
-from references import DATA, LLAMA2_TOKENIZER, STORIES, STORIES_TOKENIZER
 
 CASES = json.loads((DATA / "tokenizer_cases.json").read_text())["tokenizers"]
 FILES = {"llama2": LLAMA2_TOKENIZER, "tok512": STORIES_TOKENIZER}

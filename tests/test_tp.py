@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import torchrun
-from llama import checkpoint
-from llama.tokenizer import load_tokenizer
 from references import REPO, STORIES, STORIES_TOKENIZER
 from tp_worker import outputs
+
+from llama.formats import layout, params
+from llama.tokenizer import load_tokenizer
 
 LLAMA2_STYLE_PARAMS = {
     "dim": 128, "n_layers": 3, "n_heads": 8, "n_kv_heads": 4, "vocab_size": -1, "multiple_of": 64,
@@ -36,7 +36,7 @@ def write_checkpoint(directory: Path, params: dict, state: dict, n_shards: int) 
     directory.mkdir()
     (directory / "params.json").write_text(json.dumps(params))
     for rank in range(n_shards):
-        torch.save(checkpoint.shard_state_dict(state, rank, n_shards), directory / f"consolidated.{rank:02d}.pth")
+        torch.save(layout.shard_state_dict(state, rank, n_shards), directory / f"consolidated.{rank:02d}.pth")
     return directory
 
 
@@ -44,9 +44,9 @@ def write_checkpoint(directory: Path, params: dict, state: dict, n_shards: int) 
 def ckpt_dirs(tmp_path_factory) -> dict[tuple[str, int], Path]:
     """(model, shard count) -> checkpoint directory."""
     root = tmp_path_factory.mktemp("tp_ckpts")
-    stories_params = checkpoint.read_params(STORIES / "params.json")
+    stories_params = params.read_params(STORIES / "params.json")
     stories_state = torch.load(STORIES / "consolidated.00.pth", weights_only=True, mmap=True)
-    random_state = checkpoint.random_state_dict(checkpoint.model_args(LLAMA2_STYLE_PARAMS, 512), seed=0)
+    random_state = layout.random_state_dict(params.model_args(LLAMA2_STYLE_PARAMS, 512), seed=0)
     dirs = {("stories260K", 1): STORIES}
     for n in SHARD_COUNTS:
         if n > 1:

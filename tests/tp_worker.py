@@ -17,8 +17,10 @@ import torch
 from fairscale.nn.model_parallel import initialize as fs_init
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when not pip-installed
-from llama import checkpoint, distributed  # noqa: E402
+from llama import distributed  # noqa: E402
+from llama.formats import load  # noqa: E402
 from llama.generation import Llama  # noqa: E402
+from llama.sampling import Sampling  # noqa: E402
 from llama.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
 # Fixed inputs: a batch for full-forward logits, and prompts of different lengths for generation.
@@ -29,14 +31,14 @@ GEN_LEN, SEED = 16, 5
 
 def outputs(ckpt_dir: Path, tokenizer: Tokenizer, parallel: distributed.Parallel, generate: bool = True) -> dict:
     """All-position logits and, if `generate`, greedy and top-p sampled ids of one checkpoint on this rank."""
-    model = checkpoint.load_model(
+    model = load.load_model(
         ckpt_dir, tokenizer.n_words, 64, len(PROMPTS), torch.float32, parallel.device, parallel.tp_rank, parallel.tp_size
     )
     with torch.inference_mode():
         result = {"logits": model(LOGIT_TOKENS.to(parallel.device), 0).cpu()}
     if generate:
-        result["greedy"], _ = Llama(model, tokenizer, parallel, SEED).generate(PROMPTS, GEN_LEN, temperature=0.0)
-        result["sampled"], _ = Llama(model, tokenizer, parallel, SEED).generate(PROMPTS, GEN_LEN, temperature=1.0, top_p=0.9)
+        result["greedy"], _ = Llama(model, tokenizer, parallel, SEED).generate(PROMPTS, Sampling(max_new=GEN_LEN))
+        result["sampled"], _ = Llama(model, tokenizer, parallel, SEED).generate(PROMPTS, Sampling(max_new=GEN_LEN, temperature=1.0, top_p=0.9))
     return result
 
 

@@ -82,7 +82,7 @@ class Scheduler:
 
     def __init__(self, llm: Llama, max_queue: int, heartbeat_s: float = 5.0):
         self.llm = llm
-        self.rows: list[Optional[Request]] = [None] * llm.model.layers[0].attention.cache.k.size(0)
+        self.rows: list[Optional[Request]] = [None] * llm.model.cache_rows
         self.waiting: deque[Request] = deque()
         self.max_queue = max_queue
         self.heartbeat_s = heartbeat_s
