@@ -27,7 +27,7 @@ def main() -> None:
     args = ft_main.resolve(args, parallel)
     run = ft_main.prepare(args, parallel, None)
     micro_batches = [run.batches.next()[0] for _ in range(args.grad_accum)]
-    train.accumulate_gradients(run.model, run.method.prompt, micro_batches, args.chunk_size, ft_main.data_parallel_group())
+    train.accumulate_gradients(run.model, run.method.prompt, micro_batches, args.chunk_size, parallel.dp_group)
     grad = run.method.prompt.weight.grad.clone()
     method = ft_main.main(argv)  # joins the same process group, tears it down at the end
     torch.save({"grad": grad, "prompt": method.prompt.weight.detach().clone()}, Path(args.out_dir) / f"rank{parallel.rank}.pt")

@@ -106,7 +106,7 @@ def test_dtype_conversion_verify_and_manifest(tmp_path, random_ckpt):
 
 
 def test_verify_catches_a_wrong_tensor(tmp_path, monkeypatch):
-    from llama.formats import convert as reshard_module
+    from llama.formats import meta as reshard_module
 
     real = reshard_module.out_tensor
 
