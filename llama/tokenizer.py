@@ -164,3 +164,12 @@ def find_tokenizer(ckpt_dir: str | Path, override: Optional[str | Path] = None) 
         if place.is_file():
             return place
     raise UserError(f"no tokenizer.model in {places[0].parent} or {places[1].parent}: pass --tokenizer_path")
+
+
+def special_tokens(tokenizer: Tokenizer) -> dict[str, int]:
+    """Text -> id of the tokenizer's special tokens (SentencePiece: <unk>, <s>, </s>; Llama 3: its 256),
+    the names Hugging Face's tokenizer files and vLLM's /tokenizer_info use for them."""
+    if isinstance(tokenizer, TiktokenTokenizer):
+        return dict(tokenizer.special_tokens)
+    sp = tokenizer.sp
+    return {sp.id_to_piece(i): i for i in (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) if i >= 0}
