@@ -87,7 +87,7 @@ def lm_eval_run(url: str, mode: str) -> dict:
         with contextlib.chdir(REPO):  # evals/*.yaml name their data files relative to the repo root
             _runs[url, mode] = lm_eval.simple_evaluate(
                 model="local-completions", model_args=model_args, tasks=TASKS, batch_size=settings["batch_size"],
-                task_manager=TaskManager(include_path=str(REPO / "evals")), log_samples=True,
+                task_manager=TaskManager(include_path=str(REPO / "evals"), include_defaults=False), log_samples=True,
             )
     return _runs[url, mode]
 
