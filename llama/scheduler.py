@@ -43,7 +43,7 @@ class Sampling:
     top_logprobs: Optional[int] = None
     """None: no logprobs; k >= 0: each token's logprob and the k most likely alternatives."""
     echo: bool = False
-    """Score the prompt too: `Request.prompt_logprobs` from the prefill's logits."""
+    """Echo the prompt; with top_logprobs, score it too (`Request.prompt_logprobs`, from the prefill's logits)."""
 
 
 @dataclass
@@ -174,7 +174,7 @@ class Scheduler:
                 return Plan(stop=True)
             admit = self._admit()
             plan = self._plan(admit)
-            plan.score_rows = [row for row, _ in admit if self.rows[row].sampling.echo]
+            plan.score_rows = [row for row, _ in admit if self.rows[row].sampling.echo and self.rows[row].sampling.top_logprobs is not None]
             return plan
 
     def consume(self, plan: Plan, prefill_logits: list[torch.Tensor], decode_logits: Optional[torch.Tensor]) -> None:
@@ -237,14 +237,10 @@ class Scheduler:
 
     def _score_prompt(self, request: Request, logits: torch.Tensor) -> None:
         """Echo: each prompt token's logprob (and top alternatives) from the prefill's logits [T, V]."""
-        k = request.sampling.top_logprobs or 0
-        ids = torch.tensor(request.prompt, device=logits.device)
-        chosen, top = prompt_logprobs(logits, ids, k)
-        tops = list(zip(top[1].tolist(), top[0].tolist())) if top is not None else [([], [])] * len(chosen)
+        chosen, top = prompt_logprobs(logits, torch.tensor(request.prompt, device=logits.device), request.sampling.top_logprobs or 0)
+        alternatives = [list(zip(i, v)) for i, v in zip(top[1].tolist(), top[0].tolist())] if top is not None else [[]] * len(chosen)
         request.prompt_logprobs = [TokenLogprob(request.prompt[0], None, [])] + [
-            TokenLogprob(i, lp, list(zip(top_ids, top_values)))
-            for i, lp, (top_ids, top_values) in zip(request.prompt[1:], chosen.tolist(), tops)
-        ]
+            TokenLogprob(i, lp, alts) for i, lp, alts in zip(request.prompt[1:], chosen.tolist(), alternatives)]
 
     def _sample(self, request: Request, logits: torch.Tensor) -> tuple[int, Optional[TokenLogprob]]:
         settings = request.sampling

@@ -214,6 +214,8 @@ def test_echo_scores_the_prompt_with_offsets_into_the_text(server, llm):
         assert "".join(lp["tokens"]) == text
         assert all(text[o : o + len(t)] == t for o, t in zip(lp["text_offset"], lp["tokens"]))
     assert ids_choice["logprobs"]["top_logprobs"][0] is None and ids_choice["logprobs"]["tokens"][0] == ""
+    plain = post(server, "/v1/completions", {"prompt": text, "max_tokens": 3, "echo": True, "temperature": 0}).json()["choices"][0]
+    assert plain["text"].startswith(text) and len(plain["text"]) > len(text) and plain["logprobs"] is None
 
 
 def test_stop_token_keeps_its_logprob_entry(llm):
