@@ -20,6 +20,7 @@ inference, conversion and serving never need. Without it an HF export is written
 with only tokenizer.model, and says so.
 """
 
+import importlib.util
 from pathlib import Path
 from typing import Optional
 
@@ -31,11 +32,7 @@ SPACE = "▁"  # SentencePiece's U+2581
 
 
 def have_tokenizers() -> bool:
-    try:
-        import tokenizers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("tokenizers") is not None
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch

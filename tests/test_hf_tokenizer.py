@@ -128,3 +128,14 @@ def test_gguf_export_carries_the_chat_template(tmp_path):
     out = convert(STORIES, "gguf", out_dir=tmp_path / "gguf", progress=False)
     field = gguf.GGUFReader(str(out / "model.gguf")).get_field("tokenizer.chat_template")
     assert bytes(field.parts[field.data[0]]).decode() == chat.LLAMA2_CHAT_TEMPLATE
+
+
+def test_hf_export_without_tokenizers_says_so_and_writes_the_rest(tmp_path, monkeypatch, capsys):
+    """Without the `hf` extra the export is what it was before (tokenizer.model only), with a note."""
+    from llama.reshard import convert
+
+    monkeypatch.setattr("llama.hf_tokenizer.have_tokenizers", lambda: False)
+    out = convert(STORIES, "hf", out_dir=tmp_path / "hf", progress=False)
+    names = {p.name for p in out.iterdir()}
+    assert "tokenizer.model" in names and "config.json" in names and not names & {TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP}
+    assert 'pip install -e ".[hf]"' in capsys.readouterr().err
