@@ -9,6 +9,7 @@ lm-evaluation-harness's remote tokenizer speaks.
 
 import time
 import uuid
+from itertools import accumulate
 from typing import Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -106,7 +107,7 @@ def token_text(decode: Callable[[list[int]], str], context: list[int], token: in
 
 def token_texts(decode: Callable[[list[int]], str], ids: list[int], start: int) -> list[str]:
     """The text each of ids[start:] adds after the ids before it: joined, the decoded text."""
-    return [token_text(decode, ids[:i], ids[i], last=i + 1 == len(ids)) for i in range(start, len(ids))]
+    return [token_text(decode, ids[max(0, i - WINDOW) : i], ids[i], last=i + 1 == len(ids)) for i in range(start, len(ids))]
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None) -> dict:
@@ -142,7 +143,7 @@ class Reply:
             return {"content": [self._chat_logprob(lp) for lp in logprobs]}
         ids = context + [lp.id for lp in logprobs]
         tokens = token_texts(self.decode, ids, len(context))
-        offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        offsets = list(accumulate((len(t) for t in tokens[:-1]), initial=offset))[: len(tokens)]
         contexts = [ids[max(0, i - WINDOW) : i] for i in range(len(context), len(ids))]
         return {
             "tokens": tokens,
