@@ -85,3 +85,30 @@ def answer_tokens(tokenizer: Tokenizer, answer: str) -> list[int]:
     if tokenizer.family == "llama3":
         return tokenizer.encode(answer, bos=False, eos=False) + [tokenizer.eot_id]
     return tokenizer.encode(answer.strip(), bos=False, eos=True)
+
+
+# The same formats as Jinja chat templates, for Hugging Face's tokenizer_config.json, GGUF's
+# tokenizer.chat_template and the server's /tokenizer_info. Llama 2: Meta's template as published
+# in meta-llama/Llama-2-7b-chat-hf. Llama 3: meta-llama/Meta-Llama-3-8B-Instruct's, without its
+# `| trim` (Meta's ChatFormat, and `llama3_tokens`, keep content as is). tests/test_hf_tokenizer.py
+# checks that transformers' apply_chat_template with them gives `dialog_tokens`' ids.
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+CHAT_TEMPLATES = {"llama2": LLAMA2_CHAT_TEMPLATE, "llama3": LLAMA3_CHAT_TEMPLATE}

@@ -50,6 +50,18 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def prompt_logprobs(logits: torch.Tensor, ids: torch.Tensor, top_k: int = 0) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """Logprobs [T-1] of ids[1:] [T], each given the tokens before it, from the logits [T, V] of
+    one forward over `ids`; with top_k, also the (values, ids) [T-1, k] of the k likeliest tokens
+    at each of those positions. The one computation behind `Llama.score` and the server's echo."""
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+    chosen = logprobs.gather(-1, ids[1:].unsqueeze(-1)).squeeze(-1)
+    if top_k <= 0:
+        return chosen, None
+    top = logprobs.topk(top_k)
+    return chosen, (top.values, top.indices)
+
+
 class Llama:
     """A loaded model + tokenizer on this rank, with Meta's generation API."""
 
@@ -107,6 +119,39 @@ class Llama:
         pos = start_pos if isinstance(start_pos, torch.Tensor) else self.step_pos.fill_(start_pos)
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         return self.compiled_step(self.model, tokens, pos)
+
+    @torch.inference_mode()
+    def score(self, token_seqs: list[list[int]]) -> list[list[Optional[float]]]:
+        """Logprob of every token of each sequence given the tokens before it (None for the first:
+        nothing precedes it), from one forward per batch of --max_batch_size sequences.
+
+        What lm-evaluation-harness's loglikelihood needs, and what the server's `echo` returns.
+        Every tensor-parallel rank calls it with the same sequences, as with `generate`.
+        """
+        self._check_ids(token_seqs)
+        cache_rows = self.model.layers[0].attention.cache.k.size(0)
+        order = sorted(range(len(token_seqs)), key=lambda i: len(token_seqs[i]))  # similar lengths share a batch
+        scores: list[list[Optional[float]]] = [[] for _ in token_seqs]
+        for start in range(0, len(order), cache_rows):
+            batch = order[start : start + cache_rows]
+            longest = max(len(token_seqs[i]) for i in batch)
+            tokens = torch.zeros(len(batch), longest, dtype=torch.long, device=self.parallel.device)
+            for row, i in enumerate(batch):  # padded at the end: a causal model's earlier positions never see it
+                tokens[row, : len(token_seqs[i])] = torch.tensor(token_seqs[i], dtype=torch.long)
+            logits = prefill(self.model, tokens, None, all_logits=True)
+            for row, i in enumerate(batch):
+                n = len(token_seqs[i])
+                scores[i] = [None, *prompt_logprobs(logits[row, :n], tokens[row, :n])[0].tolist()]
+        return scores
+
+    def _check_ids(self, token_seqs: list[list[int]]) -> None:
+        """Each sequence is 1..max_seq_len ids of this vocabulary, or a UserError says which is not."""
+        vocab, room = self.model.args.vocab_size, self.model.max_seq_len
+        for i, seq in enumerate(token_seqs):
+            if not 0 < len(seq) <= room:
+                raise UserError(f"sequence {i} has {len(seq)} tokens: give 1 to --max_seq_len {room}")
+            if not all(0 <= t < vocab for t in seq):
+                raise UserError(f"sequence {i} has ids outside the vocabulary [0, {vocab})")
 
     @torch.inference_mode()
     def generate_steps(

@@ -26,11 +26,14 @@ class Sampling:
     seed: Optional[int] = None
     """Sampling seed; None: the generator's current state (the server draws one per request)."""
     max_new: int = 64
-    """Tokens to generate at most (the server caps it so that prompt + max_new <= max_seq_len)."""
+    """Tokens to generate at most (the server caps it so that prompt + max_new <= max_seq_len); 0
+    with `echo`: the prompt is only scored."""
     stop: tuple[str, ...] = ()
     """Strings that end the completion; the text stops before the first one."""
     top_logprobs: Optional[int] = None
     """None: no logprobs; k >= 0: each token's logprob and the k most likely alternatives."""
+    echo: bool = False
+    """Server: echo the prompt; with top_logprobs, score it too (from the prefill's logits)."""
 
     def __post_init__(self):
         check(self.temperature, self.top_p)

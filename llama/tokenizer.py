@@ -172,3 +172,12 @@ def find_tokenizer(ckpt_dir: str | Path, override: Optional[str | Path] = None) 
     if found is None:
         raise UserError(f"no {TOKENIZER} in {ckpt_dir} or {Path(ckpt_dir) / 'original'}: pass --tokenizer_path")
     return found
+
+
+def special_tokens(tokenizer: Tokenizer) -> dict[str, int]:
+    """Text -> id of the tokenizer's special tokens (SentencePiece: <unk>, <s>, </s>; Llama 3: its 256),
+    the names Hugging Face's tokenizer files and vLLM's /tokenizer_info use for them."""
+    if isinstance(tokenizer, TiktokenTokenizer):
+        return dict(tokenizer.special_tokens)
+    sp = tokenizer.sp
+    return {sp.id_to_piece(i): i for i in (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) if i >= 0}

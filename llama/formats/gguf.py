@@ -10,7 +10,8 @@ What goes in follows llama.cpp's own `convert_hf_to_gguf.py` for `LlamaForCausal
 - Llama 3.1+ RoPE scaling as a `rope_freqs.weight` tensor of per-frequency divisors;
 - the vocabulary: SentencePiece (Llama 1/2) as `_create_vocab_sentencepiece` writes it (tokens,
   scores, types); Meta's Llama 3 tiktoken file as the converter writes the Hub's tokenizer.json made
-  from it (model gpt2, pre-tokenizer llama-bpe, byte-level tokens, merges rebuilt from the ranks).
+  from it (model gpt2, pre-tokenizer llama-bpe, byte-level tokens, merges rebuilt from the ranks);
+  and the family's chat template (llama/chat.py) as `tokenizer.chat_template`.
 Norms and other 1-D tensors stay float32 (llama.cpp's kernels expect that); q8_0 quantizes each
 2-D weight whose rows split into 32-value blocks, and writes the others as float16, as llama.cpp
 does when a tensor cannot be quantized.
@@ -26,9 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from llama.chat import CHAT_TEMPLATES
 from llama.errors import UserError
 from llama.formats.checkpoint import Checkpoint
 from llama.formats.hf import context_length
+from llama.formats.hf_tokenizer import byte_level_merges
 from llama.formats.layout import OUTPUT
 from llama.model import META_ROPE_SCALING, scale_rope_freqs
 from llama.tokenizer import load_tokenizer
@@ -117,18 +120,6 @@ def sentencepiece_vocab(gguf, tok, vocab_size: int) -> dict:
             "ids": {k: v for k, v in ids.items() if v >= 0}, "add_bos": True, "add_eos": False}
 
 
-def byte_level_merges(ranks: dict[bytes, int], as_text) -> list[str]:
-    """The merge list a BPE engine needs to reproduce tiktoken's ranks, as transformers' TikTokenConverter
-    (which made the Hub's Llama 3 tokenizer.json) and llama.cpp's Tekken vocab reconstruct it: for each
-    token in rank order, every split into two tokens, ordered by the ranks of the halves."""
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
-        splits.sort(key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
-        merges += [f"{as_text(left)} {as_text(right)}" for left, right in splits]
-    return merges
-
-
 def tiktoken_vocab(gguf, tok, path: Path, vocab_size: int) -> dict:
     """tokenizer.ggml.* of Meta's Llama 3 tiktoken file as llama.cpp's converter writes it from the Hub's
     tokenizer.json: model gpt2, pre-tokenizer "llama-bpe" (Meta's split pattern), the BPE tokens in
@@ -164,9 +155,8 @@ def vocabulary(gguf, ckpt: Checkpoint) -> dict:
     if tok.n_words > ckpt.args.vocab_size:
         raise UserError(f"{path} has {tok.n_words} tokens but the model's vocab_size is {ckpt.args.vocab_size}: "
                         "use the tokenizer.model that came with this checkpoint")
-    if tok.family == "llama3":
-        return tiktoken_vocab(gguf, tok, path, ckpt.args.vocab_size)
-    return sentencepiece_vocab(gguf, tok, ckpt.args.vocab_size)
+    vocab = tiktoken_vocab(gguf, tok, path, ckpt.args.vocab_size) if tok.family == "llama3" else sentencepiece_vocab(gguf, tok, ckpt.args.vocab_size)
+    return {**vocab, "chat_template": CHAT_TEMPLATES[tok.family]}  # the family's chat format, as llama.cpp reads it
 
 
 def add_metadata(writer, gguf, ckpt: Checkpoint, dtype: str, vocab: dict) -> None:
@@ -197,6 +187,7 @@ def add_metadata(writer, gguf, ckpt: Checkpoint, dtype: str, vocab: dict) -> Non
         getattr(writer, f"add_{kind}_token_id")(token_id)
     writer.add_add_bos_token(vocab["add_bos"])
     writer.add_add_eos_token(vocab["add_eos"])
+    writer.add_chat_template(vocab["chat_template"])
 
 
 def plan_tensors(gguf, ckpt: Checkpoint, dtype: str) -> list[tuple[Optional[str], str, tuple[int, ...], object]]:
@@ -275,6 +266,7 @@ def expected_metadata(gguf, ckpt: Checkpoint, prepared: dict) -> dict:
         tok.TOKEN_TYPE: vocab["types"],
         tok.ADD_BOS: vocab["add_bos"],
         tok.ADD_EOS: vocab["add_eos"],
+        tok.CHAT_TEMPLATE: vocab["chat_template"],
     }
     if "scores" in vocab:
         expected[tok.SCORES] = [f32(s) for s in vocab["scores"]]

@@ -16,6 +16,7 @@ within a head, so slicing first and un-permuting the slice gives the right rows.
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +29,7 @@ from llama.cli import parse_dtype
 from llama.errors import UserError
 from llama.files import STAGING, Staging, parse_size, read_json
 from llama.formats.checkpoint import Checkpoint, verify
+from llama.formats.hf_tokenizer import tokenizer_files
 from llama.formats.layout import EMBEDDING, LLAMA3_MIN_VOCAB, NOT_LOADED, OUTPUT, check_names, full_shapes, rope_freqs
 from llama.formats.params import model_args
 from llama.model import META_ROPE_SCALING, ModelArgs
@@ -319,8 +321,21 @@ def tokenizer_ids(ckpt: Checkpoint) -> tuple[Optional[int], Optional[int | list[
     return tok.bos_id, stops[0] if len(stops) == 1 else stops
 
 
+def hf_tokenizer_files(ckpt: Checkpoint) -> dict[str, str]:
+    """tokenizer.json & co. for the tokenizer shipped with the weights (llama/formats/hf_tokenizer.py), if any."""
+    path = ckpt.tokenizer_file()
+    if path is None:
+        return {}
+    files = tokenizer_files(path, context_length(ckpt))
+    if files is None:
+        print("note: tokenizer.json not written (AutoTokenizer needs it): pip install -e \".[hf]\" for HF's tokenizers library",
+              file=sys.stderr)
+    return files or {}
+
+
 class HFWriter:
-    """--out_format hf: config.json, generation_config.json, safetensors (+ index when split)."""
+    """--out_format hf: config.json, generation_config.json, safetensors (+ index when split), and
+    the tokenizer as HF's tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
 
     @staticmethod
     def prepare(ckpt: Checkpoint, dtype, max_shard_size: str = "5GB") -> dict:
@@ -328,7 +343,7 @@ class HFWriter:
 
     @staticmethod
     def needed_bytes(ckpt: Checkpoint, num_shards: int, prepared: dict) -> int:
-        return sum(ckpt.shape(k).numel() * (prepared["dtype"] or ckpt.dtype(k)).itemsize for k in hf_keys(ckpt)) + 2**20
+        return sum(ckpt.shape(k).numel() * (prepared["dtype"] or ckpt.dtype(k)).itemsize for k in hf_keys(ckpt)) + 2**25  # + tokenizer.json (Llama 3: 17 MB)
 
     @staticmethod
     def write(ckpt: Checkpoint, staging: Staging, num_shards: int, prepared: dict, progress: bool) -> list[dict]:
@@ -352,7 +367,9 @@ class HFWriter:
             total = sum(ckpt.shape(k).numel() * (dtype or ckpt.dtype(k)).itemsize for k in hf_keys(ckpt))
             texts[INDEX] = {"metadata": {"total_size": total},
                             "weight_map": {hf_name(k): name for name, keys in zip(names, groups) for k in keys}}
-        return files + [staging.write_text(name, json.dumps(content, indent=2) + "\n") for name, content in texts.items()]
+        texts.update(hf_tokenizer_files(ckpt))
+        return files + [staging.write_text(name, content if isinstance(content, str) else json.dumps(content, indent=2) + "\n")
+                        for name, content in texts.items()]
 
     @staticmethod
     def verify(ckpt: Checkpoint, staging: Staging, prepared: dict, progress: bool) -> None:

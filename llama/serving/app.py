@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Optional
 
@@ -31,16 +32,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama import cli, distributed
+from llama import chat, cli, distributed
 from llama.errors import UserError
 from llama.formats import adapters
 from llama.generation import Llama
 from llama.sampling import Sampling
 from llama.serving.batching import broadcast, run_steps
-from llama.serving.openai_api import ChatRequest, CompletionRequest, GenerationFields, Reply, error_body
+from llama.serving.openai_api import ChatRequest, CompletionRequest, DetokenizeRequest, GenerationFields, Reply, TokenizeRequest, error_body
 from llama.serving.scheduler import Piece, QueueFull
 from llama.serving.scheduler import Request as Job
 from llama.serving.scheduler import Scheduler, ShuttingDown
+from llama.tokenizer import special_tokens
 
 
 class APIError(Exception):
@@ -51,26 +53,51 @@ class APIError(Exception):
         self.status, self.body = status, error_body(message, type_, param, code)
 
 
-def sampling_for(body: GenerationFields, max_tokens: Optional[int], n_prompt: int, max_seq_len: int, top_logprobs: Optional[int]) -> Sampling:
-    """The request's settings, or a 400 naming the field: the prompt must leave room for one token."""
+def sampling_for(body: GenerationFields, max_tokens: Optional[int], n_prompt: int, max_seq_len: int, top_logprobs: Optional[int],
+                 echo: bool = False) -> Sampling:
+    """The request's settings, or a 400 naming the field: the prompt must leave room for one
+    token, unless it is only scored (echo with max_tokens 0)."""
     if body.n != 1:
         raise APIError(400, "only n=1 is supported: send one request per completion", "n")
+    if max_tokens is not None and max_tokens < (0 if echo else 1):
+        fix = "" if echo else " (0 only with echo: score the prompt)"
+        raise APIError(400, f"max_tokens must be at least {0 if echo else 1}, got {max_tokens}{fix}", "max_tokens")
     room = max_seq_len - n_prompt
-    if room < 1:
-        message = f"the prompt has {n_prompt} tokens but this server's --max_seq_len is {max_seq_len}: shorten it to at most {max_seq_len - 1}"
+    if room < (0 if echo and max_tokens == 0 else 1):
+        longest = max_seq_len if echo and max_tokens == 0 else max_seq_len - 1
+        message = f"the prompt has {n_prompt} tokens but this server's --max_seq_len is {max_seq_len}: shorten it to at most {longest}"
         raise APIError(400, message, "prompt", "context_length_exceeded")
-    if max_tokens is not None and max_tokens <= 0:
-        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     max_new = room if max_tokens is None else min(max_tokens, room)
-    return Sampling(body.temperature, body.top_p, body.seed, max_new, body.stop_strings(), top_logprobs)
+    return Sampling(body.temperature, body.top_p, body.seed, max_new, body.stop_strings(), top_logprobs, echo)
 
 
-def completion_prompt(llm: Llama, prompt: str | list[int]) -> list[int]:
+@dataclass
+class Prompt:
+    """One prompt of a completion request as the model sees it."""
+
+    ids: list[int]
+    text: Optional[str]
+    """The string as sent (None: sent as token ids)."""
+    hidden: int
+    """Leading ids the server added (the BOS before a string): never echoed, as lm-eval counts
+    a context's tokens without it."""
+
+
+def completion_prompts(llm: Llama, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+    """The request's prompts: a string or ids is one; a list of either is several (a 400 if empty)."""
+    single = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
+    prompts = [prompt] if single else prompt
+    if not prompts:
+        raise APIError(400, "prompt is an empty list: send a string, token ids, or a non-empty list of either", "prompt")
+    return [completion_prompt(llm, p) for p in prompts]
+
+
+def completion_prompt(llm: Llama, prompt: str | list[int]) -> Prompt:
     if isinstance(prompt, str):
-        return llm.tokenizer.encode(prompt, bos=True, eos=False)
+        return Prompt(llm.tokenizer.encode(prompt, bos=True, eos=False), prompt, 1)
     if not prompt or not all(0 <= i < llm.model.args.vocab_size for i in prompt):
         raise APIError(400, f"prompt token ids must be a non-empty list of ids in [0, {llm.model.args.vocab_size})", "prompt")
-    return prompt
+    return Prompt(prompt, None, 0)
 
 
 def chat_prompt(llm: Llama, body: ChatRequest) -> list[int]:
@@ -97,6 +124,9 @@ class Server:
         app.get("/v1/models", dependencies=auth)(self.models)
         app.post("/v1/completions", dependencies=auth)(self.completions)
         app.post("/v1/chat/completions", dependencies=auth)(self.chat_completions)
+        app.get("/tokenizer_info", dependencies=auth)(self.tokenizer_info)
+        app.post("/tokenize", dependencies=auth)(self.tokenize)
+        app.post("/detokenize", dependencies=auth)(self.detokenize)
         return app
 
     @staticmethod
@@ -125,12 +155,72 @@ class Server:
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "llama-mp"}]}
 
+    async def tokenizer_info(self) -> dict:
+        """vLLM's /tokenizer_info: the special tokens' text and the family's chat template (Jinja)."""
+        tok, names = self.llm.tokenizer, {i: text for text, i in special_tokens(self.llm.tokenizer).items()}
+        return {"tokenizer_class": type(tok).__name__, "bos_token": names.get(tok.bos_id), "eos_token": names.get(tok.eos_id),
+                "pad_token": names.get(tok.pad_id), "add_bos_token": True, "model_max_length": self.llm.model.max_seq_len,
+                "chat_template": chat.CHAT_TEMPLATES.get(tok.family)}
+
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        """vLLM's /tokenize: a prompt's ids as /v1/completions encodes it (BOS unless add_special_tokens
+        is false), or a chat's as /v1/chat/completions does. Special-token text stays text, except a
+        prompt that is exactly one special token: lm-eval finds the BOS/EOS ids that way."""
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send either prompt (a string) or messages (a chat), not both or neither", "prompt")
+        if body.messages is not None:
+            ids = chat_prompt(self.llm, body)
+        elif body.prompt in (specials := special_tokens(self.llm.tokenizer)):
+            ids = [specials[body.prompt]]
+        else:
+            ids = self.llm.tokenizer.encode(body.prompt, bos=body.add_special_tokens, eos=False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.llm.model.max_seq_len}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        vocab = self.llm.model.args.vocab_size
+        if not all(0 <= i < vocab for i in body.tokens):
+            raise APIError(400, f"tokens must be ids in [0, {vocab})", "tokens")
+        return {"prompt": self.llm.tokenizer.decode(body.tokens)}
+
     async def completions(self, body: CompletionRequest, request: Request):
+        prompts = completion_prompts(self.llm, body.prompt)
+        if body.stream and (body.echo or len(prompts) > 1):
+            raise APIError(400, "echo and lists of prompts are not streamed: send them with stream false", "stream")
+        if len(prompts) > max(1, self.scheduler.max_queue):
+            message = f"{len(prompts)} prompts exceed this server's --max_queue {self.scheduler.max_queue}: send at most that many per request"
+            raise APIError(400, message, "prompt")
+        max_seq_len = self.llm.model.max_seq_len
+        samplings = [sampling_for(body, body.max_tokens, len(p.ids), max_seq_len, body.logprobs, body.echo) for p in prompts]
+        if body.stream:
+            return await self._respond(request, body, prompts[0].ids, samplings[0], chat=False)
+        return await self._complete_all(request, body, prompts, samplings)
+
+    async def _complete_all(self, request: Request, body: CompletionRequest, prompts: list[Prompt], samplings: list[Sampling]) -> dict:
+        """Queue every prompt at once (they share the scheduler's steps); one choice each, in order."""
+        loop = asyncio.get_running_loop()
+        queues = [asyncio.Queue() for _ in prompts]
+        jobs = [Job(p.ids, sampling, self._deliverer(loop, queue)) for p, sampling, queue in zip(prompts, samplings, queues)]
+        self._submit(jobs)
+        reply = Reply(False, self.model_name, self.llm.tokenizer.decode, [], body.return_token_ids)
+        try:
+            results = await asyncio.gather(*(self._pieces(request, job, queue) for job, queue in zip(jobs, queues)))
+        finally:
+            for job in jobs:
+                self.scheduler.cancel(job)  # a no-op once finished; frees the rows if this task was cancelled
+        if any(r is None for r in results):
+            return {}  # the client hung up
+        return reply.completions([self._choice(reply, body, p, job, *result) for p, job, result in zip(prompts, jobs, results)])
+
+    def _choice(self, reply: Reply, body: CompletionRequest, prompt: Prompt, job: Job, text: str, ids: list[int], logprobs: list, finish: str):
+        """(text, prompt ids, ids, logprobs, finish) of one choice; with echo the prompt comes first."""
+        lp = None
         if body.echo:
-            raise APIError(400, "echo is not supported", "echo")
-        prompt = completion_prompt(self.llm, body.prompt)
-        sampling = sampling_for(body, body.max_tokens, len(prompt), self.llm.model.max_seq_len, body.logprobs)
-        return await self._respond(request, body, prompt, sampling, chat=False)
+            text = (prompt.text if prompt.text is not None else self.llm.tokenizer.decode(prompt.ids)) + text
+            if job.sampling.top_logprobs is not None:
+                lp = reply.logprobs(job.prompt_logprobs[prompt.hidden :] + logprobs, 0, prompt.ids[: prompt.hidden])
+        elif job.sampling.top_logprobs is not None:
+            lp = reply.logprobs(logprobs, 0, prompt.ids)
+        return text, prompt.ids, ids, lp, finish
 
     async def chat_completions(self, body: ChatRequest, request: Request):
         prompt = chat_prompt(self.llm, body)
@@ -139,53 +229,63 @@ class Server:
         sampling = sampling_for(body, max_tokens, len(prompt), self.llm.model.max_seq_len, top)
         return await self._respond(request, body, prompt, sampling, chat=True)
 
-    async def _respond(self, request: Request, body: GenerationFields, prompt: list[int], sampling: Sampling, chat: bool):
-        """Queue the job, then stream its pieces as server-sent events or wait for all of them."""
-        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-
+    @staticmethod
+    def _deliverer(loop: asyncio.AbstractEventLoop, pieces: asyncio.Queue):
         def deliver(piece: Piece) -> None:  # engine thread -> event loop
             try:
                 loop.call_soon_threadsafe(pieces.put_nowait, piece)
             except RuntimeError:
                 pass  # the event loop is closed: the server has stopped
 
-        job = Job(prompt, sampling, deliver)
+        return deliver
+
+    def _submit(self, jobs: list[Job]) -> None:
         try:
-            self.scheduler.submit(job)
+            self.scheduler.submit_all(jobs)
         except QueueFull:
             message = "the server is busy (every batch row and the queue are full): retry later"
             raise APIError(503, message, type_="server_error", code="overloaded") from None
         except ShuttingDown:
             raise APIError(503, "the server is shutting down", type_="server_error") from None
-        reply = Reply(chat, self.model_name, lambda i: self.llm.tokenizer.decode([i]), prompt, body.return_token_ids)
+
+    async def _respond(self, request: Request, body: GenerationFields, prompt: list[int], sampling: Sampling, chat: bool):
+        """Queue the job, then stream its pieces as server-sent events or wait for all of them."""
+        pieces = asyncio.Queue()
+        job = Job(prompt, sampling, self._deliverer(asyncio.get_running_loop(), pieces))
+        self._submit([job])
+        reply = Reply(chat, self.model_name, self.llm.tokenizer.decode, prompt, body.return_token_ids)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self._events(job, pieces, reply, usage), media_type="text/event-stream")
-        return await self._collect(request, job, pieces, reply)
-
-    async def _collect(self, request: Request, job: Job, pieces: asyncio.Queue, reply: Reply) -> dict:
-        """All pieces of a non-streamed job; a client that hung up cancels it (checked every second)."""
-        text, ids, logprobs = [], [], []
         try:
-            while True:
-                try:
-                    piece = await asyncio.wait_for(pieces.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        self.scheduler.cancel(job)
-                        return {}
-                    continue
-                text.append(piece.text)
-                ids += piece.ids
-                logprobs += piece.logprobs
-                if piece.finish_reason == "cancelled":
-                    raise APIError(503, "the server is shutting down", type_="server_error")
-                if piece.finish_reason is not None:
-                    break
+            result = await self._pieces(request, job, pieces)
         finally:
             self.scheduler.cancel(job)  # a no-op once finished; frees the row if this task was cancelled
-        lp = reply.logprobs(logprobs, 0) if job.sampling.top_logprobs is not None else None
-        return reply.full("".join(text), ids, lp, piece.finish_reason)
+        if result is None:
+            return {}
+        text, ids, logprobs, finish = result
+        lp = reply.logprobs(logprobs, 0, prompt) if job.sampling.top_logprobs is not None else None
+        return reply.full(text, ids, lp, finish)
+
+    async def _pieces(self, request: Request, job: Job, pieces: asyncio.Queue) -> Optional[tuple[str, list[int], list, str]]:
+        """(text, ids, logprobs, finish reason) of a non-streamed job; None if the client hung up
+        (checked every second), which cancels the job."""
+        text, ids, logprobs = [], [], []
+        while True:
+            try:
+                piece = await asyncio.wait_for(pieces.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.scheduler.cancel(job)
+                    return None
+                continue
+            text.append(piece.text)
+            ids += piece.ids
+            logprobs += piece.logprobs
+            if piece.finish_reason == "cancelled":
+                raise APIError(503, "the server is shutting down", type_="server_error")
+            if piece.finish_reason is not None:
+                return "".join(text), ids, logprobs, piece.finish_reason
 
     async def _events(self, job: Job, pieces: asyncio.Queue, reply: Reply, usage: bool) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
@@ -193,7 +293,7 @@ class Server:
         A client that disconnects makes Starlette cancel this generator: `finally` frees the row.
         """
         try:
-            first, offset = True, 0
+            first, offset, seen = True, 0, list(job.prompt)
             if reply.chat:
                 yield sse(reply.chunk(None, None, first=True))
                 first = False
@@ -202,9 +302,9 @@ class Server:
                 if piece.finish_reason == "cancelled":  # shutting down: an error event ends the stream
                     yield sse(error_body("the server is shutting down: the completion was cut short", "server_error"))
                     return
-                lp = reply.logprobs(piece.logprobs, offset) if job.sampling.top_logprobs is not None else None
+                lp = reply.logprobs(piece.logprobs, offset, seen) if job.sampling.top_logprobs is not None else None
                 yield sse(reply.chunk(piece, lp, first))
-                first, offset = False, offset + len(piece.text)
+                first, offset, seen = False, offset + len(piece.text), seen + piece.ids
                 if piece.finish_reason is not None:
                     break
             if usage:

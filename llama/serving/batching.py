@@ -29,6 +29,8 @@ class Plan:
 
     admit: list[tuple[int, list[int]]] = field(default_factory=list)
     """(cache row, prompt ids) to prefill before decoding."""
+    score_rows: list[int] = field(default_factory=list)
+    """Admitted rows whose prefill returns every position's logits (echo: the prompt is scored)."""
     tokens: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     stop: bool = False
@@ -52,8 +54,9 @@ def broadcast(obj: object, device: torch.device) -> object:
     return box[0]
 
 
-def prefill_row(model: Transformer, row: int, prompt: list[int], device: torch.device) -> torch.Tensor:
-    """Last-position logits [V] of `prompt` run from position 0 into cache row `row` only.
+def prefill_row(model: Transformer, row: int, prompt: list[int], device: torch.device, all_logits: bool = False) -> torch.Tensor:
+    """Last-position logits [V] (all_logits: every position's, [T, V]) of `prompt` run from
+    position 0 into cache row `row` only.
 
     The other rows keep their keys/values: each layer attends through a one-row view of its
     cache (`KVCache.rows`) for this forward pass. Same shapes as a single-prompt `prefill`.
@@ -63,7 +66,8 @@ def prefill_row(model: Transformer, row: int, prompt: list[int], device: torch.d
     for attn, cache in zip(attentions, caches):
         attn.cache = cache.rows(row, row + 1)
     try:
-        return prefill(model, torch.tensor([prompt], device=device), None, all_logits=False)[0, -1]
+        logits = prefill(model, torch.tensor([prompt], device=device), None, all_logits)[0]
+        return logits if all_logits else logits[-1]
     finally:
         for attn, cache in zip(attentions, caches):
             attn.cache = cache
@@ -78,9 +82,10 @@ def decode_rows(llm: Llama, tokens: list[int], positions: list[int]) -> torch.Te
 
 @torch.inference_mode()
 def run_plan(llm: Llama, plan: Plan) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
-    """Execute one step on this rank's shard: prefill logits per admitted prompt, decode logits."""
+    """Execute one step on this rank's shard: prefill logits per admitted prompt ([V], or [T, V]
+    for a score row), decode logits."""
     device = llm.parallel.device
-    prefill_logits = [prefill_row(llm.model, row, prompt, device) for row, prompt in plan.admit]
+    prefill_logits = [prefill_row(llm.model, row, prompt, device, row in plan.score_rows) for row, prompt in plan.admit]
     decode_logits = decode_rows(llm, plan.tokens, plan.positions) if plan.tokens else None
     return prefill_logits, decode_logits
 

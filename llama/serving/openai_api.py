@@ -2,12 +2,15 @@
 
 Only the fields this server honours are declared; unknown fields are ignored, as OpenAI-style
 servers commonly do, but a declared field of the wrong type is a 400. `return_token_ids`
-(vLLM's extension) adds `prompt_token_ids` and `token_ids` to each choice.
+(vLLM's extension) adds `prompt_token_ids` and `token_ids` to each choice. The tokenizer
+endpoints (`/tokenize`, `/detokenize`, `/tokenizer_info`) take vLLM's shapes, which
+lm-evaluation-harness's remote tokenizer speaks.
 """
 
 import time
 import uuid
-from typing import Literal, Optional, Union
+from itertools import accumulate
+from typing import Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,8 +51,8 @@ class GenerationFields(Strict):
 
 
 class CompletionRequest(GenerationFields):
-    prompt: Union[str, list[int]]
-    """A string, or token ids (a single prompt)."""
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    """A string, token ids, or a list of either: one choice per prompt, `index` its position."""
     max_tokens: Optional[int] = 16  # OpenAI's default for /v1/completions
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
@@ -75,6 +78,39 @@ class ChatRequest(GenerationFields):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
+class TokenizeRequest(Strict):
+    """vLLM's /tokenize: a prompt (BOS added unless add_special_tokens is false) or a chat."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(Strict):
+    model: Optional[str] = None
+    tokens: list[int]
+
+
+WINDOW = 8
+"""Tokens decoded before each token to find its text: more than a character's 4 UTF-8 bytes."""
+
+
+def token_text(decode: Callable[[list[int]], str], context: list[int], token: int, last: bool = True) -> str:
+    """The text `token` adds after `context` (its last few ids), leading space kept: SentencePiece
+    drops a piece's leading space when the piece starts a decode. A character split over byte
+    tokens (U+FFFD until its last byte) belongs to its last byte; unless `last`, an unfinished
+    one gives ""."""
+    context = context[-WINDOW:]
+    before, after = decode(context).rstrip("\ufffd"), decode(context + [token])
+    return (after if last else after.rstrip("\ufffd"))[len(before) :]
+
+
+def token_texts(decode: Callable[[list[int]], str], ids: list[int], start: int) -> list[str]:
+    """The text each of ids[start:] adds after the ids before it: joined, the decoded text."""
+    return [token_text(decode, ids[max(0, i - WINDOW) : i], ids[i], last=i + 1 == len(ids)) for i in range(start, len(ids))]
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None) -> dict:
     """OpenAI's error object, which its client turns into BadRequestError, AuthenticationError, ..."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -87,8 +123,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 class Reply:
     """One response's id, timestamps and body builders for either endpoint."""
 
-    def __init__(self, chat: bool, model: str, decode_token, prompt_ids: list[int], token_ids: bool):
-        self.chat, self.model, self.decode_token = chat, model, decode_token
+    def __init__(self, chat: bool, model: str, decode: Callable[[list[int]], str], prompt_ids: list[int], token_ids: bool):
+        self.chat, self.model, self.decode = chat, model, decode
         self.prompt_ids, self.token_ids = prompt_ids, token_ids
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -96,16 +132,25 @@ class Reply:
     def _envelope(self, object_: str, choice: dict) -> dict:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model, "choices": [choice]}
 
-    def logprobs(self, logprobs: list[TokenLogprob], offset: int) -> dict:
-        """Per-token logprobs in the chat ({"content": [...]}) or legacy completion layout."""
+    def decode_token(self, token: int) -> str:
+        return self.decode([token])
+
+    def logprobs(self, logprobs: list[TokenLogprob], offset: int, context: list[int]) -> dict:
+        """Per-token logprobs in the chat ({"content": [...]}) or legacy completion layout, where
+        `tokens` keep their leading spaces (read after `context`, the ids before them) so that
+        `text_offset` (counted from `offset`) indexes the choice's text. An echoed prompt's first
+        token has null logprobs: nothing precedes it."""
         if self.chat:
             return {"content": [self._chat_logprob(lp) for lp in logprobs]}
-        tokens = [self.decode_token(lp.id) for lp in logprobs]
-        offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        ids = context + [lp.id for lp in logprobs]
+        tokens = token_texts(self.decode, ids, len(context))
+        offsets = list(accumulate((len(t) for t in tokens[:-1]), initial=offset))[: len(tokens)]
+        contexts = [ids[max(0, i - WINDOW) : i] for i in range(len(context), len(ids))]
         return {
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{self.decode_token(i): v for i, v in lp.top} for lp in logprobs],
+            "top_logprobs": [None if lp.logprob is None else {token_text(self.decode, before, i): v for i, v in lp.top}
+                             for lp, before in zip(logprobs, contexts)],
             "text_offset": offsets,
         }
 
@@ -116,17 +161,26 @@ class Reply:
 
         return {**entry(lp.id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
 
-    def _choice(self, text: str, ids: list[int], logprobs: Optional[dict], finish: Optional[str], delta: bool, first: bool = True) -> dict:
+    def _choice(self, text: str, ids: list[int], logprobs: Optional[dict], finish: Optional[str], delta: bool, first: bool = True,
+                index: int = 0, prompt_ids: Optional[list[int]] = None) -> dict:
         if self.chat:
             message = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
-            choice = {"index": 0, ("delta" if delta else "message"): message, "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": index, ("delta" if delta else "message"): message, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         if self.token_ids:
             choice["token_ids"] = ids
             if first:
-                choice["prompt_token_ids"] = self.prompt_ids
+                choice["prompt_token_ids"] = self.prompt_ids if prompt_ids is None else prompt_ids
         return choice
+
+    def completions(self, choices: list[tuple[str, list[int], list[int], Optional[dict], str]]) -> dict:
+        """A /v1/completions body of several choices: (text, prompt ids, ids, logprobs, finish) each."""
+        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
+        body["choices"] = [self._choice(text, ids, lp, finish, delta=False, index=i, prompt_ids=prompt)
+                           for i, (text, prompt, ids, lp, finish) in enumerate(choices)]
+        body["usage"] = usage(sum(len(c[1]) for c in choices), sum(len(c[2]) for c in choices))
+        return body
 
     def full(self, text: str, ids: list[int], logprobs: Optional[dict], finish: str) -> dict:
         object_ = "chat.completion" if self.chat else "text_completion"

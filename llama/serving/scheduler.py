@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from llama.generation import Llama
+from llama.generation import Llama, prompt_logprobs
 from llama.sampling import Sampling, sample
 from llama.serving.batching import Plan
 
@@ -32,7 +32,8 @@ class ShuttingDown(Exception):
 @dataclass
 class TokenLogprob:
     id: int
-    logprob: float
+    logprob: Optional[float]
+    """None for a prompt's first token: nothing precedes it."""
     top: list[tuple[int, float]]
 
 
@@ -60,6 +61,8 @@ class Request:
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: Optional[torch.Generator] = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """With echo: one entry per prompt token, set before the first piece is delivered."""
 
 
 def stop_string_end(text: str, stops: tuple[str, ...], start: int) -> Optional[int]:
@@ -96,14 +99,19 @@ class Scheduler:
     # -- called from the HTTP side (any thread) --
 
     def submit(self, request: Request) -> None:
+        self.submit_all([request])
+
+    def submit_all(self, requests: list[Request]) -> None:
+        """Queue all of `requests` (one HTTP request's prompts) or none of them."""
         with self.cond:
             if self.refusing:
                 raise ShuttingDown()
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(requests) > self.max_queue:
                 raise QueueFull()
-            seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
-            request.generator = torch.Generator(self.llm.parallel.device).manual_seed(seed)
-            self.waiting.append(request)
+            for request in requests:
+                seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
+                request.generator = torch.Generator(self.llm.parallel.device).manual_seed(seed)
+                self.waiting.append(request)
             self.cond.notify()
 
     def cancel(self, request: Request) -> None:
@@ -148,11 +156,16 @@ class Scheduler:
                 self._cancel_all()
                 return Plan(stop=True)
             admit = self._admit()
-            return self._plan(admit)
+            plan = self._plan(admit)
+            plan.score_rows = [row for row, _ in admit if self.rows[row].sampling.echo and self.rows[row].sampling.top_logprobs is not None]
+            return plan
 
     def consume(self, plan: Plan, prefill_logits: list[torch.Tensor], decode_logits: Optional[torch.Tensor]) -> None:
         """Sample each admitted and each decoded row's next token and deliver the results."""
         for (row, _), logits in zip(plan.admit, prefill_logits):
+            if row in plan.score_rows:
+                self._score_prompt(self.rows[row], logits)
+                logits = logits[-1]
             self._accept(self.rows[row], logits)
         self.stats["prefills"] += len(plan.admit)
         if decode_logits is None:
@@ -205,6 +218,13 @@ class Scheduler:
                 tokens[row], positions[row] = request.ids[-1], len(request.prompt) + len(request.ids) - 1
         return Plan(admit=admit, tokens=tokens, positions=positions)
 
+    def _score_prompt(self, request: Request, logits: torch.Tensor) -> None:
+        """Echo: each prompt token's logprob (and top alternatives) from the prefill's logits [T, V]."""
+        chosen, top = prompt_logprobs(logits, torch.tensor(request.prompt, device=logits.device), request.sampling.top_logprobs or 0)
+        alternatives = [list(zip(i, v)) for i, v in zip(top[1].tolist(), top[0].tolist())] if top is not None else [[]] * len(chosen)
+        request.prompt_logprobs = [TokenLogprob(request.prompt[0], None, [])] + [
+            TokenLogprob(i, lp, alts) for i, lp, alts in zip(request.prompt[1:], chosen.tolist(), alternatives)]
+
     def _sample(self, request: Request, logits: torch.Tensor) -> tuple[int, Optional[TokenLogprob]]:
         settings = request.sampling
         token = int(sample(logits.unsqueeze(0), settings.temperature, settings.top_p, request.generator)[0])  # argmax at 0
@@ -219,14 +239,17 @@ class Scheduler:
         """One new token for `request`: stop token, stop string, length, or more text to show."""
         if request.cancelled:
             return
+        if request.sampling.max_new == 0:  # echo only: the prompt was scored, nothing to generate
+            self._finish(request, Piece("", [], [], "length"))
+            return
         token, logprob = self._sample(request, logits)
         stops = request.sampling.stop
         finish = "stop" if token in self.llm.tokenizer.stop_ids else None
+        if logprob is not None:  # a stop token keeps its entry (lm-eval drops the last one)
+            request.pending_logprobs.append(logprob)
         if finish is None:
             request.ids.append(token)
             request.pending_ids.append(token)
-            if logprob is not None:
-                request.pending_logprobs.append(logprob)
         text = self.llm.decode_continuation(request.prompt, request.ids)
         end = len(text)
         stop_at = stop_string_end(text, stops, max(0, request.shown - max(map(len, stops), default=0)))
@@ -236,9 +259,15 @@ class Scheduler:
             finish = "length"
         elif finish is None:
             end = safe_end(text, stops)
-        if end > request.shown or finish is not None:
-            request.deliver(Piece(text[request.shown : end], request.pending_ids, request.pending_logprobs, finish))
-            request.shown, request.pending_ids, request.pending_logprobs = max(end, request.shown), [], []
+        piece = Piece(text[request.shown : end], request.pending_ids, request.pending_logprobs, finish)
         if finish is not None:
-            self.rows[request.row] = None
-            self.stats["completed"] += 1
+            self._finish(request, piece)
+        elif end > request.shown:
+            request.deliver(piece)
+            request.shown, request.pending_ids, request.pending_logprobs = end, [], []
+
+    def _finish(self, request: Request, piece: Piece) -> None:
+        """Deliver the last piece and free the row."""
+        request.deliver(piece)
+        self.rows[request.row] = None
+        self.stats["completed"] += 1
