@@ -1,8 +1,8 @@
 """An OpenAI-compatible HTTP server in front of N tensor-parallel ranks.
 
-Rank 0 runs FastAPI under uvicorn on its main thread and the step loop (llama/batching.py)
+Rank 0 runs FastAPI under uvicorn on its main thread and the step loop (llama/serving/batching.py)
 on an engine thread; every other rank runs the same step loop on its main thread and holds
-no socket. HTTP handlers validate a request, hand it to the scheduler (llama/scheduler.py)
+no socket. HTTP handlers validate a request (llama/serving/requests.py), hand it to the scheduler
 and wait on an asyncio queue that the engine thread fills with pieces of text.
 
 Shutdown (SIGTERM or Ctrl-C on rank 0, or SIGTERM to every rank as torchrun sends it): the
@@ -20,7 +20,6 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Optional
 
@@ -39,72 +38,11 @@ from llama.generation import Llama
 from llama.sampling import Sampling
 from llama.serving.batching import broadcast, run_steps
 from llama.serving.openai_api import ChatRequest, CompletionRequest, DetokenizeRequest, GenerationFields, Reply, TokenizeRequest, error_body
+from llama.serving.requests import APIError, Prompt, chat_prompt, completion_prompts, sampling_for
 from llama.serving.scheduler import Piece, QueueFull
 from llama.serving.scheduler import Request as Job
 from llama.serving.scheduler import Scheduler, ShuttingDown
 from llama.tokenizer import special_tokens
-
-
-class APIError(Exception):
-    """An HTTP error with OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None, type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, type_, param, code)
-
-
-def sampling_for(body: GenerationFields, max_tokens: Optional[int], n_prompt: int, max_seq_len: int, top_logprobs: Optional[int],
-                 echo: bool = False) -> Sampling:
-    """The request's settings, or a 400 naming the field: the prompt must leave room for one
-    token, unless it is only scored (echo with max_tokens 0)."""
-    if body.n != 1:
-        raise APIError(400, "only n=1 is supported: send one request per completion", "n")
-    if max_tokens is not None and max_tokens < (0 if echo else 1):
-        fix = "" if echo else " (0 only with echo: score the prompt)"
-        raise APIError(400, f"max_tokens must be at least {0 if echo else 1}, got {max_tokens}{fix}", "max_tokens")
-    room = max_seq_len - n_prompt
-    if room < (0 if echo and max_tokens == 0 else 1):
-        longest = max_seq_len if echo and max_tokens == 0 else max_seq_len - 1
-        message = f"the prompt has {n_prompt} tokens but this server's --max_seq_len is {max_seq_len}: shorten it to at most {longest}"
-        raise APIError(400, message, "prompt", "context_length_exceeded")
-    max_new = room if max_tokens is None else min(max_tokens, room)
-    return Sampling(body.temperature, body.top_p, body.seed, max_new, body.stop_strings(), top_logprobs, echo)
-
-
-@dataclass
-class Prompt:
-    """One prompt of a completion request as the model sees it."""
-
-    ids: list[int]
-    text: Optional[str]
-    """The string as sent (None: sent as token ids)."""
-    hidden: int
-    """Leading ids the server added (the BOS before a string): never echoed, as lm-eval counts
-    a context's tokens without it."""
-
-
-def completion_prompts(llm: Llama, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
-    """The request's prompts: a string or ids is one; a list of either is several (a 400 if empty)."""
-    single = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
-    prompts = [prompt] if single else prompt
-    if not prompts:
-        raise APIError(400, "prompt is an empty list: send a string, token ids, or a non-empty list of either", "prompt")
-    return [completion_prompt(llm, p) for p in prompts]
-
-
-def completion_prompt(llm: Llama, prompt: str | list[int]) -> Prompt:
-    if isinstance(prompt, str):
-        return Prompt(llm.tokenizer.encode(prompt, bos=True, eos=False), prompt, 1)
-    if not prompt or not all(0 <= i < llm.model.args.vocab_size for i in prompt):
-        raise APIError(400, f"prompt token ids must be a non-empty list of ids in [0, {llm.model.args.vocab_size})", "prompt")
-    return Prompt(prompt, None, 0)
-
-
-def chat_prompt(llm: Llama, body: ChatRequest) -> list[int]:
-    try:
-        return llm.chat_tokens([{"role": m.role, "content": m.text()} for m in body.messages])
-    except UserError as err:
-        raise APIError(400, str(err), "messages") from None
 
 
 class Server:
