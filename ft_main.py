@@ -136,7 +136,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: Callable[[], AbstractContextManager]
-    batches: train.TrainBatches
+    batches: train.TrainBatches | packing.PackedBatches
     val_batches: list[train.Batch]
     untuned_val_batches: list[train.Batch]
     """The held-out batches for the bare model: val_batches, but packed without soft-prompt slots."""

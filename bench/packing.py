@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4, help="layers of the 110M shape (dim 768, vocab 32000)")
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     p.add_argument("--threads", type=int, default=2, help="threads per configuration, over all its ranks")
+    p.add_argument("--ours", nargs="+", default=["padded", "packed"], choices=["shuffled", "padded", "packed"],
+                   help="our batches: shuffled (padded, data order), padded (length-grouped), packed")
+    p.add_argument("--repeats", type=int, default=1, help="throughput: passes over the examples; the fastest counts")
     p.add_argument("--tokens", type=int, default=2048, help="loss_memory: positions")
     p.add_argument("--chunk_size", type=int, default=256, help="positions per loss chunk (ft_main.py's default)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one configuration in this process
@@ -82,13 +85,17 @@ def grouped_batches(items: list[data.Example], batch_size: int) -> list[list[dat
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def timed_pass(step, batches: list) -> float:
-    """Seconds for one step per batch, after one warm-up step on the first."""
+def timed_pass(step, batches: list, repeats: int = 1) -> float:
+    """Seconds for one step per batch, after one warm-up step on the first; the fastest of
+    `repeats` passes (other jobs on a shared machine only slow a pass down)."""
     step(batches[0])
-    start = time.perf_counter()
-    for batch in batches:
-        step(batch)
-    return time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def run_ours(config: str, lang: str, cli: argparse.Namespace) -> dict:
@@ -108,8 +115,9 @@ def run_ours(config: str, lang: str, cli: argparse.Namespace) -> dict:
         batches = [packing.collate_rows([[items[i] for i in row] for row in rows[s : s + cli.batch_size]], pad)
                    for s in range(0, len(rows), cli.batch_size)]
         fill = packing.fill_rate(rows, lengths, cli.max_seq_len)
-    else:
-        batches = [data.collate(group, pad) for group in grouped_batches(items, cli.batch_size)]
+    else:  # padded: length-grouped; shuffled: in the data's (seeded, shuffled) order, as ft_main.py without --group_by_length
+        groups = grouped_batches(items, cli.batch_size) if config == "padded" else [items[i : i + cli.batch_size] for i in range(0, len(items), cli.batch_size)]
+        batches = [data.collate(group, pad) for group in groups]
         fill = sum(len(e.input_ids) for e in items) / sum(b[0].numel() for b in batches)
 
     def step(batch) -> None:
@@ -118,7 +126,7 @@ def run_ours(config: str, lang: str, cli: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed_pass(step, batches)
+    seconds = timed_pass(step, batches, cli.repeats)
     record = {"data": lang, "config": f"ours {config}", "tp": parallel.tp_size, "steps": len(batches), "fill": fill,
               "real_tokens_per_s": sum(len(e.input_ids) for e in items) / seconds}
     distributed.teardown()
@@ -145,7 +153,7 @@ def run_peft(lang: str, cli: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed_pass(step, batches)
+    seconds = timed_pass(step, batches, cli.repeats)
     fill = sum(len(e.input_ids) for e in items) / sum(b[0].numel() for b in batches)
     return {"data": lang, "config": "transformers + PEFT", "tp": 1, "steps": len(batches), "fill": fill,
             "real_tokens_per_s": sum(len(e.input_ids) for e in items) / seconds}
@@ -228,7 +236,7 @@ def launch(one: str, tp: int, cli: argparse.Namespace, extra: list[str]) -> dict
 
 def forwarded(cli: argparse.Namespace) -> list[str]:
     return ["--examples", str(cli.examples), "--max_seq_len", str(cli.max_seq_len), "--batch_size", str(cli.batch_size),
-            "--layers", str(cli.layers), "--tokens", str(cli.tokens), "--chunk_size", str(cli.chunk_size)]
+            "--layers", str(cli.layers), "--repeats", str(cli.repeats), "--tokens", str(cli.tokens), "--chunk_size", str(cli.chunk_size)]
 
 
 def throughput(cli: argparse.Namespace) -> None:
@@ -236,13 +244,14 @@ def throughput(cli: argparse.Namespace) -> None:
     for lang in cli.data:
         mine = [launch("peft", 1, cli, [*forwarded(cli), "--data", lang])]
         for tp in cli.tp:
-            for config in ("padded", "packed"):
+            for config in cli.ours:
                 mine.append(launch(f"ours-{config}", tp, cli, [*forwarded(cli), "--data", lang]))
         peft_rate = mine[0]["real_tokens_per_s"]
         padded = {r["tp"]: r["real_tokens_per_s"] for r in mine if r["config"] == "ours padded"}
+        padded = {tp: padded.get(tp) for tp in cli.tp}
         for r in mine:
             r["vs_peft"] = r["real_tokens_per_s"] / peft_rate
-            r["vs_padded"] = r["real_tokens_per_s"] / padded[r["tp"]] if r["config"].startswith("ours") else None
+            r["vs_padded"] = r["real_tokens_per_s"] / padded[r["tp"]] if r["config"].startswith("ours") and padded[r["tp"]] else None
         records += mine
     print(f"# LoRA r=8, 110M shape with {cli.layers} layers, {cli.examples} alpaca examples (alpaca template, Llama 2 tokenizer, "
           f"max {cli.max_seq_len}), batch {cli.batch_size}, float32, {cli.threads} threads per configuration")

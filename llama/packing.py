@@ -93,24 +93,24 @@ def collate_rows(rows: Sequence[Sequence[Example]], pad_id: int, n_virtual: int 
     positions 0, 1, ...; then the row is padded (pad_id, IGNORE_INDEX, a document of its own).
     """
     width = max(sum(n_virtual + len(e.input_ids) for e in row) for row in rows)
-    columns = {name: [] for name in ("ids", "labels", "positions", "documents", "virtual")}
-    for row in rows:
-        ids, labels, positions, documents, virtual = [], [], [], [], []
-        for doc, example in enumerate(row):
-            n = n_virtual + len(example.input_ids)
-            ids += [pad_id] * n_virtual + example.input_ids
-            labels += [IGNORE_INDEX] * (n_virtual + 1) + example.labels[1:]  # no target crosses into this example
-            positions += range(n)
-            documents += [doc] * n
-            virtual += [*range(n_virtual), *[-1] * len(example.input_ids)]
-        pad = width - len(ids)
-        for column, values, filler in ((ids, columns["ids"], [pad_id] * pad), (labels, columns["labels"], [IGNORE_INDEX] * pad),
-                                       (positions, columns["positions"], range(pad)), (documents, columns["documents"], [len(row)] * pad),
-                                       (virtual, columns["virtual"], [-1] * pad)):
-            values.append(column + list(filler))
-    tensors = {name: torch.tensor(values, dtype=torch.long) for name, values in columns.items()}
-    layout = Layout(tensors["positions"], tensors["documents"], tensors["virtual"] if n_virtual else None)
-    return tensors["ids"], tensors["labels"], layout
+    columns = [_row_columns(row, pad_id, n_virtual, width) for row in rows]
+    ids, labels, positions, documents, virtual = (torch.tensor([row[k] for row in columns], dtype=torch.long) for k in range(5))
+    return ids, labels, Layout(positions, documents, virtual if n_virtual else None)
+
+
+def _row_columns(row: Sequence[Example], pad_id: int, n_virtual: int, width: int) -> tuple[list[int], ...]:
+    """(ids, labels, positions, documents, virtual) of one packed row, padded to width."""
+    ids, labels, positions, documents, virtual = [], [], [], [], []
+    for doc, example in enumerate(row):
+        n = n_virtual + len(example.input_ids)
+        ids += [pad_id] * n_virtual + example.input_ids
+        labels += [IGNORE_INDEX] * (n_virtual + 1) + example.labels[1:]  # no target crosses into this example
+        positions += range(n)
+        documents += [doc] * n
+        virtual += [*range(n_virtual), *[-1] * len(example.input_ids)]
+    pad = width - len(ids)
+    return (ids + [pad_id] * pad, labels + [IGNORE_INDEX] * pad, positions + list(range(pad)),
+            documents + [len(row)] * pad, virtual + [-1] * pad)
 
 
 def hidden_states(model, prompt, input_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
