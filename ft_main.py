@@ -31,7 +31,7 @@ from llama import cli, distributed, lora
 from llama.errors import UserError, run_cli
 from llama.model import Transformer
 from llama.tokenizer import find_tokenizer, load_tokenizer
-from llama.tuning import data, methods, train
+from llama.tuning import data, methods, packing, train
 from llama.tuning.prompt import INITS
 
 # Options a resumed run may change; everything else comes from the checkpoint, so it continues exactly.
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_fraction", type=float, default=0.05, help="share of records held out for eval")
     p.add_argument("--max_examples", type=int, default=None, help="use only this many records")
     p.add_argument("--group_by_length", action="store_true", help="batch examples of similar length (less padding)")
+    p.add_argument("--pack", action="store_true", help="pack whole examples into rows of --max_seq_len (no padding, per-example "
+                   "attention); --batch_size then counts rows")
     p.add_argument("--n_virtual_tokens", type=int, default=16, help="rows of the soft prompt")
     p.add_argument("--init", default="text", choices=INITS, help="prompt init: text, vocab or random")
     p.add_argument("--init_text", default=DEFAULT_INIT_TEXT, help="text whose token embeddings start the prompt (--init text)")
@@ -109,6 +111,8 @@ def resolve(args: argparse.Namespace, parallel: distributed.Parallel) -> argpars
     args.tokenizer_path = str(find_tokenizer(args.ckpt_dir, args.tokenizer_path))
     if args.method == "lora":
         lora.parse_targets(args.lora_targets)
+    if args.pack and args.group_by_length:
+        raise UserError("--pack and --group_by_length exclude each other: packing already fills rows with whole examples; drop one")
     return cli.check_args(args)
 
 
@@ -145,8 +149,10 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: Callable[[], AbstractContextManager]
-    batches: train.TrainBatches
+    batches: train.TrainBatches | packing.PackedBatches
     val_batches: list[train.Batch]
+    untuned_val_batches: list[train.Batch]
+    """The held-out batches for the bare model: val_batches, but packed without soft-prompt slots."""
     step: int
 
 
@@ -172,9 +178,22 @@ def prepare(args: argparse.Namespace, parallel: distributed.Parallel, saved: Opt
         method.restore(saved, optimizer, Path(args.out_dir))
         step, position = saved["step"], saved["data"]
         train.set_rng_state(saved["rng"])
+    if args.pack:
+        return Run(model, method, optimizer, scaler, autocast, *packed_data(args, method, splits, pad_id, position), step)
     batches = train.TrainBatches(splits.train, args.batch_size, args.seed, parallel.dp_rank, parallel.dp_size, args.group_by_length, pad_id, **position)
     val_batches = train.eval_batches(splits.val, args.batch_size, parallel.dp_rank, parallel.dp_size, pad_id, args.eval_batches)
-    return Run(model, method, optimizer, scaler, autocast, batches, val_batches, step)
+    return Run(model, method, optimizer, scaler, autocast, batches, val_batches, val_batches, step)
+
+
+def packed_data(args: argparse.Namespace, method: methods.Method, splits: data.Splits, pad_id: int, position: dict):
+    """--pack: training batches of packed rows, and the held-out examples packed with and without soft-prompt slots."""
+    parallel, capacity = method.parallel, method.positions()  # prompt tuning: its rows come before every example
+    n_virtual = args.n_virtual_tokens if method.prompt is not None else 0
+    batches = packing.PackedBatches(splits.train, args.batch_size, args.seed, parallel.dp_rank, parallel.dp_size, capacity, pad_id, n_virtual, **position)
+    if parallel.is_main:
+        print(f"packing: rows of {capacity} slots, {batches.fill_rate():.1%} filled", flush=True)
+    val = partial(packing.eval_batches, splits.val, args.batch_size, parallel.dp_rank, parallel.dp_size, capacity, pad_id, limit=args.eval_batches)
+    return batches, val(n_virtual=n_virtual), val(n_virtual=0)
 
 
 def tune(args: argparse.Namespace, parallel: distributed.Parallel, saved: Optional[dict]) -> methods.Method:
@@ -185,7 +204,7 @@ def tune(args: argparse.Namespace, parallel: distributed.Parallel, saved: Option
     out_dir, is_main, dp_group = Path(args.out_dir), parallel.is_main, parallel.dp_group
     metrics = train.MetricsLog(out_dir / "metrics.jsonl", resume_step=step if saved else None) if is_main else None
     evaluate = partial(train.estimate_loss, model, batches=run.val_batches, chunk_size=args.chunk_size, dp_group=dp_group, autocast=run.autocast)
-    untuned_loss = untuned(saved, evaluate, bool(run.val_batches))  # the figure to beat
+    untuned_loss = untuned(saved, partial(evaluate, batches=run.untuned_val_batches), bool(run.val_batches))  # the figure to beat
     last_ckpt = step if saved else None
     progress = tqdm(total=args.max_steps, initial=step, desc=f"{method.name} tuning", disable=not is_main)
     while step < args.max_steps:

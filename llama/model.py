@@ -319,14 +319,20 @@ class Transformer(nn.Module):
         return 0 if cache is None else cache.k.size(0)
 
     def hidden_states(
-        self, tokens: torch.Tensor, start_pos: int = 0, prefix: Optional[torch.Tensor] = None
+        self, tokens: torch.Tensor, start_pos: int = 0, prefix: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, embeds: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, dim] of the token positions.
 
         `prefix` [B, P, dim] (a soft prompt) is placed before the tokens' embeddings at
         positions start_pos..start_pos+P-1; its own outputs are dropped.
+
+        Packed training rows (llama/packing.py) hold several examples each: `positions` [B, T]
+        gives every slot its RoPE position (restarting at 0 for each example), `mask`
+        [B, 1, T, T] lets a slot attend only within its example, and `embeds` [B, T, dim], if
+        given, replaces the token lookup (prompt tuning puts each example's soft prompt there).
         """
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if embeds is None else embeds
         n_prefix = 0
         if prefix is not None:
             n_prefix = prefix.size(1)
@@ -336,12 +342,12 @@ class Transformer(nn.Module):
             raise ValueError("call model.setup_caches() before the first forward")
         if end > self.rope.size(0):
             raise ValueError(f"positions up to {end} exceed max_seq_len {self.rope.size(0)}")
-        rope = self.rope[start_pos:end]
+        rope = self.rope[start_pos:end] if positions is None else self.rope[positions]
         for layer in self.layers:
             if self.checkpoint_activations and torch.is_grad_enabled():
-                h = checkpoint(layer, h, start_pos, rope, use_reentrant=False)
+                h = checkpoint(layer, h, start_pos, rope, mask, use_reentrant=False)
             else:
-                h = layer(h, start_pos, rope)
+                h = layer(h, start_pos, rope, mask)
         return self.norm(h[:, n_prefix:])
 
     def decode_hidden(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -88,10 +88,15 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         out = F.linear(x, self.weight)
         return out if self.lora is None else out + self.lora(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def split_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the outputs, never gathered: the vocabulary-parallel loss
+        (llama/loss.py) reads the vocabulary head's logits this way."""
         if torch.is_grad_enabled():
             x = copy_to_model_parallel_region(x)
-        out = self.local(x)
+        return self.local(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.split_forward(x)
         return gather_from_model_parallel_region(out) if self.gather_output else out
 
 

@@ -17,18 +17,18 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llama.errors import UserError
 from llama.files import atomic_torch_save, atomic_write_text, load_file
 from llama.model import Transformer
-from llama.tuning import data
+from llama.tuning import data, packing
 from llama.tuning.data import IGNORE_INDEX
+from llama.tuning.loss import chunk_loss
 from llama.tuning.prompt import SoftPrompt
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [B, T], labels [B, T]
+Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [B, T], labels [B, T]; packed rows add a packing.Layout
 
 
 class TrainBatches:
@@ -80,17 +80,15 @@ def count_label_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _chunk_loss(output: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(output(hidden).float(), targets, reduction="sum")
-
-
 def chunked_cross_entropy(output: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Summed next-token cross-entropy of the labelled positions, `chunk_size` positions at a time.
 
     Only positions with a label are projected onto the vocabulary. Each chunk's float32
     logits [chunk, vocab] are recomputed in backward (activation checkpointing) instead of
     being kept, so at most one chunk's logits exist at a time: for a 32000-token vocabulary
-    that is the difference between O(batch x seq x vocab) and O(chunk x vocab) memory.
+    that is the difference between O(batch x seq x vocab) and O(chunk x vocab) memory. Under
+    tensor parallelism each rank computes only its vocabulary slice (llama/loss.py), so that is
+    O(chunk x vocab / tp) and no logits are gathered.
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -99,16 +97,30 @@ def chunked_cross_entropy(output: nn.Module, hidden: torch.Tensor, labels: torch
     for start in range(0, targets.numel(), chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_loss, output, h, t, use_reentrant=False)
+            total = total + checkpoint(chunk_loss, output, h, t, use_reentrant=False)
         else:
-            total = total + _chunk_loss(output, h, t)
+            total = total + chunk_loss(output, h, t)
     return total
 
 
-def summed_loss(model: Transformer, prompt: Optional[SoftPrompt], input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Summed token loss of one micro-batch, with the soft prompt (if any) in front (positions 0..P-1)."""
-    hidden = model.hidden_states(input_ids, 0, None if prompt is None else prompt(input_ids.size(0)))
-    return chunked_cross_entropy(model.output, hidden, labels, chunk_size)
+def summed_loss(model: Transformer, prompt: Optional[SoftPrompt], input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                layout: Optional[packing.Layout] = None) -> torch.Tensor:
+    """Summed token loss of one micro-batch, with the soft prompt (if any) in front (positions 0..P-1);
+    `layout` says where the examples sit in packed rows (each with its own prompt)."""
+    return chunked_cross_entropy(model.output, hidden_states(model, prompt, input_ids, layout), labels, chunk_size)
+
+
+def hidden_states(model: Transformer, prompt: Optional[SoftPrompt], input_ids: torch.Tensor, layout: Optional[packing.Layout]) -> torch.Tensor:
+    """The model's final-norm hidden states of a padded batch (prompt in front) or of packed rows."""
+    if layout is not None:
+        return packing.hidden_states(model, prompt, input_ids, layout)
+    return model.hidden_states(input_ids, 0, None if prompt is None else prompt(input_ids.size(0)))
+
+
+def to_device(batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor, Optional[packing.Layout]]:
+    """(input_ids, labels, layout or None) of a padded or packed batch, on `device`."""
+    input_ids, labels, *layout = batch
+    return input_ids.to(device), labels.to(device), layout[0].to(device) if layout else None
 
 
 def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
@@ -184,15 +196,16 @@ def accumulate_gradients(
     """
     params = [prompt.weight] if params is None else list(params)
     device = model.tok_embeddings.weight.device
-    n_labels = torch.tensor(float(sum(count_label_tokens(labels) for _, labels in micro_batches)), device=device)
+    n_labels = torch.tensor(float(sum(count_label_tokens(batch[1]) for batch in micro_batches)), device=device)
     n_labels = all_reduce_sum(n_labels, dp_group).clamp(min=1.0)
     total = torch.zeros((), device=device)
     for param in params:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-    for input_ids, labels in micro_batches:
+    for batch in micro_batches:
+        input_ids, labels, layout = to_device(batch, device)
         with autocast():
-            loss = summed_loss(model, prompt, input_ids.to(device), labels.to(device), chunk_size) / n_labels
+            loss = summed_loss(model, prompt, input_ids, labels, chunk_size, layout) / n_labels
         if loss.requires_grad:  # a micro-batch with no label token adds nothing
             scale(loss).backward()
         total += loss.detach()
@@ -214,11 +227,10 @@ def estimate_loss(
     sums = torch.zeros(2, device=device)  # loss sum, label tokens
     training = model.training
     model.eval()  # no dropout
-    for input_ids, labels in batches:
-        input_ids, labels = input_ids.to(device), labels.to(device)
-        prefix = None if prompt is None else prompt(input_ids.size(0))
+    for batch in batches:
+        input_ids, labels, layout = to_device(batch, device)
         with autocast():
-            hidden = model.hidden_states(input_ids, 0, prefix)
+            hidden = hidden_states(model, prompt, input_ids, layout)
             sums[0] += chunked_cross_entropy(model.output, hidden, labels, chunk_size)
         sums[1] += count_label_tokens(labels)
     model.train(training)
