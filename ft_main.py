@@ -188,7 +188,7 @@ def prepare(args: argparse.Namespace, parallel: distributed.Parallel, saved: Opt
 def packed_data(args: argparse.Namespace, method: methods.Method, splits: data.Splits, pad_id: int, position: dict):
     """--pack: training batches of packed rows, and the held-out examples packed with and without soft-prompt slots."""
     parallel, capacity = method.parallel, method.positions()  # prompt tuning: its rows come before every example
-    n_virtual = args.n_virtual_tokens if method.prompt is not None else 0
+    n_virtual = method.n_virtual_tokens
     batches = packing.PackedBatches(splits.train, args.batch_size, args.seed, parallel.dp_rank, parallel.dp_size, capacity, pad_id, n_virtual, **position)
     if parallel.is_main:
         print(f"packing: rows of {capacity} slots, {batches.fill_rate():.1%} filled", flush=True)
@@ -199,24 +199,24 @@ def packed_data(args: argparse.Namespace, method: methods.Method, splits: data.S
 def tune(args: argparse.Namespace, parallel: distributed.Parallel, saved: Optional[dict]) -> methods.Method:
     """The loop: eval now and then; fetch micro-batches; set lr; gradients; clip; step; log; checkpoint."""
     run = prepare(args, parallel, saved)
-    model, method, optimizer, scaler, step = run.model, run.method, run.optimizer, run.scaler, run.step
+    method, optimizer, scaler, step = run.method, run.optimizer, run.scaler, run.step
     params, split = method.trainable(), method.split()
     out_dir, is_main, dp_group = Path(args.out_dir), parallel.is_main, parallel.dp_group
     metrics = train.MetricsLog(out_dir / "metrics.jsonl", resume_step=step if saved else None) if is_main else None
-    evaluate = partial(train.estimate_loss, model, batches=run.val_batches, chunk_size=args.chunk_size, dp_group=dp_group, autocast=run.autocast)
-    untuned_loss = untuned(saved, partial(evaluate, batches=run.untuned_val_batches), bool(run.val_batches))  # the figure to beat
+    evaluate = partial(method.evaluate, chunk_size=args.chunk_size, dp_group=dp_group, autocast=run.autocast)
+    untuned_loss = untuned(saved, partial(evaluate, run.untuned_val_batches, tuned=False), bool(run.val_batches))  # the figure to beat
     last_ckpt = step if saved else None
     progress = tqdm(total=args.max_steps, initial=step, desc=f"{method.name} tuning", disable=not is_main)
     while step < args.max_steps:
         if step % args.eval_interval == 0 and run.val_batches:
-            log_eval(metrics, progress, step, evaluate(method.prompt), untuned_loss)
+            log_eval(metrics, progress, step, evaluate(run.val_batches), untuned_loss)
 
         micro_batches, n_tokens = zip(*(run.batches.next() for _ in range(args.grad_accum)))
         lr = train.get_lr(step, args.lr, args.min_lr, args.warmup_steps, args.lr_decay_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         start = time.perf_counter()
-        loss, n_labels = train.accumulate_gradients(model, method.prompt, micro_batches, args.chunk_size, dp_group, run.autocast, scaler.scale, params)
+        loss, n_labels = method.accumulate(micro_batches, args.chunk_size, dp_group, run.autocast, scaler.scale)
         scaler.unscale_(optimizer)
         grad_norm = train.clip_gradients(params, split, args.grad_clip, parallel.tp_group)
         if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm)):
@@ -237,7 +237,7 @@ def tune(args: argparse.Namespace, parallel: distributed.Parallel, saved: Option
             last_ckpt = step
     progress.close()
     if run.val_batches:
-        log_eval(metrics, None, step, evaluate(method.prompt), untuned_loss)
+        log_eval(metrics, None, step, evaluate(run.val_batches), untuned_loss)
     if is_main:
         print(f"done: {step} steps; {method.outputs(out_dir)}", flush=True)
     return method
@@ -247,7 +247,7 @@ def untuned(saved: Optional[dict], evaluate: Callable, has_val: bool) -> float:
     """Held-out loss of the model as loaded (a fresh run's step 0; kept in ckpt.pt for resumed runs)."""
     if saved is not None and "untuned_loss" in saved:
         return saved["untuned_loss"]
-    return evaluate(None)[0] if has_val else math.nan
+    return evaluate()[0] if has_val else math.nan
 
 
 def log_eval(metrics: Optional[train.MetricsLog], progress: Optional[tqdm], step: int, result: tuple[float, float], untuned_loss: float) -> None:

@@ -53,6 +53,7 @@ from llama.formats.load import load_model
 from llama.formats.params import PARAMS, params_from_args, read_params
 from llama.model import Transformer
 from llama.tokenizer import TOKENIZER
+from llama.tuning import train
 from llama.tuning.prompt import SoftPrompt, export_peft, init_prompt, save_prompt
 
 
@@ -97,6 +98,20 @@ class Method:
 
     def optimizer(self, dp_group) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.trainable(), lr=self.args.lr, weight_decay=self.args.weight_decay)
+
+    @property
+    def n_virtual_tokens(self) -> int:
+        """Positions the method puts before every example (a soft prompt's rows)."""
+        return 0 if self.prompt is None else self.prompt.n_virtual_tokens
+
+    def accumulate(self, micro_batches, chunk_size: int, dp_group, autocast, scale) -> tuple[float, int]:
+        """The loop's hook for a step: gradients of what this method trains over the micro-batches;
+        (mean token loss, label tokens). The model (and a soft prompt, if any) stay inside the method."""
+        return train.accumulate_gradients(self.model, self.prompt, micro_batches, chunk_size, dp_group, autocast, scale, self.trainable())
+
+    def evaluate(self, batches, chunk_size: int, dp_group, autocast, tuned: bool = True) -> tuple[float, float]:
+        """Held-out (mean token loss, perplexity) with what this method trains, or of the model alone (`tuned` False)."""
+        return train.estimate_loss(self.model, self.prompt if tuned else None, batches, chunk_size, dp_group, autocast)
 
     def shared_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """What rank 0 keeps in ckpt.pt for this method."""
