@@ -38,6 +38,14 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rope_scaling_factor", type=float, default=None,
                         help="Llama 3.1+: override the RoPE scaling factor the checkpoint states (Meta's files: 8; HF's 3.2 configs: 32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (CUDA graphs on GPU); the first prompts pay the compile time")
+    add_quantize_arg(parser)
+
+
+def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
+    """--quantize, shared with example_ft.py, serve.py and ft_main.py."""
+    parser.add_argument("--quantize", default="none",
+                        help="weight-only quantization of the linears, each rank its slice: none, int8, int4 (groups of 128; "
+                             "int4-g32 / int4-g64 for smaller groups) or nf4 (needs the extra 'qlora'); see README 'Quantization'")
 
 
 def rope_override(args: argparse.Namespace) -> dict | None:
@@ -77,7 +85,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     prompts = args.prompt or DEFAULT_PROMPTS
     llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed, compile=args.compile,
-                      rope_scaling=rope_override(args))
+                      rope_scaling=rope_override(args), quantize=args.quantize)
     try:
         if args.chat:
             system = [{"role": "system", "content": args.system}] if args.system else []

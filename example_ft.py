@@ -11,7 +11,7 @@ Only rank 0 prints. With --json, stdout holds one JSON object per instruction an
 import argparse
 
 from example import add_generation_args, print_results, rope_override, stream_one
-from llama import data, distributed, lora
+from llama import data, distributed, lora, quantize
 from llama.errors import run_cli
 from llama.generation import Llama
 from llama.prompt_tuning import check_dim, load_prompt
@@ -36,10 +36,11 @@ def main(argv=None) -> None:
     instructions = args.instruction or DEFAULT_INSTRUCTIONS
     records = [{"instruction": i, "input": args.input, "output": ""} for i in instructions]
     texts = [data.render(record, args.template)[0] for record in records]
+    quantize.parse_scheme(args.quantize)
     kind = None if args.no_adapter else lora.adapter_kind(args.adapter)
     prompt = load_prompt(args.adapter) if kind == "prompt" else None
     llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed, compile=args.compile,
-                      rope_scaling=rope_override(args))
+                      rope_scaling=rope_override(args), quantize=args.quantize)
     try:
         prefix = None
         if kind == "lora":

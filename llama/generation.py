@@ -11,6 +11,7 @@ from typing import Iterator, Optional
 import torch
 
 from llama import chat, checkpoint, distributed
+from llama import quantize as quant
 from llama.chat import Message
 from llama.errors import UserError
 from llama.model import Transformer
@@ -86,11 +87,15 @@ class Llama:
         tp_size: Optional[int] = None,
         compile: bool = False,
         rope_scaling: Optional[dict] = None,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a model directory (Meta, any shard count, or Hugging Face) split over this job's tensor-parallel ranks.
 
         `rope_scaling` overrides Llama 3 RoPE scaling constants the checkpoint states (or Meta's defaults).
+        `quantize` (none, int8, int4[-gG], nf4: llama/quantize.py) quantizes the seven linears of each
+        block, each rank its own slice, while loading.
         """
+        quant.parse_scheme(quantize)  # an unknown value or a missing extra says so before any work
         ckpt_dir = Path(ckpt_dir)
         checkpoint.model_format(ckpt_dir)  # a missing or unfinished model directory says so before the tokenizer is sought
         torch_dtype = checkpoint.parse_dtype(dtype)
@@ -99,7 +104,7 @@ class Llama:
         torch.manual_seed(seed)
         model = checkpoint.load_model(
             ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size, torch_dtype, parallel.device, parallel.tp_rank, parallel.tp_size,
-            **({"rope_scaling": rope_scaling} if rope_scaling else {}),
+            quantize=quantize, **({"rope_scaling": rope_scaling} if rope_scaling else {}),
         )
         return Llama(model, tokenizer, parallel, seed, compile)
 

@@ -12,6 +12,7 @@ Two file formats:
 """
 
 import math
+import sys
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
@@ -21,7 +22,7 @@ from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 
 from llama.checkpoint import load_file, split_dim
-from llama.errors import UserError
+from llama.errors import UserError, is_rank0
 from llama.model import ModelArgs, Transformer
 from llama.parallel import LoRA, ParallelLinear
 from llama.prompt_tuning import atomic_torch_save
@@ -102,7 +103,7 @@ def attach(name: str, layer: ParallelLinear, A: torch.Tensor, B: torch.Tensor, a
     if A.size(0) > split_width:
         raise UserError(f"--lora_rank {A.size(0)} exceeds the {split_width} features '{name}' holds on each of {tp} "
                         f"tensor-parallel ranks: use a rank of at most {split_width}")
-    device = layer.weight.device
+    device = layer.weight.device if layer.quant is None else layer.quant.device
     layer.lora = LoRA(local_slice(A, a_dim, rank, tp).to(device), local_slice(B, b_dim, rank, tp).to(device), alpha, dropout,
                       replicated="A" if a_dim is None else "B")
 
@@ -198,6 +199,11 @@ def adapter_kind(path: Path) -> str:
 def apply_adapter(model: Transformer, path: Path) -> None:
     """Run a saved LoRA adapter (project or PEFT format) inside `model`, each rank its slices."""
     full, config = load_adapter(path, model.args)
+    from llama.quantize import adapter_mismatch
+
+    warning = adapter_mismatch(config, model)
+    if warning and is_rank0():
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     load_state(model, full, config["alpha"])
 
 

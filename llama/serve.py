@@ -303,7 +303,7 @@ def main(args: argparse.Namespace) -> None:
     if args.adapter is not None and lora.adapter_kind(args.adapter) != "lora":
         raise UserError(f"--adapter {args.adapter} is not a LoRA adapter: serve.py runs LoRA adapters (a soft prompt runs with example_ft.py)")
     llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed,
-                      compile=args.compile, rope_scaling=rope)
+                      compile=args.compile, rope_scaling=rope, quantize=getattr(args, "quantize", None))
     try:
         if args.adapter is not None:
             lora.apply_adapter(llm.model, args.adapter)
