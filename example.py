@@ -7,7 +7,7 @@ Only rank 0 prints. With --json, stdout holds one JSON object per prompt and not
 import argparse
 import json
 
-from llama import distributed
+from llama import distributed, quantize
 from llama.errors import run_cli
 from llama.generation import Llama
 
@@ -38,14 +38,7 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rope_scaling_factor", type=float, default=None,
                         help="Llama 3.1+: override the RoPE scaling factor the checkpoint states (Meta's files: 8; HF's 3.2 configs: 32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (CUDA graphs on GPU); the first prompts pay the compile time")
-    add_quantize_arg(parser)
-
-
-def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
-    """--quantize, shared with example_ft.py, serve.py and ft_main.py."""
-    parser.add_argument("--quantize", default="none",
-                        help="weight-only quantization of the linears, each rank its slice: none, int8, int4 (groups of 128; "
-                             "int4-g32 / int4-g64 for smaller groups) or nf4 (needs the extra 'qlora'); see README 'Quantization'")
+    quantize.add_option(parser)
 
 
 def rope_override(args: argparse.Namespace) -> dict | None:

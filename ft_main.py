@@ -26,7 +26,7 @@ import torch
 from fairscale.nn.model_parallel import initialize as fs_init
 from tqdm import tqdm
 
-from llama import checkpoint, data, distributed, lora, methods, train
+from llama import checkpoint, data, distributed, lora, methods, quantize, train
 from llama.errors import UserError, run_cli
 from llama.model import Transformer
 from llama.prompt_tuning import INITS
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA scale numerator: updates are scaled by alpha / r")
     p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input (TP>1 then draws other masks than TP=1)")
     p.add_argument("--lora_targets", default=",".join(lora.DEFAULT_TARGETS), help=f"layers given adapters, from {', '.join(lora.TARGETS)}")
-    p.add_argument("--checkpoint_activations", action="store_true", help="full: recompute each block in backward (less memory)")
+    p.add_argument("--checkpoint_activations", action="store_true", help="full, lora: recompute each block in backward (less memory)")
     p.add_argument("--batch_size", type=int, default=8, help="examples per micro-batch on each data-parallel rank")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max_steps", type=int, default=100, help="optimizer steps to run")
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="prompt init, data order and split")
     p.add_argument("--out_dir", default=None, help="where outputs and checkpoints go (default runs/prompt_tuning, runs/lora, runs/full)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir/ckpt.pt")
+    quantize.add_option(p)  # --method lora --quantize nf4 is QLoRA
     return p
 
 
@@ -102,6 +103,7 @@ def resolve(args: argparse.Namespace, parallel: distributed.Parallel) -> argpars
     if args.dtype == "auto":
         args.dtype = "bfloat16" if parallel.device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     checkpoint.parse_dtype(args.dtype)
+    quantize.check_training(args.method, quantize.parse_scheme(getattr(args, "quantize", "none")))
     args.lr = methods.METHODS[args.method].defaults["lr"] if args.lr is None else args.lr
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.lr_decay_steps = args.lr_decay_steps or args.max_steps

@@ -6,9 +6,8 @@ rank 0 while all N ranks decode the batch together; see README "Serving" and lla
 
 import argparse
 
-from example import add_quantize_arg
 from llama.errors import UserError, run_cli
-from llama.quantize import parse_scheme
+from llama.quantize import add_option, parse_scheme
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,7 +21,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rope_scaling_factor", type=float, default=None,
                         help="Llama 3.1+: override the RoPE scaling factor the checkpoint states (as in example.py)")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter to serve with (ft_main.py's adapter.pt or a PEFT LoRA directory)")
-    add_quantize_arg(parser)
+    add_option(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (all rows every step; CUDA graphs on GPU)")
     parser.add_argument("--seed", type=int, default=1, help="torch seed at load; requests without a seed get a random one")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

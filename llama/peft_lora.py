@@ -84,6 +84,8 @@ def export_peft(full: Mapping[str, torch.Tensor], config: dict, args: ModelArgs,
         "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
         "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
+    if config.get("base_quantization", "none") != "none":  # QLoRA: what the base looked like in training (PEFT ignores the key)
+        peft_config["base_quantization"] = config["base_quantization"]
     out_dir = Path(out_dir)
     atomic_write(out_dir / WEIGHTS, lambda f: f.write(safetensors_bytes(tensors, metadata={"format": "pt"})))
     atomic_write_text(json.dumps(peft_config, indent=2) + "\n", out_dir / CONFIG)

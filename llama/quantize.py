@@ -77,6 +77,24 @@ def parse_scheme(text: Optional[str]) -> Optional[Scheme]:
     raise UserError(f"unknown --quantize '{text}': choose {CHOICES}")
 
 
+def add_option(parser) -> None:
+    """--quantize, shared by example.py, example_ft.py, serve.py and ft_main.py."""
+    parser.add_argument("--quantize", default="none",
+                        help="weight-only quantization of the linears, each rank its own slice: none, int8, int4 (groups of 128; "
+                             "int4-g32 / int4-g64 for smaller groups) or nf4 (needs the extra 'qlora'); see README 'Quantization'")
+
+
+def check_training(method: str, scheme: Optional[Scheme]) -> None:
+    """ft_main.py: full tuning needs float weights; adapters train over nf4 only (its matmul has a backward)."""
+    if scheme is None:
+        return
+    if method == "full":
+        raise UserError(f"--method full trains every weight, which a {scheme} base cannot hold: drop --quantize, "
+                        "or train adapters over a quantized base with --method lora --quantize nf4 (QLoRA)")
+    if scheme.name != "nf4":
+        raise UserError(f"--quantize {scheme} is for inference (its kernel has no backward): train over a quantized base with --quantize nf4")
+
+
 def require_bitsandbytes():
     """bitsandbytes, or a UserError naming the extra that installs it.
 
