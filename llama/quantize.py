@@ -65,11 +65,11 @@ def parse_scheme(text: Optional[str]) -> Optional[Scheme]:
     """--quantize text -> Scheme, None for 'none'; unknown values and nf4 without bitsandbytes are UserErrors."""
     if text is None or isinstance(text, Scheme):
         return text
-    name, _, group = str(text).partition("-g")
     if text == "none":
         return None
-    if name == "int4" and (not group or group.isdigit() and int(group) in INT4_GROUP_SIZES):
-        return Scheme("int4", int(group) if group else INT4_DEFAULT_GROUP)
+    int4 = re.fullmatch(r"int4(?:-g(\d+))?", str(text))
+    if int4 and (int4.group(1) is None or int(int4.group(1)) in INT4_GROUP_SIZES):
+        return Scheme("int4", int(int4.group(1) or INT4_DEFAULT_GROUP))
     if text in ("int8", "nf4"):
         if text == "nf4":
             require_bitsandbytes()
@@ -188,8 +188,15 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, out_feature
 
 
 def quantize_nf4(weight: torch.Tensor):
-    """(packed uint8 codes, bitsandbytes QuantState): NF4, block 64, absmax double-quantized in blocks of 256."""
-    return require_bitsandbytes().functional.quantize_4bit(weight, blocksize=NF4_BLOCK, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8)
+    """(packed uint8 codes, bitsandbytes QuantState): NF4, block 64, absmax double-quantized in blocks of 256.
+
+    bitsandbytes blocks the flattened tensor either way; the state keeps the flat shape because
+    bitsandbytes 0.50's CPU dequantize_4bit returns wrong values for a 2-D shape whose rows are
+    shorter than a block (the bundled model's wo slices at TP=2: 32 columns), while the flat
+    dequantization of the same codes is right.
+    """
+    return require_bitsandbytes().functional.quantize_4bit(weight.contiguous().reshape(-1), blocksize=NF4_BLOCK, compress_statistics=True,
+                                                          quant_type="nf4", quant_storage=torch.uint8)
 
 
 def pad_columns(tensor: torch.Tensor, width: int) -> torch.Tensor:
@@ -284,10 +291,26 @@ class NF4Weight(QuantizedWeight):
         return [self.packed, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return require_bitsandbytes().matmul_4bit(x, self.packed.t(), quant_state=self.state).to(x.dtype)
+        return NF4Linear.apply(x, self)
 
-    def dequantize(self) -> torch.Tensor:
-        return require_bitsandbytes().functional.dequantize_4bit(self.packed, self.state).float()
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        weight = require_bitsandbytes().functional.dequantize_4bit(self.packed, self.state)
+        return weight.view(self.out_features, self.in_features).to(dtype)
+
+
+class NF4Linear(torch.autograd.Function):
+    """x @ W^T with W dequantized in the forward and again in the backward, saving only the codes
+    (bitsandbytes' MatMul4Bit, on the flat state): one transient copy of the weight at a time, and
+    a gradient for the input only (the base is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: NF4Weight) -> torch.Tensor:
+        ctx.kernel = kernel
+        return F.linear(x, kernel.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.kernel.dequantize(grad.dtype), None
 
 
 def quantize_weight(weight: torch.Tensor, scheme: Scheme, device: torch.device, dtype: torch.dtype) -> QuantizedWeight:

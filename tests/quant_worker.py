@@ -35,7 +35,7 @@ def nf4_first_level(kernel: quantize.NF4Weight) -> dict:
 
 def outputs(scheme: str, parallel: distributed.Parallel) -> dict:
     tokenizer = load_tokenizer(STORIES / "tokenizer.model")
-    model = checkpoint.load_model(STORIES, tokenizer.n_words, 64, 1, torch.float32, parallel.device, parallel.tp_rank, parallel.tp_size,
+    model = checkpoint.load_model(STORIES, tokenizer.n_words, 64, 2, torch.float32, parallel.device, parallel.tp_rank, parallel.tp_size,
                                   quantize=scheme)
     with torch.inference_mode():
         result = {"logits": model(LOGIT_TOKENS, 0)}
