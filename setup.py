@@ -11,7 +11,8 @@ setup(
         "gguf": ["gguf>=0.10"],
         "serve": ["fastapi", "uvicorn"],
         "plot": ["matplotlib"],
+        "qlora": ["bitsandbytes"],  # --quantize nf4 (QLoRA); int8 / int4 need nothing beyond torch
         # transformers/peft are reference implementations for the tests only; openai is the client the server is tested with.
-        "test": ["pytest", "transformers>=4.45", "peft", "gguf>=0.10", "fastapi", "uvicorn", "openai", "httpx"],
+        "test": ["pytest", "transformers>=4.45", "peft", "gguf>=0.10", "fastapi", "uvicorn", "openai", "httpx", "bitsandbytes"],
     },
 )

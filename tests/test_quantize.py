@@ -78,6 +78,16 @@ def test_loaded_bytes_are_the_planner_count(world1, scheme):
     assert model.tok_embeddings.weight.dtype == model.output.weight.dtype == model.norm.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_planner_weights_are_what_the_loader_holds(world1, scheme):
+    """split_model.py --plan --quantize counts the loaded model's bytes exactly (TP=1)."""
+    from llama import plan
+
+    model = load(scheme)
+    held = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(k.nbytes() for k in quantize.quantized_layers(model).values())
+    assert plan.weight_bytes(model.args, 1, 4, scheme) == held
+
+
 # --- quantizing a slice vs slicing the whole tensor's quantization ------------------------------------------
 
 def test_grouped_slices_equal_sliced_whole_tensor_quantization():

@@ -1,0 +1,169 @@
+"""Weight-only quantization: per-rank memory after loading, CPU decode speed, QLoRA step cost.
+
+  python bench/quantize.py [--layers 2] [--decode_steps 32] [--train_steps 4] [--workdir /tmp]
+
+1. Memory: a random bfloat16 checkpoint with Llama-2-7B shapes (dim 4096, hidden 11008, vocab
+   32000, --layers blocks) is loaded with --quantize none/int8/int4/nf4 on 1 and 2 ranks (a
+   fresh torchrun per case); rank 0 prints its RssAnon (heap and tensors, not the memory-mapped
+   checkpoint). The block linears' share is RssAnon minus the same run's unquantized rest
+   (RssAnon of `none` minus its bfloat16 linears), against their bfloat16 bytes.
+2. Decode, batch 1, one thread: a random float32 110M-shaped model (dim 768, 12 layers, vocab
+   32000), fp32 eager vs int8 and int4 kernels, in the same process (ratios are same-run).
+3. QLoRA: ft_main.py --method lora on the 110M model, unquantized vs --quantize nf4 (tokens/s of
+   the last step, peak RSS), one fresh process each.
+MB = 10^6 bytes.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+PARAMS_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "norm_eps": 1e-05, "vocab_size": 32000}
+PARAMS_110M = {"dim": 768, "multiple_of": 32, "n_heads": 12, "n_layers": 12, "norm_eps": 1e-05, "vocab_size": 32000}
+SCHEMES = ["none", "int8", "int4", "nf4"]
+TOKENIZER = REPO / "tests" / "data" / "tokenizers" / "llama2" / "tokenizer.model"
+MB = 10**6
+
+
+def rss_anon() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+
+
+def write_checkpoint(directory: Path, params: dict, dtype: torch.dtype) -> Path:
+    """A random 1-shard Meta checkpoint (+ the Llama 2 tokenizer)."""
+    from llama.checkpoint import model_args, random_state_dict
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "params.json").write_text(json.dumps(params))
+    state = {k: v.to(dtype) for k, v in random_state_dict(model_args(params), seed=0).items()}
+    torch.save(state, directory / "consolidated.00.pth")
+    (directory / "tokenizer.model").write_bytes(TOKENIZER.read_bytes())
+    return directory
+
+
+def load_worker(ckpt: str, scheme: str) -> None:
+    """torchrun target: load this rank's slice and print RssAnon (rank 0)."""
+    from llama import checkpoint, distributed, quantize
+
+    parallel = distributed.setup()
+    model = checkpoint.load_model(Path(ckpt), 32000, 16, 1, torch.bfloat16, parallel.device, parallel.tp_rank, parallel.tp_size,
+                                  kv_cache=False, quantize=scheme)
+    linears = sum(k.nbytes() for k in quantize.quantized_layers(model).values())
+    if parallel.is_main:
+        print(json.dumps({"rss_anon": rss_anon(), "quantized_bytes": linears}), flush=True)
+    distributed.teardown()
+
+
+def memory(workdir: Path, layers: int) -> None:
+    from llama.checkpoint import model_args
+
+    ckpt = write_checkpoint(workdir / "7b_shaped", {**PARAMS_7B, "n_layers": layers}, torch.bfloat16)
+    args = model_args({**PARAMS_7B, "n_layers": layers})
+    print(f"## per-rank RssAnon after loading a {layers}-layer Llama-2-7B-shaped bfloat16 checkpoint")
+    print("| ranks | quantize | RssAnon MB | block linears MB (derived) | their bf16 MB | ratio | planner linears MB |")
+    print("|---|---|---|---|---|---|---|")
+    for ranks in (1, 2):
+        bf16_linears = linear_bytes(args, ranks, None)
+        base = None
+        for scheme in SCHEMES:
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(29700 + ranks),
+                   __file__, "--load_worker", str(ckpt), "--quantize", scheme]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+            record = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+            if scheme == "none":
+                base = record["rss_anon"] - bf16_linears
+            derived = record["rss_anon"] - base
+            print(f"| {ranks} | {scheme} | {record['rss_anon'] / MB:.0f} | {derived / MB:.0f} | {bf16_linears / MB:.0f} | "
+                  f"{derived / bf16_linears:.3f} | {linear_bytes(args, ranks, scheme) / MB:.0f} |", flush=True)
+
+
+def linear_bytes(args, ranks: int, scheme) -> int:
+    """Bytes of the block linears on one of `ranks` ranks (the planner's count)."""
+    from llama import quantize
+    from llama.checkpoint import full_shapes, split_dim
+
+    parsed = quantize.parse_scheme(scheme)
+    total = 0
+    for key, (out_f, in_f) in ((k, s) for k, s in full_shapes(args).items() if quantize.applies(quantize.Scheme("int8"), k)):
+        local = (out_f // ranks, in_f) if split_dim(key) == 0 else (out_f, in_f // ranks)
+        total += quantize.weight_nbytes(parsed, *local, 2)
+    return total
+
+
+def decode(workdir: Path, steps: int) -> None:
+    from llama import checkpoint, distributed
+    from llama.generation import decode_one_token
+
+    torch.set_num_threads(1)
+    ckpt = write_checkpoint(workdir / "110m", PARAMS_110M, torch.float32)
+    distributed.setup(1)
+    print(f"\n## CPU decode, batch 1, 1 thread, 110M shape (float32 model), {steps} steps after a 16-token prompt")
+    print("| quantize | tokens/s | vs fp32 |")
+    print("|---|---|---|")
+    base = None
+    for scheme in ["none", "int8", "int4", "int4-g32"]:
+        model = checkpoint.load_model(ckpt, 32000, 64 + steps, 1, torch.float32, torch.device("cpu"), quantize=scheme)
+        tokens = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
+        best = float("inf")
+        for _ in range(2):
+            with torch.inference_mode():
+                model(tokens, 0)
+                nxt = tokens[:, -1:]
+                start = time.perf_counter()
+                for pos in range(16, 16 + steps):
+                    nxt = decode_one_token(model, nxt, pos).argmax(-1)
+                best = min(best, time.perf_counter() - start)
+        rate = steps / best
+        base = base or rate
+        print(f"| {scheme} | {rate:.1f} | {rate / base:.2f}x |", flush=True)
+        del model
+    distributed.teardown()
+
+
+def qlora(workdir: Path, steps: int) -> None:
+    ckpt = workdir / "110m"
+    data = REPO / "datasets" / "alpaca_en_demo.json"
+    print(f"\n## ft_main.py --method lora on the 110M model, batch 4 x 128 tokens, {steps} steps, 1 thread")
+    print("| base | tokens/s (last step) | peak RSS MB |")
+    print("|---|---|---|")
+    for scheme in ["none", "nf4"]:
+        out = workdir / f"lora_{scheme}"
+        cmd = [sys.executable, str(REPO / "ft_main.py"), "--method", "lora", "--ckpt_dir", str(ckpt), "--data", str(data), "--max_seq_len", "128",
+               "--batch_size", "4", "--max_steps", str(steps), "--eval_interval", "1000", "--ckpt_interval", "1000", "--max_examples", "100",
+               "--quantize", scheme, "--out_dir", str(out)]
+        subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, cwd=REPO, check=True)
+        last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
+        print(f"| {scheme} | {last['tokens_per_s']:.0f} | {last['peak_mem_mb']:.0f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--decode_steps", type=int, default=32)
+    parser.add_argument("--train_steps", type=int, default=4)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--load_worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load_worker:
+        return load_worker(args.load_worker, args.quantize)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        memory(Path(tmp), args.layers)
+        decode(Path(tmp), args.decode_steps)
+        qlora(Path(tmp), args.train_steps)
+
+
+if __name__ == "__main__":
+    main()
