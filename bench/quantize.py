@@ -2,11 +2,13 @@
 
   python bench/quantize.py [--layers 2] [--decode_steps 32] [--train_steps 4] [--workdir /tmp]
 
-1. Memory: a random bfloat16 checkpoint with Llama-2-7B shapes (dim 4096, hidden 11008, vocab
-   32000, --layers blocks) is loaded with --quantize none/int8/int4/nf4 on 1 and 2 ranks (a
-   fresh torchrun per case); rank 0 prints its RssAnon (heap and tensors, not the memory-mapped
-   checkpoint). The block linears' share is RssAnon minus the same run's unquantized rest
-   (RssAnon of `none` minus its bfloat16 linears), against their bfloat16 bytes.
+1. Memory: a random float32 checkpoint with Llama-2-7B shapes (dim 4096, hidden 11008, vocab
+   32000, --layers blocks) is loaded as bfloat16 with --quantize none/int8/int4/nf4 on 1 and 2
+   ranks (a fresh torchrun per case); rank 0 prints how much its RssAnon (heap and tensors, not
+   the memory-mapped checkpoint) grew while loading. A float32 file makes every bfloat16 weight a
+   copy, so `none` holds its bfloat16 weights in anonymous memory (a bfloat16 file would be
+   mapped, not copied). The block linears' share is the growth minus the same run's unquantized
+   rest (growth of `none` minus its bfloat16 linears), against their bfloat16 bytes.
 2. Decode, batch 1, one thread: a random float32 110M-shaped model (dim 768, 12 layers, vocab
    32000), fp32 eager vs int8 and int4 kernels, in the same process (ratios are same-run).
 3. QLoRA: ft_main.py --method lora on the 110M model, unquantized vs --quantize nf4 (tokens/s of
@@ -57,21 +59,22 @@ def load_worker(ckpt: str, scheme: str) -> None:
     from llama import checkpoint, distributed, quantize
 
     parallel = distributed.setup()
+    before = rss_anon()
     model = checkpoint.load_model(Path(ckpt), 32000, 16, 1, torch.bfloat16, parallel.device, parallel.tp_rank, parallel.tp_size,
                                   kv_cache=False, quantize=scheme)
     linears = sum(k.nbytes() for k in quantize.quantized_layers(model).values())
     if parallel.is_main:
-        print(json.dumps({"rss_anon": rss_anon(), "quantized_bytes": linears}), flush=True)
+        print(json.dumps({"rss_anon": rss_anon() - before, "quantized_bytes": linears}), flush=True)
     distributed.teardown()
 
 
 def memory(workdir: Path, layers: int) -> None:
     from llama.checkpoint import model_args
 
-    ckpt = write_checkpoint(workdir / "7b_shaped", {**PARAMS_7B, "n_layers": layers}, torch.bfloat16)
+    ckpt = write_checkpoint(workdir / "7b_shaped", {**PARAMS_7B, "n_layers": layers}, torch.float32)
     args = model_args({**PARAMS_7B, "n_layers": layers})
-    print(f"## per-rank RssAnon after loading a {layers}-layer Llama-2-7B-shaped bfloat16 checkpoint")
-    print("| ranks | quantize | RssAnon MB | block linears MB (derived) | their bf16 MB | ratio | planner linears MB |")
+    print(f"## per-rank RssAnon growth while loading a {layers}-layer Llama-2-7B-shaped checkpoint as bfloat16")
+    print("| ranks | quantize | RssAnon growth MB | block linears MB (derived) | their bf16 MB | ratio | planner linears MB |")
     print("|---|---|---|---|---|---|---|")
     for ranks in (1, 2):
         bf16_linears = linear_bytes(args, ranks, None)

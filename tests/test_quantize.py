@@ -260,14 +260,70 @@ def test_qlora_step0_forward_equals_dequantized_base_and_gradients_reach_adapter
 QLORA = ["--method", "lora", "--quantize", "nf4", *FAST, "--template", "plain", "--lr", "3e-3"]
 
 
-def test_qlora_lowers_held_out_loss_and_records_the_base(tmp_path):
-    ft_main.main([*QLORA, "--max_steps", "10", "--eval_interval", "10", "--out_dir", str(tmp_path)])
-    records = evals(tmp_path)
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qlora")
+    ft_main.main([*QLORA, "--max_steps", "10", "--eval_interval", "10", "--out_dir", str(out)])
+    return out
+
+
+def test_qlora_lowers_held_out_loss_and_records_the_base(qlora_run):
+    records = evals(qlora_run)
     # lr 3e-3 (LoRA's default) for 10 steps lowers plain LoRA's held-out loss by ~0.3 nats on this data;
     # an NF4 base must still learn: at least a tenth of that.
     assert records[-1]["eval_loss"] < records[0]["eval_loss_untuned"] - 0.03, records
-    assert lora.load_adapter(tmp_path / "adapter.pt")[1]["base_quantization"] == "nf4"
-    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_quantization"] == "nf4"
+    assert lora.load_adapter(qlora_run / "adapter.pt")[1]["base_quantization"] == "nf4"
+    assert json.loads((qlora_run / "peft" / "adapter_config.json").read_text())["base_quantization"] == "nf4"
+
+
+def linear4bit(kernel: quantize.NF4Weight, rows=None):
+    """A bitsandbytes Linear4bit holding `kernel`'s NF4 codes and quantization state (rows reordered
+    whole blocks at a time when `rows` is given: each row is one block of 64 here)."""
+    import copy
+
+    import bitsandbytes as bnb
+
+    packed, state = kernel.packed, copy.copy(kernel.state)
+    state.shape = torch.Size((kernel.out_features, kernel.in_features))
+    if rows is not None:
+        assert kernel.in_features == quantize.NF4_BLOCK
+        packed, state.absmax = packed.view(kernel.out_features, -1)[rows].reshape(-1, 1), state.absmax[rows]
+    layer = bnb.nn.Linear4bit(kernel.in_features, kernel.out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.support_avx512bf16_for_cpu = False  # its AVX512-BF16 repacking needs out-features in multiples of 32 (w1: 172)
+    layer.weight = bnb.nn.Params4bit(data=packed, requires_grad=False, quant_state=state, blocksize=quantize.NF4_BLOCK,
+                                     compress_statistics=True, quant_type="nf4", bnb_quantized=True)
+    return layer
+
+
+def test_peft_on_bitsandbytes_linear4bit_equals_our_qlora_forward(world1, qlora_run):
+    """Our QLoRA adapter (PEFT export) on a transformers copy whose linears are bitsandbytes Linear4bit
+    with the same NF4 weights: PEFT's forward equals ours."""
+    peft = pytest.importorskip("peft")
+    from test_lora import LOGITS_RTOL, hf_copy, hf_permute, tokens
+
+    model = load("nf4", max_seq_len=64)
+    lora.apply_adapter(model, qlora_run / "adapter.pt")
+    hf, args = hf_copy(model.args), model.args
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj"}
+    for key, kernel in quantize.quantized_layers(model).items():
+        _, i, ours = key.removesuffix(".weight").split(".", 2)
+        rows = None
+        if ours in ("attention.wq", "attention.wk"):  # HF's rotate-half row order (transformers' conversion)
+            heads = args.n_heads if ours == "attention.wq" else args.kv_heads
+            rows = hf_permute(torch.arange(kernel.out_features)[:, None], heads, kernel.out_features, 1).flatten()
+        parent, attr = names[ours].split(".")
+        setattr(hf.model.layers[int(i)].get_submodule(parent), attr, linear4bit(kernel, rows))
+    peft_model = peft.PeftModel.from_pretrained(hf, qlora_run / "peft").eval()
+    assert type(peft_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    ids = tokens(24)
+    with torch.no_grad():
+        ours, theirs = model(ids), peft_model(ids).logits
+        untuned = load("nf4", max_seq_len=64)(ids)
+    # Both dequantize the same codes to float32 and add float32 LoRA: test_lora.py's bound for reordered float32 ops.
+    assert (ours - theirs).abs().max() < LOGITS_RTOL * theirs.abs().max()
+    assert (ours - untuned).abs().max() > 0.1  # the adapter matters
 
 
 def test_qlora_resume_continues_exactly(tmp_path):
