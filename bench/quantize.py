@@ -11,12 +11,14 @@
    rest (growth of `none` minus its bfloat16 linears), against their bfloat16 bytes.
 2. Decode, batch 1, one thread: a random float32 110M-shaped model (dim 768, 12 layers, vocab
    32000), fp32 eager vs int8 and int4 kernels, in the same process (ratios are same-run).
-3. QLoRA: ft_main.py --method lora on the 110M model, unquantized vs --quantize nf4 (tokens/s of
-   the last step, peak RSS), one fresh process each.
+3. QLoRA: a LoRA training step (the loss ft_main.py uses, AdamW) on the 7B-shaped model of 1.,
+   unquantized float32 vs nf4 base: tokens/s and the RSS high-water of the steps (after a warm-up
+   step and malloc_trim), one fresh process each.
 MB = 10^6 bytes.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -63,8 +65,10 @@ def load_worker(ckpt: str, scheme: str) -> None:
     model = checkpoint.load_model(Path(ckpt), 32000, 16, 1, torch.bfloat16, parallel.device, parallel.tp_rank, parallel.tp_size,
                                   kv_cache=False, quantize=scheme)
     linears = sum(k.nbytes() for k in quantize.quantized_layers(model).values())
+    grown = rss_anon() - before
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back: what remains is live
     if parallel.is_main:
-        print(json.dumps({"rss_anon": rss_anon() - before, "quantized_bytes": linears}), flush=True)
+        print(json.dumps({"rss_anon": grown, "rss_anon_trimmed": rss_anon() - before, "quantized_bytes": linears}), flush=True)
     distributed.teardown()
 
 
@@ -74,8 +78,8 @@ def memory(workdir: Path, layers: int) -> None:
     ckpt = write_checkpoint(workdir / "7b_shaped", {**PARAMS_7B, "n_layers": layers}, torch.float32)
     args = model_args({**PARAMS_7B, "n_layers": layers})
     print(f"## per-rank RssAnon growth while loading a {layers}-layer Llama-2-7B-shaped checkpoint as bfloat16")
-    print("| ranks | quantize | RssAnon growth MB | block linears MB (derived) | their bf16 MB | ratio | planner linears MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| ranks | quantize | RssAnon growth MB | after malloc_trim MB | block linears MB (derived, trimmed) | their bf16 MB | ratio | planner linears MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for ranks in (1, 2):
         bf16_linears = linear_bytes(args, ranks, None)
         base = None
@@ -86,9 +90,9 @@ def memory(workdir: Path, layers: int) -> None:
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
             record = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
             if scheme == "none":
-                base = record["rss_anon"] - bf16_linears
-            derived = record["rss_anon"] - base
-            print(f"| {ranks} | {scheme} | {record['rss_anon'] / MB:.0f} | {derived / MB:.0f} | {bf16_linears / MB:.0f} | "
+                base = record["rss_anon_trimmed"] - bf16_linears
+            derived = record["rss_anon_trimmed"] - base
+            print(f"| {ranks} | {scheme} | {record['rss_anon'] / MB:.0f} | {record['rss_anon_trimmed'] / MB:.0f} | {derived / MB:.0f} | {bf16_linears / MB:.0f} | "
                   f"{derived / bf16_linears:.3f} | {linear_bytes(args, ranks, scheme) / MB:.0f} |", flush=True)
 
 
@@ -135,20 +139,51 @@ def decode(workdir: Path, steps: int) -> None:
     distributed.teardown()
 
 
-def qlora(workdir: Path, steps: int) -> None:
-    ckpt = workdir / "110m"
-    data = REPO / "datasets" / "alpaca_en_demo.json"
-    print(f"\n## ft_main.py --method lora on the 110M model, batch 4 x 128 tokens, {steps} steps, 1 thread")
-    print("| base | tokens/s (last step) | peak RSS MB |")
-    print("|---|---|---|")
+def train_worker(ckpt: str, scheme: str, steps: int) -> None:
+    """One process: LoRA r=8 on the seven block linears over the base as --quantize says; AdamW steps on
+    random tokens (batch 1 x 128). Prints tokens/s of the best step and the RSS high-water of the
+    steps (VmHWM reset after a warm-up step; weights count whether mapped or anonymous)."""
+    from llama import checkpoint, distributed, lora, train
+
+    torch.set_num_threads(1)
+    distributed.setup()
+    model = checkpoint.load_model(Path(ckpt), 32000, 128, 1, torch.float32, torch.device("cpu"), kv_cache=False, quantize=scheme)
+    lora.add_lora(model, list(lora.DEFAULT_TARGETS), 8, 16.0)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # quantizing while loading leaves freed heap pages; count live memory only
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    tokens = torch.randint(3, 32000, (1, 128), generator=torch.Generator().manual_seed(0))
+    best = float("inf")
+    for step in range(steps + 1):
+        if step == 1:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM after the warm-up step
+        start = time.perf_counter()
+        loss = train.summed_loss(model, None, tokens[:, :-1], tokens[:, 1:], 256) / tokens[:, 1:].numel()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:
+            best = min(best, time.perf_counter() - start)
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"tokens_per_s": tokens[:, 1:].numel() / best, "peak_rss": peak}), flush=True)
+    distributed.teardown()
+
+
+def qlora(workdir: Path, steps: int, layers: int) -> None:
+    ckpt = workdir / "7b_shaped"
+    if not ckpt.is_dir():
+        write_checkpoint(ckpt, {**PARAMS_7B, "n_layers": layers}, torch.float32)
+    print(f"\n## LoRA r=8 training step on the {layers}-layer 7B-shaped model (float32), batch 1 x 127 tokens, best of {steps} steps, 1 thread")
+    print("| base | tokens/s | vs LoRA | peak RSS MB | vs LoRA |")
+    print("|---|---|---|---|---|")
+    base = None
     for scheme in ["none", "nf4"]:
-        out = workdir / f"lora_{scheme}"
-        cmd = [sys.executable, str(REPO / "ft_main.py"), "--method", "lora", "--ckpt_dir", str(ckpt), "--data", str(data), "--max_seq_len", "128",
-               "--batch_size", "4", "--max_steps", str(steps), "--eval_interval", "1000", "--ckpt_interval", "1000", "--max_examples", "100",
-               "--quantize", scheme, "--out_dir", str(out)]
-        subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, cwd=REPO, check=True)
-        last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
-        print(f"| {scheme} | {last['tokens_per_s']:.0f} | {last['peak_mem_mb']:.0f} |", flush=True)
+        cmd = [sys.executable, __file__, "--train_worker", str(ckpt), "--quantize", scheme, "--train_steps", str(steps)]
+        out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, cwd=REPO, check=True)
+        record = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+        base = base or record
+        print(f"| {scheme} | {record['tokens_per_s']:.0f} | {record['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+              f"{record['peak_rss'] / MB:.0f} | {record['peak_rss'] / base['peak_rss']:.2f}x |", flush=True)
 
 
 def main() -> None:
@@ -157,15 +192,22 @@ def main() -> None:
     parser.add_argument("--decode_steps", type=int, default=32)
     parser.add_argument("--train_steps", type=int, default=4)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--parts", default="memory,decode,qlora", help="which figures: memory, decode, qlora (comma-separated)")
     parser.add_argument("--load_worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--train_worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_worker:
         return load_worker(args.load_worker, args.quantize)
+    if args.train_worker:
+        return train_worker(args.train_worker, args.quantize, args.train_steps)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        memory(Path(tmp), args.layers)
-        decode(Path(tmp), args.decode_steps)
-        qlora(Path(tmp), args.train_steps)
+        if "memory" in args.parts:
+            memory(Path(tmp), args.layers)
+        if "decode" in args.parts:
+            decode(Path(tmp), args.decode_steps)
+        if "qlora" in args.parts:
+            qlora(Path(tmp), args.train_steps, args.layers)
 
 
 if __name__ == "__main__":

@@ -232,11 +232,18 @@ class QuantizedWeight(nn.Module):
         return self.tensors()[0].device
 
 
+def by_rows(quantize_rows, weight: torch.Tensor, *args, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8 / quantize_int4 on blocks of `rows` rows, joined: rows quantize independently,
+    and the float32 working copies then stay a block's size, not the slice's."""
+    parts = [quantize_rows(weight[i : i + rows], *args) for i in range(0, weight.size(0), rows)]
+    return torch.cat([q for q, _ in parts]), torch.cat([scales for _, scales in parts], dim=-1 if parts[0][1].dim() == 1 else 1)
+
+
 class Int8Weight(QuantizedWeight):
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype):
         super().__init__()
         self.scheme, (self.out_features, self.in_features) = Scheme("int8"), weight.shape
-        q, scales = quantize_int8(weight, compute_dtype)
+        q, scales = by_rows(quantize_int8, weight, compute_dtype)
         self.register_buffer("q", q, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
 
@@ -252,7 +259,7 @@ class Int4Weight(QuantizedWeight):
     def __init__(self, weight: torch.Tensor, group_size: int, compute_dtype: torch.dtype):
         super().__init__()
         self.scheme, (self.out_features, self.in_features) = Scheme("int4", group_size), weight.shape
-        q, scales_and_zeros = quantize_int4(weight, group_size, compute_dtype)
+        q, scales_and_zeros = by_rows(quantize_int4, weight, group_size, compute_dtype, rows=1024)  # 1024: a multiple of 16
         self.padded_in = q.size(1)
         if weight.device.type == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -349,14 +356,3 @@ def adapter_mismatch(config: dict, model: nn.Module) -> Optional[str]:
         return None
     return (f"the adapter was trained on a base quantized as '{trained}' and is applied to one quantized as '{here}': "
             "outputs may differ from what training saw")
-
-
-def describe(scheme: Optional[Scheme]) -> str:
-    """A short phrase for messages."""
-    return "unquantized" if scheme is None else f"{scheme} weights"
-
-
-def bits_per_weight(scheme: Optional[Scheme], out_features: int, in_features: int, dtype_bytes: int) -> float:
-    """Average bits per weight of a [out, in] slice under `scheme` (scales and padding included)."""
-    return 8 * weight_nbytes(scheme, out_features, in_features, dtype_bytes) / (out_features * in_features)
-
