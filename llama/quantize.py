@@ -27,6 +27,7 @@ zeros too and drops their outputs. So every shape runs; padding costs memory, wh
 """
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -46,6 +47,7 @@ INT4_DEFAULT_GROUP = 128  # gpt-fast's default
 INT8_ALIGN = 32  # in-features are padded to this multiple for _weight_int8pack_mm's vector tiles
 INT4_OUT_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
 NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256  # QLoRA's blocks of weights and of double-quantized absmax
+NF4_ROWS = 1024  # rows the NF4 matmul dequantizes at a time
 CHOICES = "none, int8, int4 (= int4-g128; also int4-g32, int4-g64) or nf4"
 _LAYER_PREFIX = re.compile(r"^layers\.\d+\.")
 
@@ -301,23 +303,53 @@ class NF4Weight(QuantizedWeight):
         return NF4Linear.apply(x, self)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole weight, by bitsandbytes' dequantize_4bit (the reference the kernel's blocks are tested against)."""
         weight = require_bitsandbytes().functional.dequantize_4bit(self.packed, self.state)
         return weight.view(self.out_features, self.in_features).to(dtype)
 
+    def absmax(self) -> torch.Tensor:
+        """The float32 absmax of every block (the double quantization undone), n / 64 numbers."""
+        state = self.state
+        return require_bitsandbytes().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        """Row ranges of about NF4_ROWS rows, each starting on a block boundary of the flat tensor."""
+        unit = NF4_BLOCK // math.gcd(self.in_features, NF4_BLOCK)
+        step = max(unit, NF4_ROWS // unit * unit)
+        return [(start, min(start + step, self.out_features)) for start in range(0, self.out_features, step)]
+
+    def dequantize_rows(self, start: int, stop: int, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows start..stop of the weight: codebook[code] * absmax of its block (two codes a byte, high nibble first)."""
+        lo, hi = start * self.in_features, stop * self.in_features
+        codes = self.packed.view(-1)[lo // 2 : (hi + 1) // 2]
+        q = torch.stack([codes >> 4, codes & 15], dim=-1).view(-1)[: hi - lo].long()
+        scale = absmax[lo // NF4_BLOCK : -(-hi // NF4_BLOCK)].repeat_interleave(NF4_BLOCK)[: hi - lo]
+        return (self.state.code[q] * scale).view(stop - start, self.in_features).to(dtype)
+
 
 class NF4Linear(torch.autograd.Function):
-    """x @ W^T with W dequantized in the forward and again in the backward, saving only the codes
-    (bitsandbytes' MatMul4Bit, on the flat state): one transient copy of the weight at a time, and
-    a gradient for the input only (the base is frozen)."""
+    """x @ W^T with W dequantized block of rows by block of rows, in the forward and again in the
+    backward, saving only the codes (as bitsandbytes' MatMul4Bit, which dequantizes the whole
+    weight at once): the transient float copy is NF4_ROWS rows, not the weight. Only the input
+    gets a gradient (the base is frozen)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernel: NF4Weight) -> torch.Tensor:
         ctx.kernel = kernel
-        return F.linear(x, kernel.dequantize(x.dtype))
+        absmax = kernel.absmax()
+        out = x.new_empty(*x.shape[:-1], kernel.out_features)
+        for start, stop in kernel.row_blocks():
+            out[..., start:stop] = F.linear(x, kernel.dequantize_rows(start, stop, absmax, x.dtype))
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.kernel.dequantize(grad.dtype), None
+        kernel = ctx.kernel
+        absmax, grad_x = kernel.absmax(), None
+        for start, stop in kernel.row_blocks():
+            part = grad[..., start:stop] @ kernel.dequantize_rows(start, stop, absmax, grad.dtype)
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x, None
 
 
 def quantize_weight(weight: torch.Tensor, scheme: Scheme, device: torch.device, dtype: torch.dtype) -> QuantizedWeight:

@@ -67,6 +67,21 @@ def test_int_kernels_equal_float_reference_of_their_dequantized_weights(world1, 
     assert kernel(x).dtype == torch.float32 and kernel.dequantize().shape == (kernel.out_features, kernel.in_features)
 
 
+@pytest.mark.parametrize("shape", [(64, 32), (172, 64), (3000, 172)])  # rows shorter than a block; several row blocks
+def test_nf4_kernel_equals_float_reference_of_bitsandbytes_dequantization(shape):
+    """The NF4 matmul dequantizes blocks of rows itself: forward and input gradient equal float32 products with
+    bitsandbytes' dequantize_4bit of the same codes (float32 reordering of K <= 3000 terms: K * 2^-24 of |x| @ |W|)."""
+    gen = torch.Generator().manual_seed(0)
+    kernel = quantize.NF4Weight(torch.randn(shape, generator=gen))
+    W = kernel.dequantize()
+    x = torch.randn(2, 5, shape[1], generator=gen, requires_grad=True)
+    y = kernel(x)
+    grad = torch.randn(y.shape, generator=gen)
+    y.backward(grad)
+    assert ((y - F.linear(x, W)).abs() <= shape[1] * 2**-24 * (x.abs() @ W.abs().t())).all()
+    assert ((x.grad - grad @ W).abs() <= shape[0] * 2**-24 * (grad.abs() @ W.abs()) + 1e-30).all()
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_loaded_bytes_are_the_planner_count(world1, scheme):
     """What the loader holds per layer is `weight_nbytes`, the count split_model.py --plan uses."""
