@@ -447,7 +447,8 @@ def load_model(
         if quant.applies(scheme, key):
             quantized[key] = quant.quantize_weight(ckpt.read(key, tp_rank, tp_size), scheme, device, dtype)
         else:
-            weights[key] = ckpt.read(key, tp_rank, tp_size).to(device=device, dtype=dtype).contiguous()
+            stored = ckpt.read(key, tp_rank, tp_size)
+            weights[key] = quant.own(stored.to(device=device, dtype=dtype).contiguous(), stored, scheme)
     quant.attach(model, quantized, scheme)  # the quantized layers drop their float weights (never filled)
     model.load_state_dict(weights, strict=True, assign=True)
     model.requires_grad_(False)

@@ -366,6 +366,16 @@ def quantize_weight(weight: torch.Tensor, scheme: Scheme, device: torch.device, 
     return NF4Weight(weight.contiguous())
 
 
+def own(tensor: torch.Tensor, stored: torch.Tensor, scheme: Optional[Scheme]) -> torch.Tensor:
+    """With a scheme, an unquantized weight that is still the `stored` view (of a memory-mapped
+    checkpoint file) is copied: the file's mapping then closes when loading ends, and with it the resident pages of the
+    float linears that were read to be quantized (left mapped, they count in the process's RSS).
+    Without one, the weights stay mapped (zero-copy) as before."""
+    if scheme is None or tensor.data_ptr() != stored.data_ptr():  # no scheme, or already a copy
+        return tensor
+    return tensor.clone()
+
+
 def attach(model: nn.Module, quantized: dict[str, QuantizedWeight], scheme: Optional[Scheme]) -> None:
     """Give each layer named in `quantized` its kernel and drop its float weight; record the scheme on the model."""
     for key, kernel in quantized.items():
