@@ -392,7 +392,7 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedWeight]:
 
 def adapter_mismatch(config: dict, model: nn.Module) -> Optional[str]:
     """A warning when an adapter trained over one quantization of the base is applied to another."""
-    trained = config.get("base_quantization") or (config.get("peft_config") or {}).get("base_quantization") or "none"
+    trained = config.get("base_quantization") or "none"
     here = getattr(model, "quantization", "none")
     if trained == here:
         return None
