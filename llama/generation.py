@@ -95,7 +95,7 @@ class Llama:
         `quantize` (none, int8, int4[-gG], nf4: llama/quantize.py) quantizes the seven linears of each
         block, each rank its own slice, while loading.
         """
-        quant.parse_scheme(quantize)  # an unknown value or a missing extra says so before any work
+        quant.check_compile(quant.parse_scheme(quantize), compile)  # bad values say so before any work
         ckpt_dir = Path(ckpt_dir)
         checkpoint.model_format(ckpt_dir)  # a missing or unfinished model directory says so before the tokenizer is sought
         torch_dtype = checkpoint.parse_dtype(dtype)

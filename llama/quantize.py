@@ -97,6 +97,13 @@ def check_training(method: str, scheme: Optional[Scheme]) -> None:
         raise UserError(f"--quantize {scheme} is for inference (its kernel has no backward): train over a quantized base with --quantize nf4")
 
 
+def check_compile(scheme: Optional[Scheme], compile: bool) -> None:
+    """torch.compile traces the int kernels (aten ops) but not bitsandbytes' NF4 calls."""
+    if compile and scheme is not None and scheme.name == "nf4":
+        raise UserError("--compile does not support --quantize nf4 (torch.compile cannot trace bitsandbytes' calls): "
+                        "drop --compile, or use --quantize int8 / int4")
+
+
 def require_bitsandbytes():
     """bitsandbytes, or a UserError naming the extra that installs it.
 

@@ -411,6 +411,7 @@ BAD = {
     "group that is not offered": (["serve.py", "--quantize", "int4-g48"], r"unknown --quantize 'int4-g48'"),
     "full with a quantized base": (["ft_main.py", "--method", "full", "--quantize", "nf4"], r"--method full trains every weight"),
     "int8 for training": (["ft_main.py", "--method", "lora", "--quantize", "int8"], r"--quantize int8 is for inference"),
+    "nf4 with --compile": (["example.py", "--quantize", "nf4", "--compile"], r"--compile does not support --quantize nf4"),
 }
 
 
