@@ -12,8 +12,9 @@
 2. Decode, batch 1, one thread: a random float32 110M-shaped model (dim 768, 12 layers, vocab
    32000), fp32 eager vs int8 and int4 kernels, in the same process (ratios are same-run).
 3. QLoRA: a LoRA training step (the loss ft_main.py uses, AdamW) on the 7B-shaped model of 1.,
-   unquantized float32 vs nf4 base: tokens/s and the RSS high-water of the steps (after a warm-up
-   step and malloc_trim), one fresh process each.
+   unquantized float32 vs nf4 base, and transformers + PEFT + bitsandbytes QLoRA on the same shape
+   and batch: tokens/s and the RSS high-water of the steps (after a warm-up step and malloc_trim),
+   one fresh process each.
 MB = 10^6 bytes.
 """
 
@@ -169,6 +170,46 @@ def train_worker(ckpt: str, scheme: str, steps: int) -> None:
     distributed.teardown()
 
 
+def hf_train_worker(layers: int, steps: int) -> None:
+    """transformers + PEFT + bitsandbytes QLoRA, as the QLoRA guides set it up: a LlamaForCausalLM of
+    the same shape (its own random weights: speed and memory do not depend on their values) whose
+    seven block linears are bitsandbytes Linear4bit (NF4, block 64, double quantization), LoRA r=8
+    alpha 16 on them, its own loss, AdamW; measured like `train_worker`."""
+    import bitsandbytes as bnb
+    import peft
+    import transformers
+
+    torch.set_num_threads(1)
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=128, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for name, module in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in targets:
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4", blocksize=64,
+                                             compress_statistics=True)._quantize("cpu")
+            parent, attr = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), attr, layer)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    tokens = torch.randint(3, 32000, (1, 128), generator=torch.Generator().manual_seed(0))
+    best = float("inf")
+    for step in range(steps + 1):
+        if step == 1:
+            Path("/proc/self/clear_refs").write_text("5")
+        start = time.perf_counter()
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:
+            best = min(best, time.perf_counter() - start)
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"tokens_per_s": 127 / best, "peak_rss": peak}), flush=True)
+
+
 def qlora(workdir: Path, steps: int, layers: int) -> None:
     ckpt = workdir / "7b_shaped"
     if not ckpt.is_dir():
@@ -177,8 +218,10 @@ def qlora(workdir: Path, steps: int, layers: int) -> None:
     print("| base | tokens/s | vs LoRA | peak RSS MB | vs LoRA |")
     print("|---|---|---|---|---|")
     base = None
-    for scheme in ["none", "nf4"]:
+    for scheme in ["none", "nf4", "hf-qlora"]:
         cmd = [sys.executable, __file__, "--train_worker", str(ckpt), "--quantize", scheme, "--train_steps", str(steps)]
+        if scheme == "hf-qlora":  # transformers + PEFT + bitsandbytes on the same shape and batch
+            cmd = [sys.executable, __file__, "--hf_train_worker", str(layers), "--train_steps", str(steps)]
         out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, cwd=REPO, check=True)
         record = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
         base = base or record
@@ -195,10 +238,13 @@ def main() -> None:
     parser.add_argument("--parts", default="memory,decode,qlora", help="which figures: memory, decode, qlora (comma-separated)")
     parser.add_argument("--load_worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--train_worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--hf_train_worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_worker:
         return load_worker(args.load_worker, args.quantize)
+    if args.hf_train_worker:
+        return hf_train_worker(args.hf_train_worker, args.train_steps)
     if args.train_worker:
         return train_worker(args.train_worker, args.quantize, args.train_steps)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

@@ -326,12 +326,13 @@ class NF4Weight(QuantizedWeight):
         return [(start, min(start + step, self.out_features)) for start in range(0, self.out_features, step)]
 
     def dequantize_rows(self, start: int, stop: int, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows start..stop of the weight: codebook[code] * absmax of its block (two codes a byte, high nibble first)."""
+        """Rows start..stop of the weight, by bitsandbytes' dequantize_4bit of their codes and (already
+        double-dequantized) absmax, on the flat shape (see `quantize_nf4`)."""
+        bnb_f = require_bitsandbytes().functional
         lo, hi = start * self.in_features, stop * self.in_features
-        codes = self.packed.view(-1)[lo // 2 : (hi + 1) // 2]
-        q = torch.stack([codes >> 4, codes & 15], dim=-1).view(-1)[: hi - lo].long()
-        scale = absmax[lo // NF4_BLOCK : -(-hi // NF4_BLOCK)].repeat_interleave(NF4_BLOCK)[: hi - lo]
-        return (self.state.code[q] * scale).view(stop - start, self.in_features).to(dtype)
+        rows = bnb_f.QuantState(absmax=absmax[lo // NF4_BLOCK : -(-hi // NF4_BLOCK)], shape=torch.Size([hi - lo]), code=self.state.code,
+                                blocksize=NF4_BLOCK, quant_type="nf4", dtype=dtype)
+        return bnb_f.dequantize_4bit(self.packed.view(-1)[lo // 2 : (hi + 1) // 2], rows).view(stop - start, self.in_features)
 
 
 class NF4Linear(torch.autograd.Function):
