@@ -412,17 +412,30 @@ BAD = {
     "full with a quantized base": (["ft_main.py", "--method", "full", "--quantize", "nf4"], r"--method full trains every weight"),
     "int8 for training": (["ft_main.py", "--method", "lora", "--quantize", "int8"], r"--quantize int8 is for inference"),
     "nf4 with --compile": (["example.py", "--quantize", "nf4", "--compile"], r"--compile does not support --quantize nf4"),
+    "planning int8 training": (["split_model.py", "--plan", "--ckpt_dir", str(STORIES), "--mode", "lora", "--quantize", "int8"], r"--quantize int8 is for inference"),
 }
 
 
 @pytest.mark.parametrize("name", BAD)
 def test_bad_input_is_one_clear_error(name, tmp_path):
     argv, pattern = BAD[name]
-    result = python(*argv, "--out_dir" if argv[0] == "ft_main.py" else "--seed", tmp_path if argv[0] == "ft_main.py" else "1")
+    result = python(*argv, *(["--out_dir", tmp_path] if argv[0] == "ft_main.py" else []))
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines
     assert result.stdout == ""
+
+
+def test_planner_cli_counts_quantized_weights():
+    """split_model.py --plan --quantize: the int4 table's weights column is the planner's quantized count."""
+    from llama import plan
+
+    result = python("split_model.py", "--plan", "--ckpt_dir", STORIES, "--quantize", "int4-g32", "--batch_size", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "int4-g32 block linears" in result.stdout
+    args = checkpoint.open_checkpoint(STORIES).args
+    row = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["2"])
+    assert float(row.split()[1]) == pytest.approx(round(plan.weight_bytes(args, 2, 2, "int4-g32") / plan.GiB, 2))
 
 
 def test_nf4_without_bitsandbytes_names_the_extra(tmp_path):
