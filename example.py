@@ -34,7 +34,7 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
 def build(args: argparse.Namespace) -> Llama:
     """The model the shared options describe, split over this job's ranks."""
     return Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed,
-                       compile=args.compile, rope_scaling=cli.rope_override(args))
+                       compile=args.compile, rope_scaling=cli.rope_override(args), quantize=args.quantize)
 
 
 def print_results(llm: Llama, prompts: list[str], results: list[dict], as_json: bool) -> None:

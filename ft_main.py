@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from llama import cli, distributed, lora
+from llama import cli, distributed, lora, quantize
 from llama.errors import UserError, run_cli
 from llama.model import Transformer
 from llama.tokenizer import find_tokenizer, load_tokenizer
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA scale numerator: updates are scaled by alpha / r")
     p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input (TP>1 then draws other masks than TP=1)")
     p.add_argument("--lora_targets", default=",".join(lora.DEFAULT_TARGETS), help=f"layers given adapters, from {', '.join(lora.TARGETS)}")
-    p.add_argument("--checkpoint_activations", action="store_true", help="full: recompute each block in backward (less memory)")
+    p.add_argument("--checkpoint_activations", action="store_true", help="full, lora: recompute each block in backward (less memory)")
     p.add_argument("--batch_size", type=int, default=8, help="examples per micro-batch on each data-parallel rank")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max_steps", type=int, default=100, help="optimizer steps to run")
@@ -105,6 +105,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, Op
 def resolve(args: argparse.Namespace, parallel: distributed.Parallel) -> argparse.Namespace:
     """Fill defaults that depend on others or on the device, and check ranges once."""
     args.dtype = cli.resolve_dtype(args.dtype, parallel.device)
+    quantize.check_training(args.method, quantize.parse_scheme(getattr(args, "quantize", "none")))
     args.lr = methods.METHODS[args.method].defaults["lr"] if args.lr is None else args.lr
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.lr_decay_steps = args.lr_decay_steps or args.max_steps

@@ -20,6 +20,7 @@ import signal
 from pathlib import Path
 
 from llama import cli
+from llama import quantize as quant
 from llama.cli import DTYPES, parse_dtype
 from llama.errors import UserError, run_cli
 from llama.files import GiB, parse_size
@@ -53,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     planning.add_argument("--data_parallel", type=int, default=1, help="full: data-parallel ranks sharing the AdamW states (ZeRO)")
     planning.add_argument("--checkpoint_activations", action="store_true", help="full: keep only each block's input")
     planning.add_argument("--overhead", default="1GiB", help="CUDA context and allocator slack per card")
+    planning.add_argument("--quantize", default="none", help="infer: none, int8, int4[-g32|-g64|-g128] or nf4; lora: nf4 (QLoRA)")
     return cli.check_args(parser.parse_args(argv), dtype=False)
 
 
@@ -73,9 +75,14 @@ def plan_model(args: argparse.Namespace) -> str:
     gpu_mem, overhead = parse_size(args.gpu_mem), parse_size(args.overhead)
     if min(args.lora_rank, args.data_parallel) < 1:
         raise UserError("--lora_rank and --data_parallel must be at least 1")
-    training = {"data_parallel": args.data_parallel, "lora_rank": args.lora_rank, "checkpoint_activations": args.checkpoint_activations}
+    if args.mode != "infer":
+        quant.check_training(args.mode, quant.parse_scheme(args.quantize))
+    training = {"data_parallel": args.data_parallel, "lora_rank": args.lora_rank, "checkpoint_activations": args.checkpoint_activations,
+                "quantize": args.quantize}
     rows = [plan.estimate(model, n, args.batch_size, args.seq_len, dtype.itemsize, args.mode, overhead, **training) for n in plan.CARD_COUNTS]
     header = f"{args.mode}, {str(dtype).removeprefix('torch.')}, batch {args.batch_size} x seq {args.seq_len}, {gpu_mem / GiB:.1f} GiB cards"
+    if args.quantize != "none":
+        header += f", {quant.parse_scheme(args.quantize)} block linears"
     if args.mode == "lora":
         header += f", LoRA r={args.lora_rank}"
     elif args.mode == "full":

@@ -40,13 +40,13 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 from bench.common import format_table, peak_memory, reset_peak_memory  # noqa: E402
 from bench.generate import random_model, shape_args  # noqa: E402
 from llama import distributed, lora  # noqa: E402
-from llama.formats import layout  # noqa: E402
 from llama.errors import run_cli  # noqa: E402
+from llama.formats import layout  # noqa: E402
+from llama.parallel import ColumnParallelLinear  # noqa: E402
+from llama.tokenizer import load_tokenizer  # noqa: E402
 from llama.tuning import data, packing, train  # noqa: E402
 from llama.tuning.data import IGNORE_INDEX  # noqa: E402
 from llama.tuning.loss import chunk_loss  # noqa: E402
-from llama.parallel import ColumnParallelLinear  # noqa: E402
-from llama.tokenizer import load_tokenizer  # noqa: E402
 
 LLAMA2_TOKENIZER = REPO / "tests" / "data" / "tokenizers" / "llama2" / "tokenizer.model"
 DATA = {"en": REPO / "datasets" / "alpaca_en_demo.json", "zh": REPO / "datasets" / "alpaca_zh_demo.json"}

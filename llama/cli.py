@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from llama import quantize
 from llama.errors import UserError
 from llama.sampling import Sampling
 from llama.sampling import check as check_sampling
@@ -37,7 +38,7 @@ MODEL_DIR_HELP = "Meta or Hugging Face model directory (params.json + consolidat
 
 
 def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 512, max_batch_size: Optional[int] = 4, compile: bool = True) -> None:
-    """The model to load and how: directory, tokenizer, context, cache rows, dtype, RoPE override, threads."""
+    """The model to load and how: directory, tokenizer, context, cache rows, dtype, quantization, RoPE override, threads."""
     g = p.add_argument_group("model")
     g.add_argument("--ckpt_dir", default="ckpts/stories260K", help=MODEL_DIR_HELP)
     g.add_argument("--tokenizer_path", default=None, help="default: <ckpt_dir>/tokenizer.model, else <ckpt_dir>/original/tokenizer.model")
@@ -50,6 +51,7 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 512, max_batch
                    help="Llama 3.1+: override the RoPE scaling factor the checkpoint states (Meta's files: 8; HF's 3.2 configs: 32)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (torch.set_num_threads); on a busy or 2-core machine 1 is often 2-3x faster")
+    quantize.add_option(g)
     if compile:
         g.add_argument("--compile", action="store_true", help="torch.compile the decoding step (CUDA graphs on GPU); compiling takes minutes on CPU")
 
@@ -87,6 +89,8 @@ def check_args(args: argparse.Namespace, dtype: bool = True) -> argparse.Namespa
         raise UserError(f"--lr must be in (0, 1], got {lr}: e.g. 3e-3 for LoRA, 0.03 for a soft prompt")
     if min_lr is not None and not (math.isfinite(min_lr) and 0 <= min_lr <= 1):
         raise UserError(f"--min_lr must be in [0, 1], got {min_lr}")
+    if hasattr(args, "quantize"):
+        quantize.parse_scheme(args.quantize)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     return args

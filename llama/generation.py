@@ -11,6 +11,7 @@ from typing import Iterator, Optional
 import torch
 
 from llama import chat, distributed
+from llama import quantize as quant
 from llama.chat import Message
 from llama.cli import parse_dtype, resolve_dtype, say_compiling
 from llama.errors import UserError
@@ -91,11 +92,15 @@ class Llama:
         tp_size: Optional[int] = None,
         compile: bool = False,
         rope_scaling: Optional[dict] = None,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a model directory (Meta, any shard count, or Hugging Face) split over this job's tensor-parallel ranks.
 
         `rope_scaling` overrides Llama 3 RoPE scaling constants the checkpoint states (or Meta's defaults).
+        `quantize` (none, int8, int4[-gG], nf4: llama/quantize.py) quantizes the seven linears of each
+        block, each rank its own slice, while loading.
         """
+        quant.check_compile(quant.parse_scheme(quantize), compile)  # bad values say so before any work
         ckpt_dir = Path(ckpt_dir)
         model_format(ckpt_dir)  # a missing or unfinished model directory says so before the tokenizer is sought
         torch_dtype = parse_dtype(resolve_dtype(dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
@@ -104,7 +109,7 @@ class Llama:
         torch.manual_seed(seed)
         model = load_model(
             ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size, torch_dtype, parallel.device, parallel.tp_rank, parallel.tp_size,
-            **({"rope_scaling": rope_scaling} if rope_scaling else {}),
+            quantize=quantize, **({"rope_scaling": rope_scaling} if rope_scaling else {}),
         )
         return Llama(model, tokenizer, parallel, seed, compile)
 

@@ -78,7 +78,7 @@ def attach(name: str, layer: ParallelLinear, A: torch.Tensor, B: torch.Tensor, a
     if A.size(0) > split_width:
         raise UserError(f"--lora_rank {A.size(0)} exceeds the {split_width} features '{name}' holds on each of {tp} "
                         f"tensor-parallel ranks: use a rank of at most {split_width}")
-    device = layer.weight.device
+    device = layer.weight.device if layer.quant is None else layer.quant.device
     layer.lora = LoRA(local_slice(A, a_dim, rank, tp).to(device), local_slice(B, b_dim, rank, tp).to(device), alpha, dropout,
                       replicated="A" if a_dim is None else "B")
 

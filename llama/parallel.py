@@ -5,7 +5,10 @@ returns its slice of the outputs; a row-parallel layer (wo, w2) keeps in/tp colu
 slice of the inputs and all-reduces the partial outputs. Both are fairscale's layers (same
 weights, same checkpoint keys) with one forward written here, so the local kernel is one
 method, `local`: the dense product with this rank's slice, plus, when the layer holds one, a
-LoRA adapter (later: a quantized kernel). llama.formats.layout.SPLIT_DIMS says how a checkpoint's weights split.
+LoRA adapter; a quantized layer (llama/quantize.py) holds no float weight but a kernel, `quant`,
+that multiplies by this rank's quantized slice with its own scales, so a row-parallel layer's
+partial output is already scaled when it is all-reduced. llama.formats.layout.SPLIT_DIMS says how
+a checkpoint's weights split.
 
 LoRA (Hu et al. 2021) adds scale * B A x with A [r, in], B [out, r]. Inside a parallel layer it
 is split like the layer, as HF PEFT's Megatron layers and LLaMA2-Accessory do, so it needs no
@@ -79,13 +82,14 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
     def __init__(self, in_features: int, out_features: int, gather_output: bool = True):
         super().__init__(in_features, out_features, bias=False, gather_output=gather_output, init_method=_no_init)
         self.lora: Optional[LoRA] = None
+        self.quant: Optional[nn.Module] = None
 
     lora_split = (None, 0)
     """(A's, B's) split dim over TP ranks: A [r, in] replicated, B [out, r] split like the weight's rows."""
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's kernel: dense, or dense + LoRA."""
-        out = F.linear(x, self.weight)
+        """This rank's kernel: dense or quantized, + LoRA if any."""
+        out = F.linear(x, self.weight) if self.quant is None else self.quant(x)
         return out if self.lora is None else out + self.lora(x)
 
     def split_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,13 +116,14 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
             raise ValueError("Llama's row-parallel layers read the column-parallel layers' split outputs")
         super().__init__(in_features, out_features, bias=False, input_is_parallel=True, init_method=_no_init)
         self.lora: Optional[LoRA] = None
+        self.quant: Optional[nn.Module] = None
 
     lora_split = (1, None)
     """(A's, B's) split dim over TP ranks: A [r, in] split like the weight's columns, B [out, r] replicated."""
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's partial output: dense, or dense + LoRA (joined before the all-reduce)."""
-        out = F.linear(x, self.weight)
+        """This rank's partial output: dense or quantized (scaled by this rank's scales), + LoRA, before the all-reduce."""
+        out = F.linear(x, self.weight) if self.quant is None else self.quant(x)
         return out if self.lora is None else out + self.lora(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ import torch  # noqa: E402
 import ft_main  # noqa: E402
 from llama import distributed, lora  # noqa: E402
 from llama.formats import layout  # noqa: E402
-from llama.tuning import data, packing, train  # noqa: E402
 from llama.tokenizer import load_tokenizer  # noqa: E402
+from llama.tuning import data, packing, train  # noqa: E402
 
 METHODS = ("prompt", "lora", "full")
 EXAMPLES = 12

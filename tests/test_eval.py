@@ -33,13 +33,15 @@ lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("tenacity")  # lm-eval's API models need it (lm-eval[api])
 
 from dist_utils import REPO, python, torchrun
+from references import GOLDEN, LAST_LOGITS_CASES
+from test_serve import start_server, stop_group
+
 from llama import chat, distributed
 from llama.generation import Llama
 from llama.sampling import Sampling
-from llama.serving.scheduler import Piece, Scheduler
+from llama.serving.scheduler import Piece
 from llama.serving.scheduler import Request as Job
-from references import GOLDEN, LAST_LOGITS_CASES
-from test_serve import start_server, stop_group
+from llama.serving.scheduler import Scheduler
 
 STORIES = REPO / "ckpts" / "stories260K"
 MAX_SEQ_LEN = 512

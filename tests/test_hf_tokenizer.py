@@ -14,11 +14,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from llama import chat, distributed
-from llama.generation import Llama
-from llama.formats.hf_tokenizer import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_JSON, tokenizer_files
-from llama.tokenizer import load_tokenizer
 from references import DATA, LLAMA2_TOKENIZER, STORIES, STORIES_TOKENIZER
+
+from llama import chat, distributed
+from llama.formats.hf_tokenizer import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_JSON, tokenizer_files
+from llama.generation import Llama
+from llama.tokenizer import load_tokenizer
 
 LLAMA3_TOKENIZER = DATA / "tokenizers" / "llama3" / "tokenizer.model"
 SP_CASES = json.loads((DATA / "tokenizer_cases.json").read_text())["tokenizers"]

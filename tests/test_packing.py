@@ -23,9 +23,9 @@ from test_ft_main import evals, losses
 
 sys.path.insert(0, str(REPO))  # the scripts at the repo root
 import ft_main  # noqa: E402
+from llama.errors import UserError  # noqa: E402
 from llama.tuning import packing, train  # noqa: E402
 from llama.tuning.data import IGNORE_INDEX, Example  # noqa: E402
-from llama.errors import UserError  # noqa: E402
 
 # Packed vs padded, relative to the magnitude compared (the loss; a gradient tensor's largest element).
 # Both sides do the same arithmetic on the same numbers in other orders: projections of a row of T

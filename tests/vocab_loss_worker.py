@@ -18,9 +18,9 @@ import torch.distributed as dist  # noqa: E402
 from fairscale.nn.model_parallel import initialize as fs_init  # noqa: E402
 
 from llama import distributed  # noqa: E402
+from llama.parallel import ColumnParallelLinear  # noqa: E402
 from llama.tuning.data import IGNORE_INDEX  # noqa: E402
 from llama.tuning.loss import chunk_loss  # noqa: E402
-from llama.parallel import ColumnParallelLinear  # noqa: E402
 
 VOCAB, DIM, CHUNK = 512, 64, 16
 CHUNKS = 4  # the third is all IGNORE_INDEX

@@ -8,17 +8,19 @@
 split dims of the factors come from `SPLIT_DIMS` (`lora_split_dims`), so no gathering is needed.
 """
 
+import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
 
-from llama.errors import UserError
+from llama.errors import UserError, is_rank0
 from llama.files import atomic_torch_save, load_file
 from llama.formats import peft
 from llama.formats.layout import lora_split_dims
 from llama.lora import load_state, local_slice
 from llama.model import ModelArgs, Transformer
+from llama.quantize import adapter_mismatch
 
 PROJECT_FORMAT = "llama-mp-lora"
 
@@ -62,6 +64,9 @@ def adapter_kind(path: Path) -> str:
 def apply_adapter(model: Transformer, path: Path) -> None:
     """Run a saved LoRA adapter (project or PEFT format) inside `model`, each rank its slices."""
     full, config = load_adapter(path, model.args)
+    warning = adapter_mismatch(config, model)
+    if warning and is_rank0():
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     load_state(model, full, config["alpha"])
 
 

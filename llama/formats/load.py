@@ -4,7 +4,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
+from llama import quantize as quant
 from llama.formats import open_checkpoint
 from llama.formats.layout import check_shardable
 from llama.model import ModelArgs, Transformer
@@ -20,22 +22,29 @@ def load_model(
     tp_rank: int = 0,
     tp_size: int = 1,
     kv_cache: bool = True,
+    quantize: Optional[str] = None,
     **overrides,
 ) -> Transformer:
     """Load this rank's slice of a checkpoint (any format, any shard count) into a model split over tp_size ranks.
 
     The KV caches are allocated for generation; training passes kv_cache=False (RoPE table only).
+    `quantize` (a --quantize value, llama/quantize.py) quantizes each linear's slice as soon as it
+    is read, so a rank holds its quantized slices plus one unquantized tensor at a time.
     `overrides` replace ModelArgs fields (e.g. rope_scaling).
     """
-    from tqdm import tqdm
-
+    scheme = quant.parse_scheme(quantize)
     ckpt = open_checkpoint(ckpt_dir, vocab_size, max_seq_len=max_seq_len, max_batch_size=max_batch_size, **overrides)
     check_shardable(ckpt.args, tp_size, unit="tensor-parallel ranks")
     model = build_empty(ckpt.args, dtype)
-    weights = {}
+    weights, quantized = {}, {}
     keys = ckpt.keys
     for key in tqdm(keys, desc=f"loading {ckpt.path.name}", disable=tp_rank != 0 or len(keys) < 50, leave=False):
-        weights[key] = ckpt.read(key, tp_rank, tp_size).to(device=device, dtype=dtype).contiguous()
+        if quant.applies(scheme, key):
+            quantized[key] = quant.quantize_weight(ckpt.read(key, tp_rank, tp_size), scheme, device, dtype)
+        else:
+            stored = ckpt.read(key, tp_rank, tp_size)
+            weights[key] = quant.own(stored.to(device=device, dtype=dtype).contiguous(), stored, scheme)
+    quant.attach(model, quantized, scheme)  # the quantized layers drop their float weights (never filled)
     model.load_state_dict(weights, strict=True, assign=True)
     model.requires_grad_(False)
     model.setup_caches(max_batch_size, max_seq_len, kv_cache)

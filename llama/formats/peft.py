@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as safetensors_bytes
 
@@ -83,8 +83,10 @@ def export_peft(full: Mapping[str, torch.Tensor], config: dict, args: ModelArgs,
         "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
         "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
+    # QLoRA: the base training saw, in the weights file's metadata (PEFT warns about unknown config keys)
+    metadata = {"format": "pt", "base_quantization": config.get("base_quantization", "none")}
     out_dir = Path(out_dir)
-    atomic_write(out_dir / WEIGHTS, lambda f: f.write(safetensors_bytes(tensors, metadata={"format": "pt"})))
+    atomic_write(out_dir / WEIGHTS, lambda f: f.write(safetensors_bytes(tensors, metadata=metadata)))
     atomic_write_text(json.dumps(peft_config, indent=2) + "\n", out_dir / CONFIG)
     return out_dir
 
@@ -107,6 +109,8 @@ def import_peft(path: Path, args: ModelArgs) -> tuple[dict[str, torch.Tensor], d
         raise UserError(f"{path} has no {WEIGHTS}")
     try:
         tensors = load_safetensors(path / WEIGHTS)
+        with safe_open(path / WEIGHTS, "pt") as weights:
+            base_quantization = (weights.metadata() or {}).get("base_quantization", "none")
     except (SafetensorError, OSError) as err:
         raise UserError(f"cannot read {path / WEIGHTS}: {err}") from None
     full = {}
@@ -116,5 +120,5 @@ def import_peft(path: Path, args: ModelArgs) -> tuple[dict[str, torch.Tensor], d
     rank = int(config["r"])
     alpha = float(config["lora_alpha"]) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)  # rsLoRA scales by alpha / sqrt(r)
     ours_config = {"rank": rank, "alpha": alpha, "dropout": config.get("lora_dropout", 0.0), "targets": targets_of(full),
-                   "base_model": config.get("base_model_name_or_path", ""), "peft_config": config}
+                   "base_model": config.get("base_model_name_or_path", ""), "peft_config": config, "base_quantization": base_quantization}
     return full, ours_config

@@ -44,15 +44,27 @@ class CardMemory:
         return self.weights + self.kv_cache + self.train_state + self.activations + self.overhead
 
 
-def weight_bytes(args: ModelArgs, cards: int, dtype_bytes: int) -> int:
-    """b * (split weights / N + replicated norms), from the same table the loader uses."""
+def weight_bytes(args: ModelArgs, cards: int, dtype_bytes: int, quantize=None) -> int:
+    """b * (split weights / N + replicated norms), from the same table the loader uses.
+
+    `quantize` (a --quantize value): the seven block linears take what the loader holds for each
+    card's slice (llama.quantize.weight_nbytes: codes, scales, padding), the rest b bytes each.
+    """
+    from llama import quantize as quant
+
+    scheme = quant.parse_scheme(quantize)
     total = 0
     for key, shape in full_shapes(args).items():
+        if quant.applies(scheme, key):
+            out_features, in_features = shape
+            local = (out_features // cards, in_features) if split_dim(key) == 0 else (out_features, in_features // cards)
+            total += quant.weight_nbytes(scheme, *local, dtype_bytes)
+            continue
         numel = 1
         for size in shape:
             numel *= size
-        total += numel // cards if split_dim(key) is not None else numel
-    return total * dtype_bytes
+        total += (numel // cards if split_dim(key) is not None else numel) * dtype_bytes
+    return total
 
 
 def kv_cache_bytes(args: ModelArgs, cards: int, batch: int, seq_len: int, dtype_bytes: int) -> int:
@@ -165,13 +177,15 @@ def train_state_bytes(args: ModelArgs, cards: int, mode: Mode, data_parallel: in
 
 
 def estimate(args: ModelArgs, cards: int, batch: int, seq_len: int, dtype_bytes: int, mode: Mode, overhead: int,
-             data_parallel: int = 1, lora_rank: int = 8, lora_targets=LORA_TARGETS, checkpoint_activations: bool = False) -> CardMemory:
+             data_parallel: int = 1, lora_rank: int = 8, lora_targets=LORA_TARGETS, checkpoint_activations: bool = False,
+             quantize=None) -> CardMemory:
     """Per-card memory on `cards` cards; the KV cache is only allocated for inference.
 
-    Weights are b bytes each, except full fine-tuning's float32 master weights; lora adds its
-    float32 adapters to the frozen weights.
+    Weights are b bytes each, except full fine-tuning's float32 master weights and the block
+    linears under `quantize` (QLoRA: --mode lora with nf4); lora adds its float32 adapters to the
+    frozen weights.
     """
-    weights = weight_bytes(args, cards, 4 if mode == "full" else dtype_bytes)
+    weights = weight_bytes(args, cards, 4 if mode == "full" else dtype_bytes, quantize)
     if mode == "lora":
         weights += 4 * lora_parameter_count(args, cards, lora_rank, lora_targets)
     return CardMemory(

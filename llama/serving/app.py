@@ -343,7 +343,7 @@ def main(args: argparse.Namespace) -> None:
     if args.adapter is not None and adapters.adapter_kind(args.adapter) != "lora":
         raise UserError(f"--adapter {args.adapter} is not a LoRA adapter: serve.py runs LoRA adapters (a soft prompt runs with example_ft.py)")
     llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed,
-                      compile=args.compile, rope_scaling=cli.rope_override(args))
+                      compile=args.compile, rope_scaling=cli.rope_override(args), quantize=args.quantize)
     try:
         if args.adapter is not None:
             adapters.apply_adapter(llm.model, args.adapter)

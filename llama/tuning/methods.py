@@ -79,7 +79,8 @@ class Method:
         args, parallel = self.args, self.parallel
         dtype = dtype or parse_dtype(args.dtype)
         self.model = load_model(Path(ckpt_dir or args.ckpt_dir), tokenizer.n_words, self.positions(), args.batch_size,
-                                           dtype, parallel.device, parallel.tp_rank, parallel.tp_size, kv_cache=False)
+                                dtype, parallel.device, parallel.tp_rank, parallel.tp_size, kv_cache=False,
+                                quantize=getattr(args, "quantize", "none"))
         return self.model
 
     def build(self, tokenizer, resume_dir: Optional[Path]) -> Transformer:
@@ -172,6 +173,7 @@ class LoRATuning(Method):
     def build(self, tokenizer, resume_dir: Optional[Path]) -> Transformer:
         args = self.args
         model = self.load_model(tokenizer)
+        model.checkpoint_activations = args.checkpoint_activations
         targets = lora.parse_targets(args.lora_targets)
         if resume_dir is None:
             lora.add_lora(model, targets, args.lora_rank, args.lora_alpha, args.lora_dropout, args.seed)
@@ -195,7 +197,8 @@ class LoRATuning(Method):
     def config(self, step: int) -> dict:
         args = self.args
         return {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": lora.parse_targets(args.lora_targets),
-                "base_model": args.ckpt_dir, "dim": self.model.args.dim, "n_layers": self.model.args.n_layers, "step": step}
+                "base_model": args.ckpt_dir, "dim": self.model.args.dim, "n_layers": self.model.args.n_layers, "step": step,
+                "base_quantization": self.model.quantization}  # QLoRA: the adapter learned against this (e.g. nf4) base
 
     def save(self, out_dir: Path, step: int, optimizer: torch.optim.Optimizer) -> None:
         full = lora.gather_state(self.model)  # a collective: every rank takes part
