@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from llama import lora
-from llama.cli import parse_dtype
+from llama.cli import parse_dtype, rope_override
 from llama.distributed import Parallel
 from llama.errors import UserError
 from llama.files import (
@@ -80,7 +80,7 @@ class Method:
         dtype = dtype or parse_dtype(args.dtype)
         self.model = load_model(Path(ckpt_dir or args.ckpt_dir), tokenizer.n_words, self.positions(), args.batch_size,
                                 dtype, parallel.device, parallel.tp_rank, parallel.tp_size, kv_cache=False,
-                                quantize=getattr(args, "quantize", "none"))
+                                quantize=getattr(args, "quantize", "none"), **rope_overrides(args))
         return self.model
 
     def build(self, tokenizer, resume_dir: Optional[Path]) -> Transformer:
@@ -257,6 +257,12 @@ class FullTuning(Method):
 
     def outputs(self, out_dir: Path) -> str:
         return f"Meta checkpoint in {out_dir / 'model'} (run it with example.py --ckpt_dir {out_dir / 'model'})"
+
+
+def rope_overrides(args: argparse.Namespace) -> dict:
+    """--rope_scaling_factor as load_model's override (runs saved before the option existed have none)."""
+    rope = rope_override(args) if getattr(args, "rope_scaling_factor", None) is not None else None
+    return {"rope_scaling": rope} if rope else {}
 
 
 METHODS = {method.name: method for method in (PromptTuning, LoRATuning, FullTuning)}
