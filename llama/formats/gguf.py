@@ -31,7 +31,7 @@ from llama.chat import CHAT_TEMPLATES
 from llama.errors import UserError
 from llama.formats.checkpoint import Checkpoint
 from llama.formats.hf import context_length
-from llama.formats.hf_tokenizer import byte_level_merges
+from llama.formats.hf_tokenizer import byte_level_merges, byte_level_ranks
 from llama.formats.layout import OUTPUT
 from llama.model import META_ROPE_SCALING, scale_rope_freqs
 from llama.tokenizer import load_tokenizer
@@ -124,17 +124,7 @@ def tiktoken_vocab(gguf, tok, path: Path, vocab_size: int) -> dict:
     """tokenizer.ggml.* of Meta's Llama 3 tiktoken file as llama.cpp's converter writes it from the Hub's
     tokenizer.json: model gpt2, pre-tokenizer "llama-bpe" (Meta's split pattern), the BPE tokens in
     GPT-2's byte-to-unicode form, the merges, and the 256 special tokens as control tokens."""
-    import hashlib
-
-    from tiktoken.load import load_tiktoken_bpe
-
-    try:
-        from gguf.vocab import bytes_to_unicode
-    except ImportError:
-        raise UserError("exporting a Llama 3 vocabulary needs a newer gguf package: pip install -U gguf") from None
-    byte_chars = bytes_to_unicode()
-    as_text = lambda token: "".join(byte_chars[b] for b in token)  # noqa: E731
-    ranks = load_tiktoken_bpe(str(path), expected_hash=hashlib.sha256(path.read_bytes()).hexdigest())
+    ranks, as_text = byte_level_ranks(path)
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     kinds = [int(gguf.TokenType.UNUSED)] * vocab_size
     for token, rank in ranks.items():

@@ -20,9 +20,12 @@ inference, conversion and serving never need. Without it an HF export is written
 with only tokenizer.model, and says so.
 """
 
+import hashlib
 import importlib.util
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+from tiktoken.load import load_tiktoken_bpe
 
 from llama.chat import CHAT_TEMPLATES
 from llama.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, special_tokens
@@ -55,6 +58,14 @@ def byte_level_merges(ranks: dict[bytes, int], as_text) -> list[str]:
     return merges
 
 
+def byte_level_ranks(path: Path) -> tuple[dict[bytes, int], Callable[[bytes], str]]:
+    """Meta's tiktoken ranks, and a token's spelling in GPT-2's byte-to-unicode alphabet, the form
+    byte-level BPE vocabularies use (HF's tokenizer.json, llama.cpp's gpt2 vocabulary)."""
+    byte_chars = bytes_to_unicode()
+    ranks = load_tiktoken_bpe(str(path), expected_hash=hashlib.sha256(path.read_bytes()).hexdigest())
+    return ranks, lambda token: "".join(byte_chars[b] for b in token)
+
+
 def sentencepiece_json(tok: SentencePieceTokenizer):
     """A `tokenizers.Tokenizer` that encodes and decodes as the SentencePiece BPE model does."""
     from tokenizers import Regex, Tokenizer, decoders, normalizers
@@ -78,17 +89,12 @@ def sentencepiece_json(tok: SentencePieceTokenizer):
 
 def tiktoken_json(tok: TiktokenTokenizer, path: Path):
     """A `tokenizers.Tokenizer` for Meta's Llama 3 ranks: byte-level BPE with Meta's split pattern."""
-    import hashlib
-
-    from tiktoken.load import load_tiktoken_bpe
     from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
     from llama.tokenizer import LLAMA3_PATTERN
 
-    byte_chars = bytes_to_unicode()
-    as_text = lambda token: "".join(byte_chars[b] for b in token)  # noqa: E731
-    ranks = load_tiktoken_bpe(str(path), expected_hash=hashlib.sha256(path.read_bytes()).hexdigest())
+    ranks, as_text = byte_level_ranks(path)
     merges = [tuple(m.split(" ")) for m in byte_level_merges(ranks, as_text)]
     hf = Tokenizer(BPE(vocab={as_text(t): r for t, r in ranks.items()}, merges=merges, fuse_unk=False, byte_fallback=False))
     hf.pre_tokenizer = pre_tokenizers.Sequence([
