@@ -17,7 +17,7 @@ excluded, so tokens/s counts the same work for every configuration. Our runs on 
 loss_memory: the loss of --tokens positions at Llama 3 8B's head (dim 4096, vocab 128256),
 forward and backward, the way each side computes it: ours chunked (--chunk_size positions, each
 chunk recomputed in backward) with the logits gathered over TP ranks (the loss before
-llama/loss.py) or vocabulary-parallel (llama/loss.py), and transformers' ForCausalLMLoss on the
+llama/tuning/loss.py) or vocabulary-parallel (llama/tuning/loss.py), and transformers' ForCausalLMLoss on the
 full [tokens, vocab] logits. Per-rank peak RSS above the rank's weights and inputs.
 """
 
@@ -175,7 +175,7 @@ def hf_layers(layers: int):
 
 
 def gathered_chunk_loss(output: ColumnParallelLinear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The loss before llama/loss.py: all-gather every rank's logits, then torch's cross-entropy."""
+    """The loss before llama/tuning/loss.py: all-gather every rank's logits, then torch's cross-entropy."""
     return F.cross_entropy(output(hidden).float(), targets, reduction="sum")
 
 

@@ -117,7 +117,7 @@ class Llama:
         """Logits [B, 1, V] of one decoding step, eager or through the compiled static-shape step.
 
         `start_pos` is one position for every row, or a [B] tensor of per-row positions (a
-        server's batch, llama/batching.py), which always takes the static-shape step.
+        server's batch, llama/serving/batching.py), which always takes the static-shape step.
         """
         if self.compiled_step is None:
             return decode_one_token(self.model, tokens, start_pos)

@@ -172,7 +172,7 @@ class KVCache(nn.Module):
         filled. A position tensor (the static-shape step of `Transformer.decode_hidden`) returns
         the whole cache, every step the same shape; its mask hides the unfilled positions. That
         tensor is [1] (all rows at one position) or [B] with T = 1: row b writes at start_pos[b],
-        so rows of different lengths decode together (continuous batching, llama/batching.py).
+        so rows of different lengths decode together (continuous batching, llama/serving/batching.py).
         """
         batch = k.size(0)
         if isinstance(start_pos, torch.Tensor) and start_pos.numel() > 1:
@@ -327,7 +327,7 @@ class Transformer(nn.Module):
         `prefix` [B, P, dim] (a soft prompt) is placed before the tokens' embeddings at
         positions start_pos..start_pos+P-1; its own outputs are dropped.
 
-        Packed training rows (llama/packing.py) hold several examples each: `positions` [B, T]
+        Packed training rows (llama/tuning/packing.py) hold several examples each: `positions` [B, T]
         gives every slot its RoPE position (restarting at 0 for each example), `mask`
         [B, 1, T, T] lets a slot attend only within its example, and `embeds` [B, T, dim], if
         given, replaces the token lookup (prompt tuning puts each example's soft prompt there).

@@ -94,7 +94,7 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
 
     def split_forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the outputs, never gathered: the vocabulary-parallel loss
-        (llama/loss.py) reads the vocabulary head's logits this way."""
+        (llama/tuning/loss.py) reads the vocabulary head's logits this way."""
         if torch.is_grad_enabled():
             x = copy_to_model_parallel_region(x)
         return self.local(x)

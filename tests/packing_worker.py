@@ -5,7 +5,7 @@
 
 For prompt, LoRA and full tuning, ft_main.py's own functions load the model and data; the first
 EXAMPLES training examples go through `train.summed_loss` once as padded rows (data.collate, one
-example per row) and once packed (llama/packing.py), each followed by a backward. The held-out
+example per row) and once packed (llama/tuning/packing.py), each followed by a backward. The held-out
 set is evaluated with `train.estimate_loss` both ways, with the method's prompt (if any) and
 without. Each rank saves OUT_DIR/<method>_rank<R>.pt for the test to compare.
 """

@@ -1,4 +1,4 @@
-"""llama/data.py on the bundled alpaca demo sets (English and Chinese) with the real Llama 2 tokenizer.
+"""llama/tuning/data.py on the bundled alpaca demo sets (English and Chinese) with the real Llama 2 tokenizer.
 
 References are independent of the module: the templates are written out here from Stanford Alpaca's
 train.py, ids come from SentencePiece directly, and label tokens must decode back to the record's
@@ -39,7 +39,7 @@ def sp() -> SentencePieceProcessor:
 
 
 def expected_prompt(record: dict[str, str], template: str) -> str:
-    """Reference prompt texts, written out independently of llama/data.py."""
+    """Reference prompt texts, written out independently of llama/tuning/data.py."""
     ins, inp = record["instruction"], record["input"]
     if template == "alpaca":
         if inp:

@@ -35,7 +35,7 @@ LEARN = ["--template", "plain", "--max_seq_len", "128", "--lr", "0.1", "--max_st
 # Relative tolerance between layouts (TP=1 vs TP=2 vs dp=2) of the same fp32 run. Each layout sums the
 # same numbers in a different order: 64- and 172-wide dot products split over ranks, ~1000 token losses
 # per step split over data-parallel ranks, partial results all-reduced, and under TP the loss's
-# 512-term sum of exp split over the vocabulary slices (llama/loss.py). One reordered fp32 sum of n
+# 512-term sum of exp split over the vocabulary slices (llama/tuning/loss.py). One reordered fp32 sum of n
 # terms differs by at most ~n/2 ulps of its magnitude in the worst case and ~sqrt(n) typically; with
 # n ~ 1000 that is ~32 ulps per step, ~23 more for the vocabulary sum, and 5 Adam steps feed each
 # step's difference into the next (Adam's update is a ratio of moments, so relative differences carry

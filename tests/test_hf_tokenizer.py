@@ -1,4 +1,4 @@
-"""The tokenizer files an HF export carries (llama/hf_tokenizer.py), loaded by transformers'
+"""The tokenizer files an HF export carries (llama/formats/hf_tokenizer.py), loaded by transformers'
 AutoTokenizer: against SentencePiece's golden ids (tests/data/tokenizer_cases.json, Llama 2 and
 llama2.c's tok512), Meta's own Llama 3 tokenizer and ChatFormat outputs
 (tests/data/llama3_tokenizer_cases.json), and this project's --chat prompts; and transformers

@@ -1,4 +1,4 @@
-"""Sequence packing (`ft_main.py --pack`, llama/packing.py) on the bundled stories260K and alpaca data (fp32, CPU).
+"""Sequence packing (`ft_main.py --pack`, llama/tuning/packing.py) on the bundled stories260K and alpaca data (fp32, CPU).
 
 - the rows: every example exactly once and whole, positions restarting at 0, a label-free first
   slot per example, a block-diagonal causal mask, data-parallel ranks cutting the same rows;

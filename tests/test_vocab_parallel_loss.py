@@ -1,4 +1,4 @@
-"""The vocabulary-parallel loss (llama/loss.py) equals torch's cross-entropy on gathered logits, TP=2 and TP=4.
+"""The vocabulary-parallel loss (llama/tuning/loss.py) equals torch's cross-entropy on gathered logits, TP=2 and TP=4.
 
 One torchrun launch of 4 processes runs tests/vocab_loss_worker.py: each rank holds its slice of
 a 512-row head in the project's column-parallel layer and computes each chunk's summed loss with

@@ -2,7 +2,7 @@
 
 A step admits new prompts (each prefilled alone into a free row of the KV cache) and decodes
 one token for every row in generation, each row at its own position, so requests that arrive
-at different times share decoding steps. Rank 0's scheduler (llama/scheduler.py) writes each
+at different times share decoding steps. Rank 0's scheduler (llama/serving/scheduler.py) writes each
 step as a `Plan` and broadcasts it with torch.distributed (gloo or nccl); every rank runs it on
 its shard of the model. Only rank 0 samples, so the other ranks need nothing but the plan:
 the tokens a step decodes are the ones rank 0 sampled at the step before.

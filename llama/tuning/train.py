@@ -87,7 +87,7 @@ def chunked_cross_entropy(output: nn.Module, hidden: torch.Tensor, labels: torch
     logits [chunk, vocab] are recomputed in backward (activation checkpointing) instead of
     being kept, so at most one chunk's logits exist at a time: for a 32000-token vocabulary
     that is the difference between O(batch x seq x vocab) and O(chunk x vocab) memory. Under
-    tensor parallelism each rank computes only its vocabulary slice (llama/loss.py), so that is
+    tensor parallelism each rank computes only its vocabulary slice (llama/tuning/loss.py), so that is
     O(chunk x vocab / tp) and no logits are gathered.
     """
     targets = labels[:, 1:]
