@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.errors import UserError
+from llama.lora import TARGETS
 
-# The linears that are quantized (names without the "layers.N." prefix); everything else keeps the model dtype.
-QUANTIZED = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
-             "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
+# The linears that are quantized: the seven of each block that LoRA can target too (names without the
+# "layers.N." prefix); the output layer, embeddings and norms keep the model dtype.
+QUANTIZED = tuple(f"{path}.weight" for path in TARGETS.values() if path is not None)
 SCHEMES = ("none", "int8", "int4", "nf4")
 INT4_GROUP_SIZES = (32, 64, 128)
 INT4_DEFAULT_GROUP = 128  # gpt-fast's default
