@@ -3,14 +3,15 @@
 The adapter is a soft prompt (ft_main.py's prompt.pt or a PEFT prompt-tuning directory) or a
 LoRA adapter (ft_main.py's adapter.pt or a PEFT LoRA directory, also one trained elsewhere on an
 HF Llama). Each --instruction (with the optional --input) is rendered with the training template
-(alpaca by default). A soft prompt is placed before it, at positions 0..P-1 of the KV cache; a
-LoRA adapter goes inside the parallel linears, each rank holding its slices like the base.
-Only rank 0 prints. With --json, stdout holds one JSON object per instruction and nothing else.
+(alpaca by default). A soft prompt is placed before it, at positions 0..P-1 of the KV cache (the
+cache gets P more positions); a LoRA adapter goes inside the parallel linears, each rank holding
+its slices like the base. Only rank 0 prints. With --json, stdout holds one JSON object per
+instruction and nothing else.
 """
 
-import argparse
+from dataclasses import replace
 
-from example import add_generation_args, build, print_results, stream_one
+from example import add_generation_args, build, generation_options, show
 from llama import cli, distributed
 from llama.errors import run_cli
 from llama.formats import adapters
@@ -20,7 +21,7 @@ from llama.tuning.prompt import check_dim, load_prompt
 DEFAULT_INSTRUCTIONS = ["Write a short story about a cat.", "Give three tips for staying healthy."]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None):
     parser = cli.parser(__doc__)
     add_generation_args(parser)
     parser.add_argument("--adapter", default="runs/prompt_tuning/prompt.pt", help="prompt.pt, adapter.pt or a PEFT adapter directory")
@@ -28,18 +29,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", default="", help="optional input (context) for every instruction")
     parser.add_argument("--template", default="alpaca", help=f"prompt template used in training: {', '.join(data.TEMPLATES)}")
     parser.add_argument("--no_adapter", action="store_true", help="generate without the adapter, to compare")
-    return cli.check_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    data.check_template(args.template)
+    return generation_options(args), args
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    data.check_template(args.template)
+    options, args = parse_args(argv)
     instructions = args.instruction or DEFAULT_INSTRUCTIONS
     records = [{"instruction": i, "input": args.input, "output": ""} for i in instructions]
     texts = [data.render(record, args.template)[0] for record in records]
     kind = None if args.no_adapter else adapters.adapter_kind(args.adapter)
     prompt = load_prompt(args.adapter) if kind == "prompt" else None
-    llm = build(args)
+    if prompt is not None:  # the KV cache holds the soft prompt's rows before every instruction
+        options = replace(options, spec=replace(options.spec, max_seq_len=prompt.n_virtual_tokens + options.spec.max_seq_len))
+    llm = build(options)
     try:
         prefix = None
         if kind == "lora":
@@ -47,13 +51,8 @@ def main(argv=None) -> None:
         if prompt is not None:
             check_dim(prompt, llm.model.args.dim, args.adapter)
             prefix = prompt.weight.detach().to(llm.parallel.device)
-            llm.model.setup_caches(args.max_batch_size, prompt.n_virtual_tokens + args.max_seq_len)  # room for the prefix
         prompt_ids = [data.encode(record, llm.tokenizer, args.template)[0] for record in records]
-        if len(texts) == 1 and not args.json:
-            stream_one(llm, texts[0], prompt_ids[0], args, prefix)
-            return
-        results = llm.complete(prompt_ids, cli.sampling_of(args), prefix=prefix)
-        print_results(llm, texts, results, args.json)
+        show(llm, texts, prompt_ids, options, prefix)
     finally:
         distributed.teardown()
 

@@ -14,9 +14,11 @@ setup(
         # HF exports' tokenizer.json (llama/formats/hf_tokenizer.py): a compiled wheel that pulls in huggingface-hub.
         "hf": ["tokenizers>=0.19"],
         "qlora": ["bitsandbytes"],  # --quantize nf4 (QLoRA); int8 / int4 need nothing beyond torch
-        # transformers/peft/bitsandbytes are reference implementations for the tests only; openai is the client the server is
-        # tested with; lm-eval (with its API-model extra) evaluates through the server; import-linter checks the import contract.
+        "track": ["tensorboard", "wandb"],  # ft_main.py --report_to tensorboard,wandb
+        # transformers/peft/bitsandbytes/trl are reference implementations for the tests only; openai is the client the server is
+        # tested with; lm-eval (with its API-model extra) evaluates through the server; import-linter checks the import contract;
+        # tensorboard and wandb are read back by the tracking tests (offline).
         "test": ["pytest", "import-linter", "transformers>=4.45", "peft", "gguf>=0.10", "fastapi", "uvicorn", "openai", "httpx",
-                 "tokenizers>=0.19", "lm-eval[api]>=0.4.9", "bitsandbytes"],
+                 "tokenizers>=0.19", "lm-eval[api]>=0.4.9", "bitsandbytes", "trl", "tensorboard", "wandb"],
     },
 )

@@ -20,13 +20,14 @@ import signal
 from pathlib import Path
 
 from llama import cli
-from llama import quantize as quant
-from llama.cli import DTYPES, parse_dtype
+from llama.config import DTYPES, parse_dtype
 from llama.errors import UserError, run_cli
 from llama.files import GiB, parse_size
 from llama.formats import OUT_FORMATS, open_checkpoint, plan
 from llama.formats.convert import convert
 from llama.formats.params import model_args, read_params
+from llama.kernels.schemes import parse_scheme
+from llama.tuning.methods import check_training
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,10 +53,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     planning.add_argument("--mode", choices=plan.MODES, default="infer", help="what the cards will run (lora/full: ft_main.py --method)")
     planning.add_argument("--lora_rank", type=int, default=8, help="lora: adapter rank (all seven block linears)")
     planning.add_argument("--data_parallel", type=int, default=1, help="full: data-parallel ranks sharing the AdamW states (ZeRO)")
-    planning.add_argument("--checkpoint_activations", action="store_true", help="full: keep only each block's input")
+    planning.add_argument("--checkpoint_activations", action="store_true", help="lora, full: keep only each block's input")
     planning.add_argument("--overhead", default="1GiB", help="CUDA context and allocator slack per card")
     planning.add_argument("--quantize", default="none", help="infer: none, int8, int4[-g32|-g64|-g128] or nf4; lora: nf4 (QLoRA)")
-    return cli.check_args(parser.parse_args(argv), dtype=False)
+    planning.add_argument("--objective", default="sft", choices=("sft", "dpo"), help="training: sft, or dpo (--batch_size counts pairs: "
+                          "twice the sequences)")
+    args = parser.parse_args(argv)
+    for name in ("num_shards", "batch_size", "seq_len", "lora_rank", "data_parallel"):
+        cli.positive(name, getattr(args, name))
+    return args
 
 
 def plan_model(args: argparse.Namespace) -> str:
@@ -69,24 +75,26 @@ def plan_model(args: argparse.Namespace) -> str:
         model = model_args(params, args.vocab_size)
     else:
         model = open_checkpoint(args.ckpt_dir, args.vocab_size).args
-    if min(args.batch_size, args.seq_len) < 1:
-        raise UserError("--batch_size and --seq_len must be at least 1")
     dtype = parse_dtype("float16" if args.dtype in (None, "keep") else args.dtype)
     gpu_mem, overhead = parse_size(args.gpu_mem), parse_size(args.overhead)
-    if min(args.lora_rank, args.data_parallel) < 1:
-        raise UserError("--lora_rank and --data_parallel must be at least 1")
+    scheme = parse_scheme(args.quantize)
     if args.mode != "infer":
-        quant.check_training(args.mode, quant.parse_scheme(args.quantize))
-    training = {"data_parallel": args.data_parallel, "lora_rank": args.lora_rank, "checkpoint_activations": args.checkpoint_activations,
-                "quantize": args.quantize}
-    rows = [plan.estimate(model, n, args.batch_size, args.seq_len, dtype.itemsize, args.mode, overhead, **training) for n in plan.CARD_COUNTS]
-    header = f"{args.mode}, {str(dtype).removeprefix('torch.')}, batch {args.batch_size} x seq {args.seq_len}, {gpu_mem / GiB:.1f} GiB cards"
-    if args.quantize != "none":
-        header += f", {quant.parse_scheme(args.quantize)} block linears"
+        check_training(args.mode, scheme)
+    if args.objective == "dpo" and args.mode == "infer":
+        raise UserError("--objective dpo plans a tuning run: add --mode prompt-tune, lora or full")
+    work = plan.Workload(args.mode, args.batch_size, args.seq_len, dtype.itemsize, data_parallel=args.data_parallel, lora_rank=args.lora_rank,
+                         checkpoint_activations=args.checkpoint_activations, quantize=scheme, objective=args.objective)
+    rows = [plan.estimate(model, n, work, overhead=overhead) for n in plan.CARD_COUNTS]
+    batch = f"{args.batch_size} pairs (x2 sequences, DPO)" if args.objective == "dpo" else args.batch_size
+    header = f"{args.mode}, {str(dtype).removeprefix('torch.')}, batch {batch} x seq {args.seq_len}, {gpu_mem / GiB:.1f} GiB cards"
+    if scheme is not None:
+        header += f", {scheme} block linears"
     if args.mode == "lora":
         header += f", LoRA r={args.lora_rank}"
     elif args.mode == "full":
-        header += f", AdamW states over {args.data_parallel} data-parallel rank(s){', activation checkpointing' * args.checkpoint_activations}"
+        header += f", AdamW states over {args.data_parallel} data-parallel rank(s)"
+    if args.checkpoint_activations and args.mode in ("lora", "full"):
+        header += ", activation checkpointing"
     return plan.format_plan(model, rows, gpu_mem, header)
 
 

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from bench.common import peak_memory, reset_peak_memory  # noqa: E402
 from bench.split_memory import MB, PeakSampler, make_checkpoint_apart, rss_anon, timed_copy  # noqa: E402
-from llama.cli import parse_dtype  # noqa: E402
+from llama.config import LoadSpec, parse_dtype  # noqa: E402
 from llama.formats import open_checkpoint  # noqa: E402
 from llama.formats.checkpoint import verify  # noqa: E402
 from llama.formats.convert import convert  # noqa: E402
@@ -55,7 +55,8 @@ def load_worker(ckpt_dir: Path, dtype_name: str) -> None:
     reset_peak_memory(torch.device("cpu"))
     with PeakSampler() as sampler:
         start = time.perf_counter()
-        model = load_model(ckpt_dir, None, 64, 1, parse_dtype(dtype_name), parallel.device, parallel.tp_rank, parallel.tp_size)
+        spec = LoadSpec(ckpt_dir, max_seq_len=64, max_batch_size=1, dtype=parse_dtype(dtype_name))
+        model = load_model(spec, vocab_size=None, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size)
         seconds = time.perf_counter() - start
     loaded = sum(t.nbytes for t in model.parameters())
     figures = {"rank": parallel.tp_rank, "seconds": seconds, "anon": sampler.peak - before, "hwm": peak_memory(torch.device("cpu")),

@@ -40,12 +40,13 @@ from bench.common import (  # noqa: E402
     synchronize,
 )
 from llama import distributed  # noqa: E402
-from llama.cli import parse_dtype  # noqa: E402
+from llama.config import LoadSpec, parse_dtype  # noqa: E402
+from llama.engine import Request  # noqa: E402
 from llama.errors import UserError, run_cli  # noqa: E402
 from llama.formats import layout  # noqa: E402
-from llama.formats.load import build_empty, load_model  # noqa: E402
-from llama.generation import Llama, prefill  # noqa: E402
-from llama.model import ModelArgs, Transformer  # noqa: E402
+from llama.formats.load import load_model  # noqa: E402
+from llama.generation import Llama  # noqa: E402
+from llama.model import CacheSpan, ModelArgs, Transformer  # noqa: E402
 from llama.sampling import Sampling  # noqa: E402
 from llama.tokenizer import load_tokenizer  # noqa: E402
 
@@ -124,7 +125,8 @@ def random_model(args: ModelArgs, dtype: torch.dtype, parallel: distributed.Para
             state[key] = torch.ones(local, dtype=dtype, device=device)
         else:
             state[key] = torch.randn(local, generator=gen, dtype=dtype, device=device).mul_(shape[-1] ** -0.5)
-    model = build_empty(args, dtype)
+    with torch.device("meta"):
+        model = Transformer(args, parallel.tp_size)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     model.setup_caches(max_batch, max_seq_len)
@@ -136,9 +138,8 @@ def build(shape: str, cli: argparse.Namespace, parallel: distributed.Parallel) -
     dtype, max_seq_len = parse_dtype(cli.dtype), cli.prompt_len + cli.gen_len
     if SHAPES[shape] is None:
         tokenizer = load_tokenizer(STORIES / "tokenizer.model")
-        model = load_model(
-            STORIES, tokenizer.n_words, max_seq_len, max(cli.batch), dtype, parallel.device, parallel.tp_rank, parallel.tp_size
-        )
+        spec = LoadSpec(STORIES, max_seq_len=max_seq_len, max_batch_size=max(cli.batch), dtype=dtype)
+        model = load_model(spec, vocab_size=tokenizer.n_words, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size)
     else:
         tokenizer = load_tokenizer(LLAMA2_TOKENIZER)
         model = random_model(shape_args(shape, cli.layers, cli.device), dtype, parallel, max(cli.batch), max_seq_len)
@@ -166,7 +167,7 @@ def time_prefill(llm: Llama, prompts: torch.Tensor, repeats: int) -> float:
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        prefill(llm.model, prompts, None, all_logits=False)
+        llm.model.output(llm.model.hidden_states(prompts, CacheSpan(slice(0, prompts.size(0)), 0))[:, -1])
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
@@ -178,14 +179,17 @@ def time_generation(llm: Llama, prompts: list[list[int]], gen_len: int) -> tuple
     The first token needs the prompt's forward pass; every later one a decoding step. Rows
     that hit EOS early (random weights rarely do) only shorten the run, which is counted.
     """
-    device = llm.parallel.device
+    device, engine = llm.parallel.device, llm.engine
+    requests = [Request(p, Sampling(max_tokens=gen_len)) for p in prompts]
+    engine.add(requests)
     synchronize(device)
-    start = first = time.perf_counter()
-    steps = -1
-    for steps, _ in enumerate(llm.generate_steps(prompts, Sampling(max_new=gen_len))):
-        if steps == 0:
-            synchronize(device)
-            first = time.perf_counter()
+    start = time.perf_counter()
+    engine.step()  # the prefills (every row is admitted at once: batch <= cache rows)
+    synchronize(device)
+    first, steps = time.perf_counter(), 0
+    while any(r.finish_reason is None for r in requests):
+        engine.step()
+        steps += 1
     synchronize(device)
     return first - start, time.perf_counter() - first, steps
 

@@ -77,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def examples(lang: str, cli: argparse.Namespace) -> list[data.Example]:
     """The first --examples training examples (split and order as ft_main.py's seed 0)."""
-    splits = data.build_splits(DATA[lang], load_tokenizer(LLAMA2_TOKENIZER), "alpaca", cli.max_seq_len, 0.05, 0)
+    splits = data.build_splits(DATA[lang], load_tokenizer(LLAMA2_TOKENIZER), template="alpaca", max_seq_len=cli.max_seq_len,
+                               val_fraction=0.05, seed=0)
     return splits.train[: cli.examples]
 
 
@@ -104,8 +105,7 @@ def run_ours(config: str, lang: str, cli: argparse.Namespace) -> dict:
     """Our LoRA step over every example, padded (grouped) or packed, on this job's TP ranks."""
     parallel = distributed.setup()
     items = examples(lang, cli)
-    model = random_model(shape_args("110M", cli.layers, "cpu"), torch.float32, parallel, cli.batch_size, cli.max_seq_len)
-    model.setup_caches(cli.batch_size, cli.max_seq_len, kv_cache=False)
+    model = random_model(shape_args("110M", cli.layers, "cpu"), torch.float32, parallel, 0, cli.max_seq_len).train()  # no KV cache
     lora.add_lora(model, list(lora.DEFAULT_TARGETS), 8, 16.0)
     named = list(lora.local_state(model).items())
     params, split = [p for _, p in named], [layout.tensor_split_dim(name) is not None for name, _ in named]
@@ -123,7 +123,7 @@ def run_ours(config: str, lang: str, cli: argparse.Namespace) -> dict:
         fill = sum(len(e.input_ids) for e in items) / sum(b[0].numel() for b in batches)
 
     def step(batch) -> None:
-        train.accumulate_gradients(model, None, [batch], cli.chunk_size, None, params=params)
+        train.accumulate_gradients(model, None, [batch], chunk_size=cli.chunk_size, dp_group=None, params=params)
         train.clip_gradients(params, split, 1.0, fs_init.get_model_parallel_group())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -196,7 +196,8 @@ def run_loss_memory(config: str, cli: argparse.Namespace) -> dict:
         tp, is_main = 1, True
     else:
         parallel = distributed.setup()
-        head = ColumnParallelLinear(dim, vocab).requires_grad_(False)
+        # gathered: the output head's forward gathers the logits (the model's own head); chunk_loss reads the slices
+        head = ColumnParallelLinear(dim, vocab, parallel.tp_size, gather_output=True).requires_grad_(False).train()
         torch.nn.init.normal_(head.weight, std=dim**-0.5)
         tp, is_main = parallel.tp_size, parallel.is_main
     gen = torch.Generator().manual_seed(0)

@@ -60,14 +60,17 @@ def write_checkpoint(directory: Path, params: dict, dtype: torch.dtype) -> Path:
 
 def load_worker(ckpt: str, scheme: str) -> None:
     """torchrun target: load this rank's slice and print RssAnon (rank 0)."""
-    from llama import distributed, quantize
+    from llama import distributed
+    from llama.config import LoadSpec
     from llama.formats.load import load_model
+    from llama.kernels.linear import QuantizedLinear
+    from llama.kernels.schemes import parse_scheme
 
     parallel = distributed.setup()
     before = rss_anon()
-    model = load_model(Path(ckpt), 32000, 16, 1, torch.bfloat16, parallel.device, parallel.tp_rank, parallel.tp_size,
-                                  kv_cache=False, quantize=scheme)
-    linears = sum(k.nbytes() for k in quantize.quantized_layers(model).values())
+    spec = LoadSpec(Path(ckpt), max_seq_len=16, max_batch_size=0, dtype=torch.bfloat16, quantize=parse_scheme(scheme))
+    model = load_model(spec, vocab_size=32000, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size)
+    linears = sum(k.nbytes() for k in model.modules() if isinstance(k, QuantizedLinear))
     grown = rss_anon() - before
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back: what remains is live
     if parallel.is_main:
@@ -101,21 +104,25 @@ def memory(workdir: Path, layers: int) -> None:
 
 def linear_bytes(args, ranks: int, scheme) -> int:
     """Bytes of the block linears on one of `ranks` ranks (the planner's count)."""
-    from llama import quantize
-    from llama.formats.layout import full_shapes, split_dim
+    from llama.formats.layout import full_shapes, meta_model, split_dim
+    from llama.formats.load import quantize_targets
+    from llama.kernels.schemes import parse_scheme, weight_nbytes
 
-    parsed = quantize.parse_scheme(scheme)
+    parsed = parse_scheme(scheme or "none")
+    targets = quantize_targets(meta_model(args))
     total = 0
-    for key, (out_f, in_f) in ((k, s) for k, s in full_shapes(args).items() if quantize.applies(quantize.Scheme("int8"), k)):
+    for key, (out_f, in_f) in ((k, s) for k, s in full_shapes(args).items() if k in targets):
         local = (out_f // ranks, in_f) if split_dim(key) == 0 else (out_f, in_f // ranks)
-        total += quantize.weight_nbytes(parsed, *local, 2)
+        total += weight_nbytes(parsed, *local, 2)
     return total
 
 
 def decode(workdir: Path, steps: int) -> None:
     from llama import distributed
+    from llama.config import LoadSpec
+    from llama.engine import Runner
     from llama.formats.load import load_model
-    from llama.generation import decode_one_token
+    from llama.kernels.schemes import parse_scheme
 
     torch.set_num_threads(1)
     ckpt = write_checkpoint(workdir / "110m", PARAMS_110M, torch.float32)
@@ -125,16 +132,18 @@ def decode(workdir: Path, steps: int) -> None:
     print("|---|---|---|")
     base = None
     for scheme in ["none", "int8", "int4", "int4-g32"]:
-        model = load_model(ckpt, 32000, 64 + steps, 1, torch.float32, torch.device("cpu"), quantize=scheme)
+        spec = LoadSpec(ckpt, max_seq_len=64 + steps, max_batch_size=1, dtype=torch.float32, quantize=parse_scheme(scheme))
+        model = load_model(spec, vocab_size=32000, device=torch.device("cpu"))
+        runner = Runner(model, torch.device("cpu"))  # the engine's eager decode step
         tokens = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
         best = float("inf")
         for _ in range(2):
             with torch.inference_mode():
                 model(tokens, 0)
-                nxt = tokens[:, -1:]
+                nxt = int(tokens[0, -1])
                 start = time.perf_counter()
                 for pos in range(16, 16 + steps):
-                    nxt = decode_one_token(model, nxt, pos).argmax(-1)
+                    nxt = int(runner.decode([nxt], [pos]).argmax(-1))
                 best = min(best, time.perf_counter() - start)
         rate = steps / best
         base = base or rate
@@ -148,12 +157,15 @@ def train_worker(ckpt: str, scheme: str, steps: int) -> None:
     random tokens (batch 1 x 128). Prints tokens/s of the best step and the RSS high-water of the
     steps (VmHWM reset after a warm-up step; weights count whether mapped or anonymous)."""
     from llama import distributed, lora
+    from llama.config import LoadSpec
     from llama.formats.load import load_model
+    from llama.kernels.schemes import parse_scheme
     from llama.tuning import train
 
     torch.set_num_threads(1)
     distributed.setup()
-    model = load_model(Path(ckpt), 32000, 128, 1, torch.float32, torch.device("cpu"), kv_cache=False, quantize=scheme)
+    spec = LoadSpec(Path(ckpt), max_seq_len=128, max_batch_size=0, dtype=torch.float32, quantize=parse_scheme(scheme))
+    model = load_model(spec, vocab_size=32000, device=torch.device("cpu")).train()
     lora.add_lora(model, list(lora.DEFAULT_TARGETS), 8, 16.0)
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # quantizing while loading leaves freed heap pages; count live memory only
     params = [p for p in model.parameters() if p.requires_grad]
@@ -164,7 +176,7 @@ def train_worker(ckpt: str, scheme: str, steps: int) -> None:
         if step == 1:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM after the warm-up step
         start = time.perf_counter()
-        loss = train.summed_loss(model, None, tokens[:, :-1], tokens[:, 1:], 256) / tokens[:, 1:].numel()
+        loss = train.summed_loss(model, None, tokens[:, :-1], tokens[:, 1:], chunk_size=256) / tokens[:, 1:].numel()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -104,14 +104,14 @@ def example_rates(ckpt_dir: Path, prompts: list, cli: argparse.Namespace, max_se
     llm = Llama.build(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max(cli.clients), tp_size=1)
     encode = lambda p: llm.tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else p  # noqa: E731
     try:
-        llm.generate([encode(prompts[0])], Sampling(max_new=4))  # warm-up
+        llm.generate([encode(prompts[0])], Sampling(max_tokens=4))  # warm-up
         rates = {}
         for batch in cli.clients:
             best = 0.0
             for r in range(cli.repeats):
                 ids = [encode(prompts[(r * batch + i) % len(prompts)]) for i in range(batch)]
                 start = time.perf_counter()
-                out, _ = llm.generate(ids, Sampling(max_new=cli.gen_len))
+                out = [c.ids for c in llm.generate(ids, Sampling(max_tokens=cli.gen_len))]
                 best = max(best, sum(map(len, out)) / (time.perf_counter() - start))
             rates[batch] = best
         return rates

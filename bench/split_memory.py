@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from llama.cli import parse_dtype  # noqa: E402
+from llama.config import parse_dtype  # noqa: E402
 from llama.formats import open_checkpoint  # noqa: E402
 from llama.formats.checkpoint import verify  # noqa: E402
 from llama.formats.convert import reshard  # noqa: E402

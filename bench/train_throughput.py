@@ -39,9 +39,9 @@ from tqdm import tqdm  # noqa: E402
 from bench.common import device_name, emit_json, format_table, peak_memory, reset_peak_memory, start, synchronize  # noqa: E402
 from bench.generate import SHAPES, STORIES, random_model, shape_args  # noqa: E402
 from llama import distributed, lora  # noqa: E402
-from llama.cli import parse_dtype  # noqa: E402
+from llama.config import LoadSpec, parse_dtype  # noqa: E402
 from llama.errors import UserError, run_cli  # noqa: E402
-from llama.formats import layout
+from llama.formats import layout  # noqa: E402
 from llama.formats.load import load_model  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 from llama.tokenizer import load_tokenizer  # noqa: E402
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", nargs="+", default=["prompt"], choices=list(methods.METHODS), help="what trains (default prompt)")
     parser.add_argument("--lora_rank", type=int, default=8, help="LoRA rank (all seven block linears, alpha 2r)")
-    parser.add_argument("--checkpoint_activations", action="store_true", help="full: recompute each block in backward")
+    parser.add_argument("--checkpoint_activations", action="store_true", help="lora, full: recompute each block in backward")
     parser.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES), help="default: stories260K 110M (CPU), all (CUDA)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="frozen weights: float32, bfloat16, float16 (default float32 on CPU, bfloat16 on CUDA)")
@@ -89,15 +89,16 @@ def matmul_params(args: ModelArgs) -> int:
 
 
 def load(shape: str, cli: argparse.Namespace, parallel: distributed.Parallel, dtype: torch.dtype) -> Transformer:
-    """This rank's frozen model for a shape, with RoPE for prompt + sequence and no KV cache."""
+    """This rank's frozen model for a shape, with RoPE for prompt + sequence and no KV cache, in
+    training mode (the parallel layers' collectives then carry gradients)."""
     positions = cli.n_virtual_tokens + cli.seq_len
     if SHAPES[shape] is None:
         vocab = load_tokenizer(STORIES / "tokenizer.model").n_words
-        model = load_model(STORIES, vocab, positions, cli.batch_size, dtype, parallel.device, parallel.tp_rank, parallel.tp_size)
+        spec = LoadSpec(STORIES, max_seq_len=positions, max_batch_size=0, dtype=dtype)
+        model = load_model(spec, vocab_size=vocab, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size)
     else:
-        model = random_model(shape_args(shape, cli.layers, cli.device), dtype, parallel, cli.batch_size, positions)
-    model.setup_caches(cli.batch_size, positions, kv_cache=False)
-    return model
+        model = random_model(shape_args(shape, cli.layers, cli.device), dtype, parallel, 0, positions)
+    return model.train()
 
 
 def synthetic_batch(args: ModelArgs, cli: argparse.Namespace, device: torch.device) -> train.Batch:
@@ -115,12 +116,12 @@ def trainable(method: str, model: Transformer, cli: argparse.Namespace) -> tuple
         prompt = SoftPrompt(0.02 * torch.randn(cli.n_virtual_tokens, model.args.dim, generator=torch.Generator().manual_seed(0)))
         prompt = prompt.to(model.tok_embeddings.weight.device)
         return prompt, [prompt.weight], [False]
+    model.activation_checkpointing = cli.checkpoint_activations
     if method == "lora":
         lora.add_lora(model, list(lora.DEFAULT_TARGETS), cli.lora_rank, 2.0 * cli.lora_rank)
         named = list(lora.local_state(model).items())
     else:
-        model.requires_grad_(True).train()
-        model.checkpoint_activations = cli.checkpoint_activations
+        model.requires_grad_(True)
         named = list(model.named_parameters())
     return None, [p for _, p in named], [layout.tensor_split_dim(name) is not None for name, _ in named]
 
@@ -139,7 +140,7 @@ def run_config(method: str, shape: str, cli: argparse.Namespace, parallel: distr
     batch = [synthetic_batch(model.args, cli, device)]
 
     def step() -> None:
-        train.accumulate_gradients(model, prompt, batch, cli.chunk_size, None, autocast, params=params)
+        train.accumulate_gradients(model, prompt, batch, chunk_size=cli.chunk_size, dp_group=None, autocast=autocast, params=params)
         train.clip_gradients(params, split, 1.0, fs_init.get_model_parallel_group())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,33 +1,34 @@
-"""Options the command-line scripts share, declared once with their defaults and validation.
+"""The command-line edge: options the scripts share, declared once, and parsed once into typed values.
 
-Each script builds its parser from these groups (`add_model_args`, `add_sampling_args`, ...) and
-adds only its own options; `check_args` validates every shared option it finds, so a nonsense
-value is one `error:` line before any work starts.
+Each script builds its parser from these groups (`add_model_args`, `add_sampling_args`) and adds only
+its own options; `load_spec` and `sampling` turn the parsed options into a `LoadSpec` and a
+`Sampling`, checking every value on the way (a nonsense value is one `error:` line before any work).
+Parsing has no side effects; what a script does to the process (CPU threads) it does itself, with
+`use_threads`.
 """
 
 import argparse
 import math
+import os
 import sys
 from typing import Optional
 
 import torch
 
-from llama import quantize
+from llama.config import DTYPES, LoadSpec, parse_dtype
 from llama.errors import UserError
+from llama.kernels.schemes import parse_scheme
 from llama.sampling import Sampling
-from llama.sampling import check as check_sampling
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype '{name}': choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the scripts' docstrings as written and shows every option's default."""
+    """--help keeps the scripts' docstrings as written and shows every option's default, unless its
+    help already says what the default is (or it has none worth showing: None, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "default" in (action.help or "") or action.default in (None, False, argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -51,66 +52,62 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 512, max_batch
                    help="Llama 3.1+: override the RoPE scaling factor the checkpoint states (Meta's files: 8; HF's 3.2 configs: 32)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (torch.set_num_threads); on a busy or 2-core machine 1 is often 2-3x faster")
-    quantize.add_option(g)
+    g.add_argument("--quantize", default="none",
+                   help="weight-only quantization of the linears, each rank its own slice: none, int8, int4 (groups of 128; "
+                        "int4-g32 / int4-g64 for smaller groups) or nf4 (needs the extra 'qlora'); see README 'Quantization'")
+    g.add_argument("--verify", action="store_true",
+                   help="check every model file's sha256 against the folder's manifest.json before loading (~1 s per GB; sizes are always checked)")
     if compile:
         g.add_argument("--compile", action="store_true", help="torch.compile the decoding step (CUDA graphs on GPU); compiling takes minutes on CPU")
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_gen_len: int = 64) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:
     """How tokens are chosen; the defaults are `llama.sampling.Sampling`'s."""
     g = p.add_argument_group("sampling")
-    g.add_argument("--max_gen_len", type=int, default=max_gen_len, help="tokens to generate per prompt (stops early at EOS)")
+    g.add_argument("--max_tokens", type=int, default=max_tokens, help="tokens to generate per prompt (stops early at a stop token)")
     g.add_argument("--temperature", type=float, default=Sampling.temperature, help="0 is greedy; above 0 samples from softmax(logits / temperature)")
     g.add_argument("--top_p", type=float, default=Sampling.top_p, help="nucleus sampling mass, in (0, 1] (temperature > 0)")
     g.add_argument("--seed", type=int, default=1, help="sampling seed, the same on every rank so ranks agree")
 
 
-POSITIVE = ("max_seq_len", "max_batch_size", "max_gen_len", "threads", "batch_size", "grad_accum", "max_steps", "eval_interval",
-            "ckpt_interval", "chunk_size", "lora_rank", "num_shards", "data_parallel", "n_virtual_tokens")
+def positive(name: str, value: Optional[int]) -> Optional[int]:
+    """`value` of option --name if at least 1 (or None), else a UserError."""
+    if value is not None and value < 1:
+        raise UserError(f"--{name} must be at least 1, got {value}")
+    return value
 
 
-def check_args(args: argparse.Namespace, dtype: bool = True) -> argparse.Namespace:
-    """Validate every shared option present in `args`: one `error:` line for the first bad one.
-
-    `dtype`: --dtype is the model group's (split_model.py's names output formats' dtypes and checks them itself)."""
-    for name in POSITIVE:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
-    if hasattr(args, "temperature"):
-        check_sampling(args.temperature, args.top_p)
-    factor = getattr(args, "rope_scaling_factor", None)
+def load_spec(args: argparse.Namespace, max_batch_size: Optional[int] = None) -> LoadSpec:
+    """The model group's options as a LoadSpec (`max_batch_size`: the KV-cache rows of a script without
+    that option, 0 for training)."""
+    for name in ("max_seq_len", "max_batch_size", "threads"):
+        positive(name, getattr(args, name, None))
+    factor = args.rope_scaling_factor
     if factor is not None and not (math.isfinite(factor) and factor > 0):
         raise UserError(f"--rope_scaling_factor must be a positive number, got {factor}")
-    if dtype and getattr(args, "dtype", "auto") != "auto":
-        parse_dtype(args.dtype)
-    lr, min_lr = getattr(args, "lr", None), getattr(args, "min_lr", None)  # AdamW moves a weight by about lr a step
-    if lr is not None and not (math.isfinite(lr) and 0 < lr <= 1):
-        raise UserError(f"--lr must be in (0, 1], got {lr}: e.g. 3e-3 for LoRA, 0.03 for a soft prompt")
-    if min_lr is not None and not (math.isfinite(min_lr) and 0 <= min_lr <= 1):
-        raise UserError(f"--min_lr must be in [0, 1], got {min_lr}")
-    if hasattr(args, "quantize"):
-        quantize.parse_scheme(args.quantize)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    return args
+    return LoadSpec(
+        ckpt_dir=args.ckpt_dir, tokenizer_path=args.tokenizer_path, max_seq_len=args.max_seq_len,
+        max_batch_size=args.max_batch_size if max_batch_size is None else max_batch_size,
+        dtype=None if args.dtype == "auto" else parse_dtype(args.dtype), quantize=parse_scheme(args.quantize), rope_scaling_factor=factor,
+        verify=args.verify,
+    )
 
 
-def resolve_dtype(name: str, device: torch.device) -> str:
-    """'auto' -> float32 on CPU (CPU kernels are fastest and exact there), bfloat16 on CUDA cards that support it."""
-    if name != "auto":
-        parse_dtype(name)
-        return name
-    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+def sampling(args: argparse.Namespace) -> Sampling:
+    """The sampling group's options as a Sampling (checked)."""
+    positive("max_tokens", args.max_tokens)
+    return Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens)
 
 
-def rope_override(args: argparse.Namespace) -> Optional[dict]:
-    """--rope_scaling_factor as an override of the checkpoint's RoPE scaling constants."""
-    return {"factor": args.rope_scaling_factor} if args.rope_scaling_factor is not None else None
+def use_threads(threads: Optional[int]) -> None:
+    """--threads: this process's CPU threads (None leaves torch's choice)."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
-def sampling_of(args: argparse.Namespace) -> Sampling:
-    return Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_new=args.max_gen_len)
+def local_ranks() -> int:
+    """Processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE; 1 for plain python)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def say_compiling(enabled: bool, is_main: bool) -> None:

@@ -80,6 +80,15 @@ def setup(tp_size: Optional[int] = None) -> Parallel:
     )
 
 
+def broadcast_object(obj: object, device: torch.device) -> object:
+    """Rank 0's `obj` on every rank (the others pass None): a server's step is a pickle of a few hundred bytes."""
+    if dist.get_world_size() == 1:
+        return obj  # one process: nothing to send (a tiny model's step is ~1 ms, pickling is not free)
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
+
+
 def teardown() -> None:
     """Destroy the groups so tests and scripts exit cleanly."""
     if fs_init.model_parallel_is_initialized():

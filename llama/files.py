@@ -68,7 +68,8 @@ def load_file(path: Path, mmap: bool = True):
         raise UserError(f"refusing to load {path}: it holds pickled Python objects besides tensors, which could run code; "
                         "use a checkpoint that stores only tensors (e.g. re-save its state_dict from a trusted copy)") from None
     except Exception as err:  # torch raises many types for truncated or foreign files
-        raise UserError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot read {path}: it is truncated, corrupt or not a torch checkpoint ({reason})") from None
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -146,6 +147,33 @@ def manifest(format: str, source: str, num_shards: int, dtype: str, files: list[
     it came from (`source`), each file's name, size and sha256, and writer-specific `details`
     (a conversion's source format and verification, a training run's method and step)."""
     return {"format": format, "source": source, "num_shards": num_shards, "dtype": dtype, **details, "files": files}
+
+
+WEIGHT_FILES = (".pth", ".safetensors", ".gguf")
+
+
+def check_files(folder: Path, hashes: bool = False) -> None:
+    """Check the weight files a folder's manifest.json lists (if it has one) against it: every size
+    always (a stat, free), every sha256 when `hashes` (a full read: ~1 s per GB and core here). A
+    mismatch is a UserError naming the file; a folder without a manifest (Meta's downloads, HF's)
+    has nothing to check. Small text files (configs a user may edit) are not checked."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return
+    entries = [e for e in read_json(path, "the folder's manifest").get("files", []) if str(e.get("name", "")).endswith(WEIGHT_FILES)]
+    for entry in entries:
+        name, size = entry.get("name"), entry.get("bytes")
+        file = Path(folder) / str(name)
+        if not file.is_file():
+            raise UserError(f"{file} is missing but {path} lists it: the copy is incomplete; copy it again or re-run the command that wrote it")
+        actual = file.stat().st_size
+        if size is not None and actual != size:
+            damage = "truncated" if actual < size else "longer than written"
+            raise UserError(f"{file} is {actual} bytes but {path} says {size}: the file is {damage}; copy it again or re-run the command that wrote it")
+    for entry in entries if hashes else ():
+        file = Path(folder) / str(entry["name"])
+        if entry.get("sha256") and file_sha256(file) != entry["sha256"]:
+            raise UserError(f"{file} does not match the sha256 in {path}: the file is corrupt; copy it again or re-run the command that wrote it")
 
 
 def write_manifest(folder: Path, content: dict) -> Path:

@@ -4,29 +4,28 @@ Read top to bottom in dependency order, like Meta's reference: ModelArgs -> RMSN
 KVCache -> Attention -> FeedForward -> TransformerBlock -> Transformer. Module names are the
 checkpoint keys of Meta's `consolidated.NN.pth` files, so a shard loads with `load_state_dict`.
 
-Tensor parallelism is visible in the constructors (the linears live in llama/parallel.py):
-column-parallel layers (wq, wk, wv, w1, w3, output) keep a slice of the output features,
-row-parallel layers (wo, w2) a slice of the input features and all-reduce their result, and
-the embedding keeps a slice of the embedding dim (Llama 1/2, fairscale's ParallelEmbedding) or
-of the vocabulary (Llama 3, VocabParallelEmbedding).
-Each rank therefore owns n_heads / tp query heads and n_kv_heads / tp key/value heads.
+Tensor parallelism is visible in the constructors (the layers live in llama/parallel.py, each
+stating the dim it splits): column-parallel layers (wq, wk, wv, w1, w3, output) keep a slice of
+the output features, row-parallel layers (wo, w2) a slice of the input features and all-reduce
+their result, and the embedding keeps a slice of the embedding dim (Llama 1/2, ParallelEmbedding)
+or of the vocabulary (Llama 3, VocabParallelEmbedding). Each of the `tp` ranks therefore owns
+n_heads / tp query heads and n_kv_heads / tp key/value heads.
+
+Generation keeps keys and values in a KV cache per layer with `max_batch_size` rows; a forward
+says where its batch goes in it with a `CacheSpan` (which rows, from which position, or one
+position per row), so requests of different lengths share the cache (llama/engine.py).
 """
 
-import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from fairscale.nn.model_parallel import initialize as fs_init
-from fairscale.nn.model_parallel.layers import ParallelEmbedding
-from fairscale.nn.model_parallel.layers import VocabParallelEmbedding as _FairscaleVocabParallelEmbedding
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llama.parallel import ColumnParallelLinear, RowParallelLinear, _no_init
+from llama.parallel import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
 
 
 @dataclass
@@ -138,73 +137,51 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return torch.stack([real, imag], dim=-1).flatten(3).type_as(x)
 
 
-class VocabParallelEmbedding(_FairscaleVocabParallelEmbedding):
-    """fairscale's vocab-split embedding (Meta's Llama 3 layout), all-reducing directly without autograd.
+class CacheSpan(NamedTuple):
+    """Where a forward's keys and values go in the KV caches, and which cached ones it attends to.
 
-    Each rank holds rows [rank * V/N, (rank+1) * V/N), looks up the ids that fall in its range,
-    zeroes the others, and the all-reduce sums the one non-zero row per token. fairscale's
-    all-reduce goes through an autograd.Function dynamo cannot trace; generation needs no grad.
+    Batch row b is cache row `rows.start + b`. `start` is an int when every row of the batch sits
+    at the same positions start..start+T-1 (a prompt, or rows decoding in step), or a [B] tensor of
+    positions with T = 1 (each row decodes at its own position: requests that joined at different
+    times). `length` bounds the cached positions attended to (None: all of them, every step the same
+    shape, which torch.compile and CUDA graphs want); later positions are masked.
     """
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or fs_init.get_model_parallel_world_size() == 1:
-            return super().forward(ids)
-        outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)
-        local = (ids - self.vocab_start_index).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        dist.all_reduce(out, group=fs_init.get_model_parallel_group())
-        return out
+    rows: slice
+    start: int | torch.Tensor
+    length: Optional[int] = None
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values [B, kv_heads, max_seq_len, head_dim], written in place."""
+    """Preallocated keys/values [rows, kv_heads, max_seq_len, head_dim], written in place."""
 
-    def __init__(self, batch: int, kv_heads: int, seq_len: int, head_dim: int, dtype, device):
+    def __init__(self, rows: int, kv_heads: int, seq_len: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (batch, kv_heads, seq_len, head_dim)
+        shape = (rows, kv_heads, seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, H, T, D] at positions start_pos.. and return the keys/values to attend over.
-
-        An int start_pos returns positions 0..end only, so eager decoding reads no more than is
-        filled. A position tensor (the static-shape step of `Transformer.decode_hidden`) returns
-        the whole cache, every step the same shape; its mask hides the unfilled positions. That
-        tensor is [1] (all rows at one position) or [B] with T = 1: row b writes at start_pos[b],
-        so rows of different lengths decode together (continuous batching, llama/serving/batching.py).
-        """
-        batch = k.size(0)
-        if isinstance(start_pos, torch.Tensor) and start_pos.numel() > 1:
-            rows = torch.arange(batch, device=k.device)
-            self.k[rows, :, start_pos] = k[:, :, 0]  # advanced indices around a slice: [B, H, D]
-            self.v[rows, :, start_pos] = v[:, :, 0]
-            return self.k[:batch], self.v[:batch]
-        if isinstance(start_pos, torch.Tensor):
-            self.k[:batch].index_copy_(2, start_pos, k)
-            self.v[:batch].index_copy_(2, start_pos, v)
-            return self.k[:batch], self.v[:batch]
-        end = start_pos + k.size(2)
-        self.k[:batch, :, start_pos:end] = k
-        self.v[:batch, :, start_pos:end] = v
-        return self.k[:batch, :, :end], self.v[:batch, :, :end]
-
-    def rows(self, start: int, stop: int) -> "KVCache":
-        """A cache over rows start..stop-1 that shares this one's memory.
-
-        Swapped in for a forward pass, it lets one request's prompt fill its own row of a batch
-        whose other rows are mid-generation (a server admitting a request into a free slot).
-        """
-        view = copy.copy(self)  # the same module state, then its own buffer dict of views
-        view._buffers = {"k": self.k[start:stop], "v": self.v[start:stop]}
-        return view
+    def update(self, span: CacheSpan, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H, T, D] where `span` says; return the keys/values to attend over
+        (views of the cache rows: positions 0..end for an int start, else `span.length` or all)."""
+        k_rows, v_rows = self.k[span.rows], self.v[span.rows]
+        if isinstance(span.start, torch.Tensor):
+            batch = torch.arange(k.size(0), device=k.device)
+            k_rows[batch, :, span.start] = k[:, :, 0]  # advanced indices around a slice: [B, H, D]
+            v_rows[batch, :, span.start] = v[:, :, 0]
+            end = span.length or self.k.size(2)
+        else:
+            end = span.start + k.size(2)
+            k_rows[:, :, span.start : end] = k
+            v_rows[:, :, span.start : end] = v
+        return k_rows[:, :, :end], v_rows[:, :, :end]
 
 
 def causal_mask(n_queries: int, n_keys: int, device) -> Optional[torch.Tensor]:
     """Boolean mask letting query i (at position n_keys - n_queries + i) see keys 0..its position.
 
     With a cache the queries are the last n_queries of n_keys positions, so a prompt fed in
-    chunks (start_pos > 0) still sees everything before it. One query needs no mask.
+    chunks (start > 0) still sees everything before it. One query needs no mask.
     """
     if n_queries == 1:
         return None
@@ -215,30 +192,31 @@ def causal_mask(n_queries: int, n_keys: int, device) -> Optional[torch.Tensor]:
 class Attention(nn.Module):
     """Grouped-query attention over this rank's heads; wo all-reduces the partial outputs."""
 
-    def __init__(self, args: ModelArgs):
+    cache: Optional[KVCache]
+    """Keys/values of earlier positions (generation), or None (training, scoring)."""
+
+    def __init__(self, args: ModelArgs, tp: int = 1):
         super().__init__()
-        tp = fs_init.get_model_parallel_world_size()
         self.n_local_heads = args.n_heads // tp
         self.n_local_kv_heads = args.kv_heads // tp
         self.head_dim = args.head_dim
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False)
-        self.wk = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, gather_output=False)
-        self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, gather_output=False)
-        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True)
-        self.cache: Optional[KVCache] = None
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, tp)
+        self.wk = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, tp)
+        self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, tp)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, tp)
+        self.cache = None
 
-    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [B, T, dim] at positions start_pos..; mask None means causal over the cache."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None, span: Optional[CacheSpan] = None) -> torch.Tensor:
+        """x [B, T, dim]; mask None means causal (over the cache with a span); without a span
+        nothing is cached and the batch attends to itself."""
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(batch, seq_len, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq_len, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)
-        elif start_pos != 0:
-            raise ValueError("start_pos > 0 needs a KV cache: call model.setup_caches() first")
+        if span is not None:
+            k, v = self.cache.update(span, k, v)
         if mask is None:
             mask = causal_mask(seq_len, k.size(2), x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads)
@@ -248,11 +226,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); w1/w3 split the hidden features, w2 all-reduces."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, tp: int = 1):
         super().__init__()
-        self.w1 = ColumnParallelLinear(dim, hidden_dim, gather_output=False)
-        self.w2 = RowParallelLinear(hidden_dim, dim, input_is_parallel=True)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim, gather_output=False)
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, tp)
+        self.w2 = RowParallelLinear(hidden_dim, dim, tp)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -261,52 +239,55 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm residual block: x + attention(norm(x)), then + feed_forward(norm(.))."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: int = 1):
         super().__init__()
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention = Attention(args, tp)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim, tp)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None, span: Optional[CacheSpan] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, span)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    """Token ids -> float32 logits for every position.
+    """Token ids -> float32 logits for every position, on one of `tp` tensor-parallel ranks.
 
-    Build it, load weights (see llama.formats.load.load_model), then call `setup_caches`, which allocates
-    the RoPE table and, for generation, the KV caches on the weights' device and dtype.
+    Build it (on the meta device: llama.formats.load.load_model gives each rank its slices), then
+    call `setup_caches`, which allocates the RoPE table and, for generation, the KV caches on the
+    weights' device and dtype.
     """
 
-    def __init__(self, args: ModelArgs):
+    rope: Optional[torch.Tensor]
+    """cos/sin of every position (`precompute_rope`), made by `setup_caches`."""
+    activation_checkpointing: bool
+    """Training: keep only each block's input and recompute the block in backward."""
+    quantization: Optional[str]
+    """The scheme the block linears were quantized with while loading (llama/kernels), or None."""
+
+    def __init__(self, args: ModelArgs, tp: int = 1):
         super().__init__()
         self.args = args
         embedding = VocabParallelEmbedding if args.vocab_parallel_embedding else ParallelEmbedding
-        self.tok_embeddings = embedding(args.vocab_size, args.dim, init_method=_no_init)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.tok_embeddings = embedding(args.vocab_size, args.dim, tp)
+        self.layers = nn.ModuleList(TransformerBlock(args, tp) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = ColumnParallelLinear(args.dim, args.vocab_size)
-        self.rope: Optional[torch.Tensor] = None
-        self.checkpoint_activations = False
-        """Training: keep only each block's input and recompute the block in backward."""
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size, tp, gather_output=True)
+        self.rope = None
+        self.activation_checkpointing = False
+        self.quantization = None
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int, kv_cache: bool = True) -> None:
-        """Allocate the RoPE table for max_seq_len positions and (optionally) per-layer KV caches.
-
-        Training needs no KV cache (`kv_cache=False`); generation does. Calling it again resizes.
-        """
+    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate the RoPE table for max_seq_len positions and, with max_batch_size rows (0: none,
+        as training needs), per-layer KV caches. Calling it again resizes."""
         weight = self.tok_embeddings.weight
         scaling = (self.args.rope_scaling or META_ROPE_SCALING) if self.args.use_scaled_rope else None
         self.rope = precompute_rope(self.args.head_dim, max_seq_len, self.args.rope_theta, weight.device, scaling)
         for layer in self.layers:
             attn = layer.attention
-            attn.cache = (
-                KVCache(max_batch_size, attn.n_local_kv_heads, max_seq_len, attn.head_dim, weight.dtype, weight.device)
-                if kv_cache
-                else None
-            )
+            shape = (max_batch_size, attn.n_local_kv_heads, max_seq_len, attn.head_dim)
+            attn.cache = KVCache(*shape, weight.dtype, weight.device) if max_batch_size else None
 
     @property
     def max_seq_len(self) -> int:
@@ -314,18 +295,19 @@ class Transformer(nn.Module):
 
     @property
     def cache_rows(self) -> int:
-        """Sequences the KV caches hold (0 without caches): the most a batch or a server decodes at once."""
+        """Sequences the KV caches hold (0 without caches): the most a batch decodes at once."""
         cache = self.layers[0].attention.cache if len(self.layers) else None
         return 0 if cache is None else cache.k.size(0)
 
     def hidden_states(
-        self, tokens: torch.Tensor, start_pos: int = 0, prefix: Optional[torch.Tensor] = None,
+        self, tokens: torch.Tensor, span: Optional[CacheSpan] = None, *, prefix: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, embeds: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, dim] of the token positions.
 
-        `prefix` [B, P, dim] (a soft prompt) is placed before the tokens' embeddings at
-        positions start_pos..start_pos+P-1; its own outputs are dropped.
+        `span` puts the keys/values into the KV caches (see `CacheSpan`); without one, the batch
+        sits at positions 0..T-1 and nothing is cached. `prefix` [B, P, dim] (a soft prompt) goes
+        before the tokens' embeddings at the first P positions; its own outputs are dropped.
 
         Packed training rows (llama/tuning/packing.py) hold several examples each: `positions` [B, T]
         gives every slot its RoPE position (restarting at 0 for each example), `mask`
@@ -337,37 +319,35 @@ class Transformer(nn.Module):
         if prefix is not None:
             n_prefix = prefix.size(1)
             h = torch.cat([prefix.to(h.dtype), h], dim=1)
-        end = start_pos + h.size(1)
         if self.rope is None:
             raise ValueError("call model.setup_caches() before the first forward")
-        if end > self.rope.size(0):
-            raise ValueError(f"positions up to {end} exceed max_seq_len {self.rope.size(0)}")
-        rope = self.rope[start_pos:end] if positions is None else self.rope[positions]
+        rope, mask = self._positions(h.size(1), span, positions, mask)
         for layer in self.layers:
-            if self.checkpoint_activations and torch.is_grad_enabled():
-                h = checkpoint(layer, h, start_pos, rope, mask, use_reentrant=False)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, rope, mask, span, use_reentrant=False)
             else:
-                h = layer(h, start_pos, rope, mask)
+                h = layer(h, rope, mask, span)
         return self.norm(h[:, n_prefix:])
 
-    def decode_hidden(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [B, 1, dim] of one token per row at position `pos`.
-
-        The static-shape twin of `hidden_states` for torch.compile, as in gpt-fast: the position
-        is data, not a Python int, and attention covers the whole preallocated cache with the
-        positions after `pos` masked, so every step runs the same kernels on the same shapes and
-        can be replayed as one CUDA graph. Needs the KV caches. `pos` is [1] (every row at the
-        same position) or [B] (each row at its own: rows that joined a server's batch at
-        different times), the mask and RoPE angles then per row.
-        """
-        positions = torch.arange(self.max_seq_len, device=pos.device)
-        mask = (positions <= pos.view(-1, 1)).view(pos.size(0), 1, 1, -1)
-        h, rope = self.tok_embeddings(tokens), self.rope[pos]
-        for layer in self.layers:
-            h = layer(h, pos, rope, mask)
-        return self.norm(h)
+    def _positions(self, seq_len: int, span: Optional[CacheSpan], positions: Optional[torch.Tensor],
+                   mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """RoPE angles of the batch's positions, and the attention mask (None: causal)."""
+        if positions is not None:
+            return self.rope[positions], mask
+        if span is None or not isinstance(span.start, torch.Tensor):
+            start = 0 if span is None else span.start
+            if start + seq_len > self.max_seq_len:
+                raise ValueError(f"positions up to {start + seq_len} exceed max_seq_len {self.max_seq_len}")
+            return self.rope[start : start + seq_len], mask
+        # one token per row, each at its own position: a row sees the cached keys up to its position
+        pos = span.start
+        keys = torch.arange(span.length or self.max_seq_len, device=pos.device)
+        return self.rope[pos], (keys <= pos.view(-1, 1)).view(pos.size(0), 1, 1, -1)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits [B, T, vocab] in float32 for every token position (gathered over TP ranks)."""
-        return self.output(self.hidden_states(tokens, start_pos, prefix)).float()
-
+        """Logits [B, T, vocab] in float32 for every token position (gathered over TP ranks), as
+        Meta's forward: with KV caches the batch takes cache rows 0..B-1 from `start_pos`."""
+        span = CacheSpan(slice(0, tokens.size(0)), start_pos) if self.cache_rows else None
+        if span is None and start_pos:
+            raise ValueError("start_pos > 0 needs a KV cache: call model.setup_caches() with rows first")
+        return self.output(self.hidden_states(tokens, span, prefix=prefix)).float()

@@ -1,24 +1,34 @@
-"""Tensor-parallel linear layers: where a layer's split and its local kernel are decided.
+"""Tensor-parallel layers: the one place a layer's split over the ranks is declared, and the one
+place a linear picks its local kernel.
 
-A column-parallel layer (wq, wk, wv, w1, w3, output) keeps out/tp rows of W [out, in] and
-returns its slice of the outputs; a row-parallel layer (wo, w2) keeps in/tp columns, reads its
-slice of the inputs and all-reduces the partial outputs. Both are fairscale's layers (same
-weights, same checkpoint keys) with one forward written here, so the local kernel is one
-method, `local`: the dense product with this rank's slice, plus, when the layer holds one, a
-LoRA adapter; a quantized layer (llama/quantize.py) holds no float weight but a kernel, `quant`,
-that multiplies by this rank's quantized slice with its own scales, so a row-parallel layer's
-partial output is already scaled when it is all-reduced. llama.formats.layout.SPLIT_DIMS says how
-a checkpoint's weights split.
+Each layer class states which dim of its weight is cut over the `tp` ranks (`split_dim`), and
+everything else that depends on the split reads it from there: the checkpoint layout
+(llama/formats/layout.py), the LoRA factors (llama/lora.py), the quantized targets, the planner.
+Meta's `model.py` builds the same layers with fairscale; these are written out here (~150 lines)
+so that a reader sees all of tensor parallelism in one file, and so that a model can be built on
+the meta device and then receive only this rank's slices (fairscale's layers first build and
+initialise each whole matrix on every rank).
 
-LoRA (Hu et al. 2021) adds scale * B A x with A [r, in], B [out, r]. Inside a parallel layer it
-is split like the layer, as HF PEFT's Megatron layers and LLaMA2-Accessory do, so it needs no
-collective of its own in the forward:
-- column-parallel: A [r, in] replicated, B [out/tp, r] split on dim 0 (like W);
-- row-parallel: A [r, in/tp] split on dim 1 (like W), B [out, r] replicated, and the partial
-  product B A_local x_local joins the base's partial output *before* the one all-reduce.
-The replicated factor gets only a partial gradient on each rank (its rank's share of the
-outputs, or of the inputs); it passes through fairscale's copy_to_model_parallel_region
-(identity forward, all-reduce backward), so every rank ends up with the same, full gradient.
+- `ColumnParallelLinear` (wq, wk, wv, w1, w3, output) keeps out/tp rows of W [out, in]
+  (split_dim 0) and returns its slice of the outputs; `gather_output` all-gathers them.
+- `RowParallelLinear` (wo, w2) keeps in/tp columns (split_dim 1), reads its slice of the inputs
+  and all-reduces the partial outputs: the one collective of the pair.
+- `ParallelEmbedding` (Llama 1/2) keeps dim/tp columns of the table and all-gathers them;
+  `VocabParallelEmbedding` (Meta's Llama 3 code) keeps vocab/tp rows and all-reduces the one
+  non-zero row per token.
+
+The collectives come from fairscale's `mappings` (autograd functions whose backward is the
+matching collective: copy <-> all-reduce, all-reduce <-> copy, gather <-> split) when the layer is
+in training mode (`module.train()`); in eval mode the all-reduces are plain `torch.distributed`
+calls and the input copy is skipped (no autograd graph: fairscale's all-reduce marks its output
+dirty, which torch.compile cannot trace). The all-gather is fairscale's in both modes (it traces).
+The mode is the module's own flag, set explicitly by whoever trains (llama/tuning/methods.py),
+never inferred from grad mode.
+
+A linear's local product is `local(x)`: the dense slice, or a quantized kernel
+(llama/kernels/linear.py) holding this rank's slice with its own scales, plus a LoRA adapter
+(llama/lora.py) if the layer holds one; a row-parallel layer's partial output, adapter included,
+is complete before its one all-reduce.
 """
 
 from typing import Optional
@@ -27,7 +37,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
-from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel.mappings import (
     copy_to_model_parallel_region,
     gather_from_model_parallel_region,
@@ -36,108 +45,151 @@ from fairscale.nn.model_parallel.mappings import (
 from torch import nn
 
 
-class LoRA(nn.Module):
-    """This rank's factors of a low-rank update: float32 A [r, in_local], B [out_local, r].
+def group_size() -> int:
+    """Ranks in this process's tensor-parallel group (1 when none is set up)."""
+    return fs_init.get_model_parallel_world_size() if fs_init.model_parallel_is_initialized() else 1
 
-    `replicated` names the factor every tensor-parallel rank holds whole ("A" under a
-    column-parallel layer, "B" under a row-parallel one).
-    """
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, alpha: float, dropout: float = 0.0, replicated: str = "A"):
+def group_rank() -> int:
+    return fs_init.get_model_parallel_rank() if fs_init.model_parallel_is_initialized() else 0
+
+
+def local_size(size: int, tp: int, what: str) -> int:
+    if size % tp:
+        raise ValueError(f"{what} {size} does not split over {tp} tensor-parallel ranks")
+    return size // tp
+
+
+def all_reduce(x: torch.Tensor, differentiable: bool) -> torch.Tensor:
+    """Sum over the tensor-parallel group; its gradient is the incoming one (fairscale's reduce)."""
+    if differentiable:
+        return reduce_from_model_parallel_region(x)
+    dist.all_reduce(x, group=fs_init.get_model_parallel_group())
+    return x
+
+
+def copy_in(x: torch.Tensor, differentiable: bool) -> torch.Tensor:
+    """The input of a column-split layer: identity forward; in training the backward all-reduces
+    the input's gradient (each rank holds only its outputs' share of it)."""
+    return copy_to_model_parallel_region(x) if differentiable else x
+
+
+def gather_last(x: torch.Tensor) -> torch.Tensor:
+    """All-gather the last dim over the group (the backward keeps this rank's part)."""
+    return gather_from_model_parallel_region(x)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split over the tp ranks: W_local [out/tp, in]."""
+
+    split_dim = 0
+    """The dim of W [out, in] cut over the ranks: its rows."""
+
+    weight: Optional[nn.Parameter]
+    """This rank's rows of W, or None when a quantized `kernel` holds them."""
+    kernel: Optional[nn.Module]
+    """A kernel multiplying by this rank's rows in another form (quantized); None: F.linear."""
+    lora: Optional[nn.Module]
+    """A LoRA adapter (llama/lora.py) added to the local product, or None."""
+
+    def __init__(self, in_features: int, out_features: int, tp: int = 1, gather_output: bool = False):
         super().__init__()
-        if replicated not in ("A", "B"):
-            raise ValueError(f"replicated must be 'A' or 'B', got {replicated!r}")
-        self.A = nn.Parameter(A.detach().float().clone())
-        self.B = nn.Parameter(B.detach().float().clone())
-        self.rank, self.alpha, self.replicated = A.size(0), alpha, replicated
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-
-    @property
-    def scale(self) -> float:
-        """PEFT's scaling: alpha / r."""
-        return self.alpha / self.rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.A, self.B
-        if torch.is_grad_enabled():  # sum the replicated factor's partial gradients over TP ranks
-            if self.replicated == "A":
-                A = copy_to_model_parallel_region(A)
-            else:
-                B = copy_to_model_parallel_region(B)
-        h = F.linear(self.dropout(x).to(A.dtype), A)
-        return (F.linear(h, B) * self.scale).to(x.dtype)
-
-    def delta(self) -> torch.Tensor:
-        """scale * B @ A [out_local, in_local]: what merging adds to this rank's weight slice."""
-        return self.scale * (self.B @ self.A)
-
-
-class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
-    """Output features split over TP ranks; `gather_output` all-gathers them (the vocabulary head).
-
-    Under autograd the input passes through fairscale's copy (all-reduce of its gradient);
-    generation needs no gradient, so it skips that per-call cost.
-    """
-
-    def __init__(self, in_features: int, out_features: int, gather_output: bool = True):
-        super().__init__(in_features, out_features, bias=False, gather_output=gather_output, init_method=_no_init)
-        self.lora: Optional[LoRA] = None
-        self.quant: Optional[nn.Module] = None
-
-    lora_split = (None, 0)
-    """(A's, B's) split dim over TP ranks: A [r, in] replicated, B [out, r] split like the weight's rows."""
+        self.in_features, self.out_features, self.tp, self.gather_output = in_features, out_features, tp, gather_output
+        self.weight = nn.Parameter(torch.empty(local_size(out_features, tp, "out_features"), in_features))
+        self.kernel = None
+        self.lora = None
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's kernel: dense or quantized, + LoRA if any."""
-        out = F.linear(x, self.weight) if self.quant is None else self.quant(x)
-        return out if self.lora is None else out + self.lora(x)
+        """This rank's product: dense or through its kernel, + LoRA if any."""
+        out = F.linear(x, self.weight) if self.kernel is None else self.kernel(x)
+        return out if self.lora is None or not self.lora.enabled else out + self.lora(x)
 
     def split_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the outputs, never gathered: the vocabulary-parallel loss
-        (llama/tuning/loss.py) reads the vocabulary head's logits this way."""
-        if torch.is_grad_enabled():
-            x = copy_to_model_parallel_region(x)
-        return self.local(x)
+        """This rank's slice of the outputs, never gathered (the vocabulary-parallel loss reads the
+        output head this way: llama/tuning/loss.py)."""
+        return self.local(copy_in(x, self.training and self.tp > 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.split_forward(x)
-        return gather_from_model_parallel_region(out) if self.gather_output else out
+        return gather_last(out) if self.gather_output and self.tp > 1 else out
 
 
-class RowParallelLinear(fs_layers.RowParallelLinear):
-    """Input features split over TP ranks; the partial outputs are all-reduced (one collective).
+class RowParallelLinear(nn.Module):
+    """Input features split over the tp ranks: W_local [out, in/tp]; the partial outputs are all-reduced."""
 
-    fairscale all-reduces inside an autograd.Function that calls ctx.mark_dirty, which dynamo
-    cannot trace; without autograd this layer all-reduces directly, so torch.compile can.
-    """
+    split_dim = 1
+    """The dim of W [out, in] cut over the ranks: its columns."""
 
-    def __init__(self, in_features: int, out_features: int, input_is_parallel: bool = True):
-        if not input_is_parallel:
-            raise ValueError("Llama's row-parallel layers read the column-parallel layers' split outputs")
-        super().__init__(in_features, out_features, bias=False, input_is_parallel=True, init_method=_no_init)
-        self.lora: Optional[LoRA] = None
-        self.quant: Optional[nn.Module] = None
+    weight: Optional[nn.Parameter]
+    kernel: Optional[nn.Module]
+    lora: Optional[nn.Module]
 
-    lora_split = (1, None)
-    """(A's, B's) split dim over TP ranks: A [r, in] split like the weight's columns, B [out, r] replicated."""
+    def __init__(self, in_features: int, out_features: int, tp: int = 1):
+        super().__init__()
+        self.in_features, self.out_features, self.tp = in_features, out_features, tp
+        self.weight = nn.Parameter(torch.empty(out_features, local_size(in_features, tp, "in_features")))
+        self.kernel = None
+        self.lora = None
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's partial output: dense or quantized (scaled by this rank's scales), + LoRA, before the all-reduce."""
-        out = F.linear(x, self.weight) if self.quant is None else self.quant(x)
-        return out if self.lora is None else out + self.lora(x)
+        """This rank's partial output (its columns' share), + LoRA, before the all-reduce."""
+        out = F.linear(x, self.weight) if self.kernel is None else self.kernel(x)
+        return out if self.lora is None or not self.lora.enabled else out + self.lora(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.local(x)
-        if torch.is_grad_enabled():
-            return reduce_from_model_parallel_region(out)
-        if fs_init.get_model_parallel_world_size() > 1:
-            dist.all_reduce(out, group=fs_init.get_model_parallel_group())
-        return out
+        return all_reduce(out, self.training) if self.tp > 1 else out
 
 
 ParallelLinear = ColumnParallelLinear | RowParallelLinear
 
 
-def _no_init(weight: torch.Tensor) -> torch.Tensor:
-    """Weights come from a checkpoint, so fairscale's random init would be wasted work."""
-    return weight
+class ParallelEmbedding(nn.Module):
+    """Llama 1/2: the table [vocab, dim] split on its columns; each rank looks up its dim/tp
+    features of every token and the slices are all-gathered."""
+
+    split_dim = 1
+
+    def __init__(self, vocab_size: int, dim: int, tp: int = 1):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(vocab_size, local_size(dim, tp, "dim")))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(ids, self.weight)
+        return gather_last(out) if self.tp > 1 else out
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Meta's Llama 3 layout: the table split on the vocabulary. Rank r holds rows
+    [r V/tp, (r+1) V/tp), looks up the ids in its range, zeroes the others, and the all-reduce sums
+    the one non-zero row per token."""
+
+    split_dim = 0
+
+    def __init__(self, vocab_size: int, dim: int, tp: int = 1):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(local_size(vocab_size, tp, "vocab_size"), dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp == 1:
+            return F.embedding(ids, self.weight)
+        start = group_rank() * self.weight.size(0)
+        outside = (ids < start) | (ids >= start + self.weight.size(0))
+        out = F.embedding((ids - start).masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return all_reduce(out, self.training)
+
+
+PARALLEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, ParallelEmbedding, VocabParallelEmbedding)
+
+
+def split_dims(model: nn.Module) -> dict[str, Optional[int]]:
+    """Every parameter's name -> the dim it is cut on over the ranks, read from the layer that
+    holds it (None: every rank holds it whole, e.g. the norms)."""
+    dims = {}
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            split = module.split_dim if isinstance(module, PARALLEL_LAYERS) and param_name == "weight" else None
+            dims[f"{module_name}.{param_name}" if module_name else param_name] = split
+    return dims

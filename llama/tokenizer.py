@@ -42,6 +42,13 @@ class Tokenizer(ABC):
     def decode(self, ids: list[int]) -> str:
         """Text of `ids` (bytes that are not whole UTF-8 characters become U+FFFD)."""
 
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for: a text longer than n times this needs more than n tokens."""
+        if getattr(self, "_max_token_chars", None) is None:
+            self._max_token_chars = max(len(self.decode([i])) for i in range(self.n_words))
+        return self._max_token_chars
+
 
 class SentencePieceTokenizer(Tokenizer):
     """Llama 1/2: a SentencePiece model; BOS, EOS and PAD ids are read from the model file."""
@@ -181,3 +188,35 @@ def special_tokens(tokenizer: Tokenizer) -> dict[str, int]:
         return dict(tokenizer.special_tokens)
     sp = tokenizer.sp
     return {sp.id_to_piece(i): i for i in (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) if i >= 0}
+
+
+# --- text of tokens read in context: the one place for leading spaces and unfinished characters ----------
+
+UNFINISHED = "\ufffd"
+"""What `decode` gives for the bytes of a character whose last byte has not come yet."""
+WINDOW = 8
+"""Tokens of context decoded before a token to find its text: more than a character's 4 UTF-8 bytes."""
+
+
+def continuation_text(tokenizer: Tokenizer, context: list[int], ids: list[int]) -> str:
+    """Text of `ids` as it reads after `context`: decoding them with the last context token keeps the
+    leading space SentencePiece drops at the start of a decode."""
+    context = context[-1:]
+    return tokenizer.decode(context + ids)[len(tokenizer.decode(context)) :]
+
+
+def shown_part(text: str) -> str:
+    """`text` without a trailing unfinished character (shown once its last byte comes)."""
+    return text.rstrip(UNFINISHED)
+
+
+def token_texts(tokenizer: Tokenizer, ids: list[int], start: int = 0) -> list[str]:
+    """The text each of ids[start:] adds after the ids before it, leading spaces kept; joined, they
+    are the decoded text. A character split over byte tokens belongs to its last byte (the others
+    give ""), unless the sequence ends unfinished."""
+    texts = []
+    for i in range(start, len(ids)):
+        context = ids[max(0, i - WINDOW) : i]
+        before, after = shown_part(tokenizer.decode(context)), tokenizer.decode(context + [ids[i]])
+        texts.append((after if i + 1 == len(ids) else shown_part(after))[len(before) :])
+    return texts

@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when not pip-installed
 from llama import distributed  # noqa: E402
+from llama.config import LoadSpec  # noqa: E402
 from llama.formats import load  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 from llama.sampling import Sampling  # noqa: E402
@@ -31,9 +32,11 @@ def main() -> None:
     args = parser.parse_args()
     parallel = distributed.setup()
     tokenizer = load_tokenizer(args.tokenizer)
-    model = load.load_model(args.ckpt, tokenizer.n_words, 32, len(PROMPTS), torch.float32, parallel.device, parallel.tp_rank, parallel.tp_size)
-    eager, _ = Llama(model, tokenizer, parallel).generate(PROMPTS, Sampling(max_new=GEN_LEN))
-    compiled, logprobs = Llama(model, tokenizer, parallel, compile=True).generate(PROMPTS, Sampling(max_new=GEN_LEN), logprobs=True)
+    spec = LoadSpec(args.ckpt, max_seq_len=32, max_batch_size=len(PROMPTS), dtype=torch.float32)
+    model = load.load_model(spec, vocab_size=tokenizer.n_words, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size)
+    eager = [c.ids for c in Llama(model, tokenizer, parallel).generate(PROMPTS, Sampling(max_tokens=GEN_LEN))]
+    done = Llama(model, tokenizer, parallel, compile=True).generate(PROMPTS, Sampling(max_tokens=GEN_LEN, top_logprobs=0))
+    compiled, logprobs = [c.ids for c in done], [[lp.logprob for lp in c.logprobs] for c in done]
     if parallel.is_main:
         torch.save({"eager": eager, "compiled": compiled, "compiled_logprobs": logprobs}, args.out)
     distributed.teardown()

@@ -16,7 +16,7 @@ from llama.generation import Llama  # noqa: E402
 if __name__ == "__main__":
     llm = Llama.build(Path(__file__).resolve().parent.parent / "ckpts" / "stories260K", max_seq_len=512, max_batch_size=2)
     try:
-        scores = llm.score(json.loads(sys.argv[1]))  # 3 sequences in batches of 2: two forwards
+        scores = llm.score(json.loads(sys.argv[1]))  # 3 sequences on 2 cache rows: one waits for a row
         if llm.parallel.is_main:
             print(json.dumps(scores), flush=True)
     finally:

@@ -38,7 +38,7 @@ def main() -> None:
             if job["script"] == "ft_main":
                 method = ft_main.main(job["argv"])
                 trained = {name: param.detach().clone() for name, param in method.named_trainable()}
-                torch.save(trained, Path(method.args.out_dir) / f"rank{dist.get_rank()}.pt")
+                torch.save(trained, method.config.out_dir / f"rank{dist.get_rank()}.pt")
             else:
                 with open(job["stdout"], "w") if dist.get_rank() == 0 else contextlib.nullcontext(sys.stdout) as out:
                     with contextlib.redirect_stdout(out):

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when not pip-installed
 from llama import distributed  # noqa: E402
+from llama.config import LoadSpec  # noqa: E402
 from llama.formats import hf  # noqa: E402
 from llama.formats import load  # noqa: E402
 
@@ -69,8 +70,8 @@ def main() -> None:
     result = {"reads": log}
     try:
         for name, ckpt_dir in (("hf", args.hf), ("meta", args.meta)):
-            model = load.load_model(ckpt_dir, None, tokens.shape[1], tokens.shape[0], torch.float32, parallel.device,
-                                          parallel.tp_rank, parallel.tp_size)
+            spec = LoadSpec(ckpt_dir, max_seq_len=tokens.shape[1], max_batch_size=tokens.shape[0], dtype=torch.float32)
+            model = load.load_model(spec, vocab_size=None, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size)
             with torch.inference_mode():
                 result[f"{name}_logits"] = model(tokens, 0)
             result[f"{name}_state"] = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("cache.k", "cache.v"))}

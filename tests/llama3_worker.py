@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when not pip-installed
 from llama import distributed  # noqa: E402
+from llama.config import LoadSpec  # noqa: E402
 from llama.formats.load import load_model  # noqa: E402
 from llama.model import Transformer  # noqa: E402
 
@@ -31,10 +32,10 @@ def logit_columns(vocab_size: int) -> torch.Tensor:
     return torch.unique(torch.cat([torch.arange(0, vocab_size, 16), edges]))
 
 
-def load(ckpt_dir: Path, parallel: distributed.Parallel, **overrides) -> Transformer:
+def load(ckpt_dir: Path, parallel: distributed.Parallel, **spec) -> Transformer:
     """This rank's slice of a checkpoint, float32, cache for one row of TOKENS."""
-    return load_model(ckpt_dir, None, TOKENS.size(1), 1, torch.float32, parallel.device,
-                                 parallel.tp_rank, parallel.tp_size, **overrides)
+    spec = LoadSpec(ckpt_dir, max_seq_len=TOKENS.size(1), max_batch_size=1, dtype=torch.float32, **spec)
+    return load_model(spec, vocab_size=None, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size)
 
 
 def outputs(ckpt_dir: Path, parallel: distributed.Parallel) -> dict:

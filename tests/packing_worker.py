@@ -38,7 +38,7 @@ def loss_and_grads(run: ft_main.Run, batch: tuple) -> dict:
     for _, param in params:
         param.grad = None
     input_ids, labels, layout = train.to_device(batch, torch.device("cpu"))
-    loss = train.summed_loss(run.model, run.method.prompt, input_ids, labels, CHUNK, layout)
+    loss = train.summed_loss(run.model, run.method.prompt, input_ids, labels, chunk_size=CHUNK, layout=layout)
     loss.backward()
     return {"loss": loss.detach(), "labels": train.count_label_tokens(labels), "grads": {name: p.grad.clone() for name, p in params}}
 
@@ -58,23 +58,24 @@ def give_lora_b_values(model, parallel: distributed.Parallel) -> None:
 
 
 def compare(method: str, out_dir: Path, parallel: distributed.Parallel) -> None:
-    args, _ = ft_main.parse_args([*ARGS, "--method", method, "--out_dir", str(out_dir / method)])
-    args = ft_main.resolve(args, parallel)
-    run = ft_main.prepare(args, parallel, None)
+    config, _ = ft_main.parse_args([*ARGS, "--method", method, "--out_dir", str(out_dir / method)])
+    run = ft_main.prepare(config, parallel, None)
     if method == "lora":
         give_lora_b_values(run.model, parallel)
-    splits = data.build_splits(args.data, load_tokenizer(args.tokenizer_path), args.template, args.max_seq_len, args.val_fraction, args.seed,
-                               max_examples=args.max_examples)
+    splits = data.build_splits(config.data, load_tokenizer(config.model.tokenizer_path), template=config.template,
+                               max_seq_len=config.model.max_seq_len, val_fraction=config.val_fraction, seed=config.seed,
+                               max_examples=config.max_examples)
     pad_id, capacity = run.batches.pad_id, run.method.positions()
-    n_virtual = args.n_virtual_tokens if method == "prompt" else 0
+    n_virtual = config.n_virtual_tokens if method == "prompt" else 0
     examples = [e for e in splits.train if len(e.input_ids) <= SHORT][:EXAMPLES]
     rows = packing.pack_rows([n_virtual + len(e.input_ids) for e in examples], capacity)
     padded = loss_and_grads(run, data.collate(examples, pad_id))
     packed = loss_and_grads(run, packing.collate_rows([[examples[i] for i in row] for row in rows], pad_id, n_virtual))
-    evaluate = lambda prompt, batches: train.estimate_loss(run.model, prompt, batches, CHUNK, parallel.dp_group)[0]  # noqa: E731
-    val_padded = train.eval_batches(splits.val, args.batch_size, parallel.dp_rank, parallel.dp_size, pad_id)
-    val_packed = packing.eval_batches(splits.val, args.batch_size, parallel.dp_rank, parallel.dp_size, capacity, pad_id, n_virtual)
-    bare_packed = packing.eval_batches(splits.val, args.batch_size, parallel.dp_rank, parallel.dp_size, capacity, pad_id, 0)
+    evaluate = lambda prompt, batches: train.estimate_loss(run.model, prompt, batches, chunk_size=CHUNK, dp_group=parallel.dp_group)[0]  # noqa: E731
+    ranks = {"dp_rank": parallel.dp_rank, "dp_size": parallel.dp_size}
+    val_padded = train.eval_batches(splits.val, config.batch_size, **ranks, pad_id=pad_id)
+    val_packed = packing.eval_batches(splits.val, config.batch_size, **ranks, capacity=capacity, pad_id=pad_id, n_virtual=n_virtual)
+    bare_packed = packing.eval_batches(splits.val, config.batch_size, **ranks, capacity=capacity, pad_id=pad_id, n_virtual=0)
     evals = {"padded": evaluate(run.method.prompt, val_padded), "packed": evaluate(run.method.prompt, val_packed),
              "bare_padded": evaluate(None, val_padded), "bare_packed": evaluate(None, bare_packed)}
     torch.save({"padded": padded, "packed": packed, "rows": len(rows), "eval": evals, "val_rows": sum(len(b[0]) for b in val_packed)},

@@ -22,15 +22,14 @@ from llama.tuning import train  # noqa: E402
 
 def main() -> None:
     argv = sys.argv[1:]
-    args, _ = ft_main.parse_args(argv)
-    parallel = distributed.setup(args.tp)
-    args = ft_main.resolve(args, parallel)
-    run = ft_main.prepare(args, parallel, None)
-    micro_batches = [run.batches.next()[0] for _ in range(args.grad_accum)]
-    train.accumulate_gradients(run.model, run.method.prompt, micro_batches, args.chunk_size, parallel.dp_group)
+    config, _ = ft_main.parse_args(argv)
+    parallel = distributed.setup(config.tp)
+    run = ft_main.prepare(config, parallel, None)
+    micro_batches = [run.batches.next()[0] for _ in range(config.grad_accum)]
+    train.accumulate_gradients(run.model, run.method.prompt, micro_batches, chunk_size=config.chunk_size, dp_group=parallel.dp_group)
     grad = run.method.prompt.weight.grad.clone()
     method = ft_main.main(argv)  # joins the same process group, tears it down at the end
-    torch.save({"grad": grad, "prompt": method.prompt.weight.detach().clone()}, Path(args.out_dir) / f"rank{parallel.rank}.pt")
+    torch.save({"grad": grad, "prompt": method.prompt.weight.detach().clone()}, config.out_dir / f"rank{parallel.rank}.pt")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when not pip-installed
-from llama import distributed, quantize  # noqa: E402
+from llama import distributed  # noqa: E402
+from llama.config import LoadSpec  # noqa: E402
 from llama.formats.load import load_model  # noqa: E402
 from llama.generation import Llama  # noqa: E402
+from llama.kernels.linear import NF4Linear, QuantizedLinear  # noqa: E402
+from llama.kernels.schemes import parse_scheme  # noqa: E402
 from llama.sampling import Sampling  # noqa: E402
 from llama.tokenizer import load_tokenizer  # noqa: E402
 
@@ -26,7 +29,7 @@ LOGIT_TOKENS = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual
 PROMPT, GEN_LEN = [1, 403, 407, 261, 378], 24
 
 
-def nf4_first_level(kernel: quantize.NF4Weight) -> dict:
+def nf4_first_level(kernel: NF4Linear) -> dict:
     """The packed codes and the float32 absmax they were computed with (double quantization undone)."""
     import bitsandbytes.functional as bnb_f
 
@@ -37,12 +40,12 @@ def nf4_first_level(kernel: quantize.NF4Weight) -> dict:
 
 def outputs(scheme: str, parallel: distributed.Parallel) -> dict:
     tokenizer = load_tokenizer(STORIES / "tokenizer.model")
-    model = load_model(STORIES, tokenizer.n_words, 64, 2, torch.float32, parallel.device, parallel.tp_rank, parallel.tp_size,
-                                  quantize=scheme)
+    spec = LoadSpec(STORIES, max_seq_len=64, max_batch_size=2, dtype=torch.float32, quantize=parse_scheme(scheme))
+    model = load_model(spec, vocab_size=tokenizer.n_words, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size)
     with torch.inference_mode():
         result = {"logits": model(LOGIT_TOKENS, 0)}
-    result["greedy"], _ = Llama(model, tokenizer, parallel).generate([PROMPT], Sampling(max_new=GEN_LEN))
-    layers = quantize.quantized_layers(model)
+    result["greedy"] = [c.ids for c in Llama(model, tokenizer, parallel).generate([PROMPT], Sampling(max_tokens=GEN_LEN))]
+    layers = {name.removesuffix(".kernel") + ".weight": module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
     result["dequantized"] = {key: kernel.dequantize() for key, kernel in layers.items()}
     if scheme == "nf4":
         result["nf4"] = {key: nf4_first_level(kernel) for key, kernel in layers.items()}

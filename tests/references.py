@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama.config import LoadSpec
 from llama.formats import load
 from llama.model import Transformer
 
@@ -51,7 +52,8 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 
 def load_stories(device: str = "cpu", dtype: torch.dtype = torch.float32, max_batch_size: int = 4, max_seq_len: int = 512) -> Transformer:
     """The bundled model on one rank (needs the `world1` fixture's process group)."""
-    return load.load_model(STORIES, 512, max_seq_len, max_batch_size, dtype, torch.device(device))
+    spec = LoadSpec(STORIES, max_seq_len=max_seq_len, max_batch_size=max_batch_size, dtype=dtype)
+    return load.load_model(spec, vocab_size=512, device=torch.device(device))
 
 
 @torch.inference_mode()

@@ -27,7 +27,7 @@ BAD_INPUTS = {
     "missing shards": (("--ckpt_dir", "{tmp}/no_shards"), r"no consolidated\.NN\.pth shards"),
     "missing tokenizer": (("--tokenizer_path", "{tmp}/tok.model"), r"tokenizer .*tok\.model not found"),
     "vocab mismatch": (("--tokenizer_path", str(LLAMA2_TOKENIZER)), r"tokenizer has 32000 tokens but params\.json says vocab_size 512"),
-    "prompt too long": (("--max_seq_len", "16", "--prompt", LONG_PROMPT), r"prompt of \d+ tokens does not fit max_seq_len 16"),
+    "prompt too long": (("--max_seq_len", "16", "--prompt", LONG_PROMPT), r"the prompt has \d+ tokens but --max_seq_len is 16"),
     "unknown dtype": (("--dtype", "float64"), r"unknown dtype 'float64'"),
 }
 
@@ -58,7 +58,7 @@ def check_json_lines(result: subprocess.CompletedProcess) -> list[dict]:
         golden = DEFAULT_PROMPTS[line["prompt"]]
         assert set(line) == {"prompt", "prompt_ids", "ids", "text"}
         assert line["prompt_ids"] == golden["prompt_ids"]
-        assert line["ids"] == golden["generated_ids"][:64], "default --max_gen_len 64, greedy"
+        assert line["ids"] == golden["generated_ids"][:64], "default --max_tokens 64, greedy"
         assert golden["text"].startswith(line["prompt"] + line["text"])
     return lines
 

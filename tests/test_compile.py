@@ -1,4 +1,4 @@
-"""The static-shape decode step (`Transformer.decode_hidden`) and its torch.compile'd use in generation.
+"""The static-shape decode step (`llama.engine.decode_step`) and its torch.compile'd use in generation.
 
 The static step attends over the whole preallocated cache with a position mask instead of a
 slice, so it must give the eager step's tokens: it reproduces llama2.c's golden ids eagerly,
@@ -18,8 +18,10 @@ from compile_worker import GEN_LEN, PROMPTS
 from dist_utils import torchrun
 from references import GOLDEN, REPO, STORIES_TOKENIZER, load_stories, needs_cuda
 
+from llama.config import LoadSpec
+from llama.engine import decode_step
 from llama.formats import layout, load, params
-from llama.generation import Llama, decode_one_token
+from llama.generation import Llama
 from llama.sampling import Sampling
 from llama.tokenizer import load_tokenizer
 
@@ -47,7 +49,7 @@ def test_static_step_reproduces_golden_ids(world1):
         for step in range(case["n_generated"]):
             ids.append(logits[0, -1].argmax().item())
             pos.fill_(len(case["prompt_ids"]) + step)
-            logits = decode_one_token(model, torch.tensor([[ids[-1]]]), pos)
+            logits = decode_step(model, torch.tensor([[ids[-1]]]), pos).unsqueeze(1)
     assert ids == case["generated_ids"][: len(ids)]
 
 
@@ -68,8 +70,10 @@ def test_compiled_tp2_equals_eager(world1, tiny_ckpt, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     got = torch.load(out, weights_only=True)
     tokenizer = load_tokenizer(STORIES_TOKENIZER)
-    model = load.load_model(tiny_ckpt, tokenizer.n_words, 32, len(PROMPTS), torch.float32, world1.device)
-    tp1_ids, tp1_lps = Llama(model, tokenizer, world1).generate(PROMPTS, Sampling(max_new=GEN_LEN), logprobs=True)
+    model = load.load_model(LoadSpec(tiny_ckpt, max_seq_len=32, max_batch_size=len(PROMPTS), dtype=torch.float32),
+                            vocab_size=tokenizer.n_words, device=world1.device)
+    done = Llama(model, tokenizer, world1).generate(PROMPTS, Sampling(max_tokens=GEN_LEN, top_logprobs=0))
+    tp1_ids, tp1_lps = [c.ids for c in done], [[lp.logprob for lp in c.logprobs] for c in done]
     assert all(len(ids) == GEN_LEN for ids in tp1_ids), "EOS cut the comparison short"
     assert len(set(tp1_ids[0])) > 3, "degenerate greedy path"
     assert got["eager"] == tp1_ids, "TP=2 eager differs from TP=1"
@@ -83,5 +87,5 @@ def test_compiled_cuda_graphs_reproduce_golden_ids(world1):
     case = GOLDEN["greedy_bos_200"]
     tokenizer = load_tokenizer(STORIES_TOKENIZER)
     llm = Llama(load_stories("cuda", max_batch_size=1, max_seq_len=512), tokenizer, world1, compile=True)
-    ids, _ = llm.generate([case["prompt_ids"]], Sampling(max_new=case["n_generated"]))
-    assert ids[0] == case["generated_ids"]
+    (done,) = llm.generate([case["prompt_ids"]], Sampling(max_tokens=case["n_generated"]))
+    assert done.ids == case["generated_ids"]

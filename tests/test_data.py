@@ -235,5 +235,5 @@ def test_bad_settings_give_one_clear_line(tmp_path: Path, tokenizer: Tokenizer) 
         data.parse_field_map("instruction")
     with pytest.raises(UserError, match="cannot fill one batch"):
         data.batch_indices([5] * 10, 4, 0, 0, dp_size=3)
-    with pytest.raises(UserError, match="leave none for training"):
+    with pytest.raises(UserError, match="1 record leaves none for training"):
         data.build_splits(write(tmp_path / "one.json", json.dumps([record])), tokenizer)

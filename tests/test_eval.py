@@ -9,7 +9,7 @@ Every loglikelihood lm-eval reports is checked against `Llama.score` on the ids 
 the perplexity against a direct computation, and the generations against `example.py --json`.
 
 Tolerances. The server scores a prompt in a one-row prefill (at TP=2 with all-reduced partial
-sums); `Llama.score` in a padded batch of up to 8 rows on one rank. Both are float32 and differ
+sums); `Llama.score` too, on one rank. Both are float32 and differ
 only in the order of sums, which moves a stories260K logit (|logit| < 20) by < 1e-4 (the bound
 tests/test_serve.py argues: sums of <= 512 terms over 5 layers, a few hundred float32 ulps).
 A logprob is logit - logsumexp(logits), so each token's logprob moves by < 2e-4 (TOKEN_ATOL)
@@ -39,9 +39,7 @@ from test_serve import start_server, stop_group
 from llama import chat, distributed
 from llama.generation import Llama
 from llama.sampling import Sampling
-from llama.serving.scheduler import Piece
-from llama.serving.scheduler import Request as Job
-from llama.serving.scheduler import Scheduler
+from llama.engine import Engine, Piece, Request
 
 STORIES = REPO / "ckpts" / "stories260K"
 MAX_SEQ_LEN = 512
@@ -161,7 +159,7 @@ def example_generations() -> dict[str, dict]:
     """example.py --json (world size 1, greedy) on the generation task's prompts."""
     docs = [json.loads(line) for line in (REPO / "evals" / "data" / "stories_gen.jsonl").read_text().splitlines()]
     prompts = [arg for doc in docs for arg in ("--prompt", doc["prompt"])]
-    out = python(REPO / "example.py", "--json", "--max_gen_len", str(GEN_TOKENS), "--max_seq_len", str(MAX_SEQ_LEN),
+    out = python(REPO / "example.py", "--json", "--max_tokens", str(GEN_TOKENS), "--max_seq_len", str(MAX_SEQ_LEN),
                  "--max_batch_size", str(len(docs)), *prompts, timeout=120)
     assert out.returncode == 0, out.stderr
     return {r["prompt"]: r for r in map(json.loads, out.stdout.splitlines())}
@@ -184,7 +182,8 @@ def test_generation_equals_example(server, llm, example_generations, mode):
         prompt = sample["doc"]["prompt"]
         if MODES[mode]["tokenized_requests"]:
             prompt_ids = llm.tokenizer.encode(prompt, bos=False, eos=False)
-            reference = llm.complete([prompt_ids], Sampling(max_new=GEN_TOKENS))[0]
+            (done,) = llm.generate([prompt_ids], Sampling(max_tokens=GEN_TOKENS))
+            reference = {"ids": done.ids, "text": done.text}
         else:
             reference = example_generations[prompt]
             prompt_ids = reference["prompt_ids"]
@@ -227,12 +226,12 @@ def test_stop_token_keeps_its_logprob_entry(llm):
     adds no id, and still carries EOS's logprob (lm-eval drops an echo's last entry, taking it
     for the generated token)."""
     received: list[Piece] = []
-    scheduler = Scheduler(llm, max_queue=1)
-    scheduler.submit(Job([1, 403], Sampling(max_new=4, temperature=0, top_logprobs=1), received.append))
-    plan = scheduler.next_plan()
+    scheduler = Engine(llm.model, llm.tokenizer, llm.parallel.device, max_queue=1).scheduler
+    scheduler.add([Request([1, 403], Sampling(max_tokens=4, temperature=0, top_logprobs=1), on_piece=received.append)])
+    step = scheduler.schedule()
     logits = torch.zeros(llm.model.args.vocab_size)
     logits[llm.tokenizer.eos_id] = 5.0
-    scheduler.consume(plan, [logits], None)
+    scheduler.finish_step(step, [logits], None)
     (piece,) = received
     assert (piece.finish_reason, piece.ids, [lp.id for lp in piece.logprobs]) == ("stop", [], [llm.tokenizer.eos_id])
     assert piece.logprobs[0].logprob == pytest.approx(torch.log_softmax(logits, -1)[llm.tokenizer.eos_id].item())
@@ -315,9 +314,9 @@ def test_score_on_two_ranks_equals_one(llm):
 def test_score_rejects_bad_sequences(llm):
     from llama.errors import UserError
 
-    with pytest.raises(UserError, match="sequence 1 has 0 tokens"):
+    with pytest.raises(UserError, match="prompt 1 is empty"):
         llm.score([[1, 2], []])
-    with pytest.raises(UserError, match="outside the vocabulary"):
+    with pytest.raises(UserError, match=r"has token ids outside the vocabulary \[0, 512\)"):
         llm.score([[1, 512]])
-    with pytest.raises(UserError, match=f"--max_seq_len {MAX_SEQ_LEN}"):
+    with pytest.raises(UserError, match=f"--max_seq_len is {MAX_SEQ_LEN}"):
         llm.score([[1] * (MAX_SEQ_LEN + 1)])

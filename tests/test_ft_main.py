@@ -2,7 +2,8 @@
 
 - it learns: the held-out loss falls clearly below the untuned model's, and the tuned prompt
   changes greedy output (example_ft.py, both adapter formats);
-- resume: a run stopped after step k and resumed reproduces the uninterrupted run exactly;
+- resume: a run stopped after step k and resumed reproduces the uninterrupted run exactly, also
+  from a run saved in the layout before run_config.json (its options inside ckpt.pt);
 - TP=2 and dp=2 (torchrun, gloo) match TP=1: same losses and final prompt within LAYOUT_TOL (fp32 reordering), and the
   replicated prompt (and its gradient) is bit-identical on every rank;
 - bad input stops with one clear error: --resume without a checkpoint, a diverging loss (the last
@@ -73,7 +74,7 @@ def test_it_learns(learned):
 
 
 def test_tuned_prompt_changes_greedy_output(learned, capsys):
-    common = ["--json", "--max_gen_len", "24", "--template", "plain", "--instruction", "Give three tips for staying healthy."]
+    common = ["--json", "--max_tokens", "24", "--template", "plain", "--instruction", "Give three tips for staying healthy."]
     outputs = {}
     for name, extra in {"project": ["--adapter", str(learned / "prompt.pt")], "peft": ["--adapter", str(learned / "peft")],
                         "none": ["--no_adapter"]}.items():
@@ -83,27 +84,81 @@ def test_tuned_prompt_changes_greedy_output(learned, capsys):
     assert outputs["project"] != outputs["none"]
 
 
-def test_resume_continues_exactly(tmp_path):
-    args = [*FAST, "--eval_interval", "2", "--ckpt_interval", "2"]
-    ft_main.main([*args, "--max_steps", "6", "--out_dir", str(tmp_path / "whole")])
-    ft_main.main([*args, "--max_steps", "3", "--lr_decay_steps", "6", "--out_dir", str(tmp_path / "split")])  # "killed" after step 3
-    assert train.load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 3
-    ft_main.main(["--resume", "--max_steps", "6", "--out_dir", str(tmp_path / "split")])
-    assert [s for s, _ in losses(tmp_path / "split")] == [1, 2, 3, 4, 5, 6]
-    assert losses(tmp_path / "split") == losses(tmp_path / "whole")  # exact: fp32 on CPU, same batches, optimizer and RNG state
-    assert evals(tmp_path / "split") == evals(tmp_path / "whole")
-    assert torch.equal(load_prompt(tmp_path / "split" / "prompt.pt").weight, load_prompt(tmp_path / "whole" / "prompt.pt").weight)
+RESUME = [*FAST, "--eval_interval", "2", "--ckpt_interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The uninterrupted 6-step run the resumed ones are compared with."""
+    out = tmp_path_factory.mktemp("whole")
+    ft_main.main([*RESUME, "--max_steps", "6", "--out_dir", str(out)])
+    return out
+
+
+def stopped_after_3(out_dir) -> None:
+    """The first half of `whole`: "killed" after step 3 (its schedule still decays over 6 steps)."""
+    ft_main.main([*RESUME, "--max_steps", "3", "--lr_decay_steps", "6", "--out_dir", str(out_dir)])
+    assert train.load_training_state(out_dir)["step"] == 3
+    assert sorted(p.name for p in out_dir.glob("*.*")) == ["metrics.jsonl", "prompt.pt", "run_config.json", "state.pt"]
+
+
+def assert_continues_as(out_dir, whole) -> None:
+    assert [s for s, _ in losses(out_dir)] == [1, 2, 3, 4, 5, 6]
+    assert losses(out_dir) == losses(whole)  # exact: fp32 on CPU, same batches, optimizer and RNG state
+    assert evals(out_dir) == evals(whole)
+    assert torch.equal(load_prompt(out_dir / "prompt.pt").weight, load_prompt(whole / "prompt.pt").weight)
+
+
+def test_resume_continues_exactly(whole, tmp_path):
+    stopped_after_3(tmp_path)
+    ft_main.main(["--resume", "--max_steps", "6", "--out_dir", str(tmp_path)])
+    assert_continues_as(tmp_path, whole)
+
+
+def to_old_layout(out_dir) -> dict:
+    """Rewrite a run's run_config.json + state.pt as ft_main.py saved runs before run_config.json existed:
+    one ckpt.pt holding the training state and, under "config", `vars(args)` of its resolved options
+    (flat, as the parser left them: paths, dtype and --quantize as text, --lora_targets comma-separated,
+    the dtype and tokenizer path resolved, --resume/--force included). Returns that dict."""
+    saved = json.loads((out_dir / "run_config.json").read_text())
+    spec = saved.pop("model")
+    del spec["max_batch_size"]  # ft_main.py had no --max_batch_size
+    field_map = saved["field_map"]
+    options = {**spec, "quantize": spec["quantize"] or "none", **saved, "lora_targets": ",".join(saved["lora_targets"]),
+               "field_map": None if field_map is None else ",".join(f"{k}={v}" for k, v in field_map.items()),
+               "resume": False, "force": False}
+    state = torch.load(out_dir / "state.pt", weights_only=True)
+    assert "config" not in state
+    torch.save({**state, "config": options}, out_dir / "ckpt.pt")
+    (out_dir / "state.pt").unlink()
+    (out_dir / "run_config.json").unlink()
+    return options
+
+
+def test_run_saved_in_the_old_layout_resumes_exactly(whole, tmp_path):
+    """A run whose options live in ckpt.pt (no run_config.json, no state.pt) resumes and continues as the
+    uninterrupted run; its next checkpoint is written in the new layout, and ckpt.pt goes."""
+    stopped_after_3(tmp_path)
+    options = to_old_layout(tmp_path)
+    assert options["dtype"] == "float32" and options["lr"] == 0.03 and options["max_examples"] == 200
+    assert sorted(p.name for p in tmp_path.glob("*.*")) == ["ckpt.pt", "metrics.jsonl", "prompt.pt"]
+    with pytest.raises(UserError, match="--lr 0.1 differs from the saved run's 0.03"):  # its options are read, and kept
+        ft_main.main(["--resume", "--lr", "0.1", "--out_dir", str(tmp_path)])
+    ft_main.main(["--resume", "--max_steps", "6", "--out_dir", str(tmp_path)])
+    assert_continues_as(tmp_path, whole)
+    assert sorted(p.name for p in tmp_path.glob("*.*")) == ["metrics.jsonl", "prompt.pt", "run_config.json", "state.pt"]
+    assert train.load_training_state(tmp_path)["step"] == 6
 
 
 def test_resume_keeps_options(learned):
-    with pytest.raises(UserError, match="--lr 0.03 differs from the checkpoint's 0.1"):
+    with pytest.raises(UserError, match="--lr 0.03 differs from the saved run's 0.1"):
         ft_main.main(["--resume", "--lr", "0.03", "--out_dir", str(learned)])
 
 
 def test_resume_without_checkpoint_is_one_clear_error(tmp_path):
     result = python("ft_main.py", "--resume", "--out_dir", tmp_path / "none")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: --resume: no checkpoint at {tmp_path / 'none' / 'ckpt.pt'}; "
+    assert result.stderr.strip().splitlines() == [f"error: --resume: no training state at {tmp_path / 'none' / 'state.pt'}; "
                                                   "start without --resume, or pass the --out_dir of the run to continue"]
 
 
@@ -122,9 +177,9 @@ def make_loss_nan_at(monkeypatch, step: int) -> None:
 def test_diverging_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     """A hook makes the 3rd step's loss NaN; the run must stop there, leaving step 2's checkpoint intact."""
     make_loss_nan_at(monkeypatch, 3)
-    with pytest.raises(UserError, match=r"training diverged at step 3: loss nan.*last good checkpoint is .*ckpt.pt \(step 2"):
+    with pytest.raises(UserError, match=r"training diverged at step 3: loss nan.*last good checkpoint is .*state.pt \(step 2"):
         ft_main.main([*FAST, "--max_steps", "5", "--ckpt_interval", "1", "--out_dir", str(tmp_path)])
-    saved = train.load_checkpoint(tmp_path / "ckpt.pt")
+    saved = train.load_training_state(tmp_path)
     assert saved["step"] == 2 and torch.isfinite(saved["prompt"]).all()
     assert torch.equal(load_prompt(tmp_path / "prompt.pt").weight, saved["prompt"])
     assert [step for step, _ in losses(tmp_path)] == [1, 2]
@@ -135,7 +190,7 @@ def test_adapter_of_another_width_is_one_clear_error(tmp_path):
     from llama.tuning.prompt import SoftPrompt, save_prompt
 
     save_prompt(SoftPrompt(torch.zeros(4, 768)), tmp_path / "wide.pt")
-    result = python("example_ft.py", "--adapter", tmp_path / "wide.pt", "--max_gen_len", "4")
+    result = python("example_ft.py", "--adapter", tmp_path / "wide.pt", "--max_tokens", "4")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: adapter {tmp_path / 'wide.pt'} has embedding dim 768 but the model "
                                                   "has dim 64: use an adapter trained for this model"]

@@ -5,7 +5,8 @@
   (LoRA's A under column-parallel layers and B under row-parallel ones, the norms) are
   bit-identical on every tensor-parallel rank; the planner's per-card terms match what they held;
 - both learn: the held-out loss falls well below the untuned model's;
-- resume after step 3 reproduces the uninterrupted run exactly; another layout is a clear error;
+- resume after step 3 reproduces the uninterrupted run exactly (also from a run saved in the layout
+  before run_config.json, its options inside ckpt.pt); another layout is a clear error;
 - the full run's output is a Meta checkpoint: written on 2 ranks it runs with example.py on 1 and
   2 ranks with the greedy ids of the TP=1 forward (up to the first near tie);
 - a LoRA adapter runs with example_ft.py in both formats, on 1 and 2 ranks;
@@ -20,7 +21,7 @@ import pytest
 import torch
 from dist_utils import REPO, torchrun
 from references import STORIES
-from test_ft_main import FAST, LAYOUT_TOL, evals, losses, make_loss_nan_at
+from test_ft_main import FAST, LAYOUT_TOL, evals, losses, make_loss_nan_at, to_old_layout
 
 sys.path.insert(0, str(REPO))  # the scripts at the repo root
 import example  # noqa: E402
@@ -29,11 +30,12 @@ import ft_main  # noqa: E402
 from llama import files  # noqa: E402
 from llama import formats  # noqa: E402
 from llama import distributed, lora  # noqa: E402
+from llama.config import LoadSpec  # noqa: E402
 from llama.errors import UserError  # noqa: E402
 from llama.formats import layout  # noqa: E402
 from llama.formats import load  # noqa: E402
 from llama.formats import meta  # noqa: E402
-from llama.formats import adapters
+from llama.formats import adapters  # noqa: E402
 from llama.tuning import train  # noqa: E402
 
 STEPS = ["--max_steps", "5", "--eval_interval", "5"]
@@ -47,8 +49,8 @@ LR = {"lora": 3e-3, "full": 1e-3}  # the methods' defaults
 # a few of 256..11008 elements stay well under 1e-2. A missed reduction or a wrong slice changes the
 # update's direction: ratio O(1).
 UPDATE_TOL = 1e-2
-GENERATE = ["--json", "--max_gen_len", "24", "--prompt", "Once upon a time"]
-INSTRUCT = ["--json", "--max_gen_len", "24", "--template", "plain", "--instruction", "Give three tips for staying healthy."]
+GENERATE = ["--json", "--max_tokens", "24", "--prompt", "Once upon a time"]
+INSTRUCT = ["--json", "--max_tokens", "24", "--template", "plain", "--instruction", "Give three tips for staying healthy."]
 
 
 TARGETS = list(lora.TARGETS)  # the seven block linears and the output layer (column-parallel, gathered)
@@ -91,7 +93,8 @@ def initial_weights() -> dict[str, dict[str, torch.Tensor]]:
     """What the runs start from: the base checkpoint (full), the seeded adapter with B = 0 (lora)."""
     distributed.setup()
     try:
-        model = load.load_model(STORIES, 512, 16, 1, torch.float32, torch.device("cpu"), kv_cache=False)
+        model = load.load_model(LoadSpec(STORIES, max_seq_len=16, max_batch_size=0, dtype=torch.float32), vocab_size=512,
+                                device=torch.device("cpu"))
         lora.add_lora(model, TARGETS, 8, 16.0, seed=0)  # ft_main's defaults but for the targets
         adapter = lora.gather_state(model)
     finally:
@@ -138,7 +141,8 @@ def greedy_with_margins(model_dir, prompt_ids: list[int], n: int, adapter=None) 
     """TP=1 greedy ids from the plain forward (with a LoRA adapter if given), with each step's top1 - top2 margin."""
     distributed.setup()
     try:
-        model = load.load_model(model_dir, 512, 64, 1, torch.float32, torch.device("cpu"))
+        model = load.load_model(LoadSpec(model_dir, max_seq_len=64, max_batch_size=1, dtype=torch.float32), vocab_size=512,
+                                device=torch.device("cpu"))
         if adapter is not None:
             full, config = adapters.load_adapter(adapter, model.args)
             lora.load_state(model, full, config["alpha"])
@@ -180,12 +184,29 @@ def test_resume_continues_exactly(runs, tmp_path, method):
     """Stopped after step 3 and resumed: the same losses, evals and weights as the uninterrupted TP=1 run."""
     args = run_args(method, tmp_path)
     ft_main.main([*args[:-4], "--max_steps", "3", "--lr_decay_steps", "5", "--eval_interval", "5", "--out_dir", str(tmp_path)])
-    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+    assert train.load_training_state(tmp_path)["step"] == 3
     ft_main.main(["--resume", "--method", method, "--max_steps", "5", "--out_dir", str(tmp_path)])
     whole = runs / f"{method}_tp1"
     assert losses(tmp_path) == losses(whole) and evals(tmp_path) == evals(whole)
     want, have = trained_weights(method, whole), trained_weights(method, tmp_path)
     assert all(torch.equal(want[k], have[k]) for k in want)
+
+
+def test_lora_run_saved_in_the_old_layout_resumes_exactly(runs, tmp_path):
+    """A LoRA run stopped after step 3 and rewritten as runs were saved before run_config.json (options
+    and state in ckpt.pt; the adapter and per-rank optimizer files as they are) resumes and ends with
+    the uninterrupted TP=1 run's losses, evals and adapter; the resumed run saves in the new layout."""
+    args = run_args("lora", tmp_path)
+    ft_main.main([*args[:-4], "--max_steps", "3", "--lr_decay_steps", "5", "--eval_interval", "5", "--out_dir", str(tmp_path)])
+    options = to_old_layout(tmp_path)
+    assert options["method"] == "lora" and options["lora_targets"] == ",".join(TARGETS)
+    assert not (tmp_path / "run_config.json").exists() and not (tmp_path / "state.pt").exists()
+    ft_main.main(["--resume", "--method", "lora", "--max_steps", "5", "--out_dir", str(tmp_path)])
+    whole = runs / "lora_tp1"
+    assert losses(tmp_path) == losses(whole) and evals(tmp_path) == evals(whole)
+    want, have = trained_weights("lora", whole), trained_weights("lora", tmp_path)
+    assert all(torch.equal(want[k], have[k]) for k in want)
+    assert (tmp_path / "run_config.json").is_file() and (tmp_path / "state.pt").is_file() and not (tmp_path / "ckpt.pt").exists()
 
 
 def test_activation_checkpointing_gives_the_same_run(runs, tmp_path):
@@ -249,9 +270,9 @@ def test_planner_per_card_terms_match_the_runs(runs):
 def test_diverging_lora_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """The 3rd step's loss is made NaN: the run stops there; step 2's adapter and checkpoint stay intact."""
     make_loss_nan_at(monkeypatch, 3)
-    with pytest.raises(UserError, match=r"training diverged at step 3: loss nan.*last good checkpoint is .*ckpt.pt \(step 2"):
+    with pytest.raises(UserError, match=r"training diverged at step 3: loss nan.*last good checkpoint is .*state.pt \(step 2"):
         ft_main.main(["--method", "lora", *FAST, "--max_steps", "5", "--ckpt_interval", "1", "--out_dir", str(tmp_path)])
-    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+    assert train.load_training_state(tmp_path)["step"] == 2
     full, config = adapters.load_adapter(tmp_path / "adapter.pt")
     assert config["step"] == 2 and all(torch.isfinite(t).all() for t in full.values())
     assert not list(tmp_path.glob(".*tmp"))

@@ -148,6 +148,7 @@ def ckpts(tmp_path_factory, state, tied_state) -> dict[str, Path]:
         "extra_keys": write_meta(root / "extra_keys", {**PARAMS, "vision_chunk_size": 560, "vision_max_num_chunks": 4,
                                                        "quantization_args": {"group_size": 32}}, base),
         "unknown_key": write_meta(root / "unknown_key", {**PARAMS, "n_experts": 16}, base),
+        "unscaled": write_meta(root / "unscaled", {**PARAMS, "use_scaled_rope": False}, base),
     }
 
 
@@ -214,7 +215,7 @@ def test_switching_rope_scaling_off_moves_logits_far_beyond_tolerance(world1, ck
     """Without scaling the logits leave HF's llama3 ones by > 1000 tolerances (2.9 measured), and
     match HF's plain RoPE instead: the difference is the scaling and nothing else. At position 0
     (angle 0) the two agree."""
-    unscaled = logits_of(ckpts["llama31"], world1, use_scaled_rope=False)
+    unscaled = logits_of(ckpts["unscaled"], world1)
     assert max_diff(unscaled, reference()) > 1000 * ATOL
     assert max_diff(unscaled[0], reference()[0]) <= ATOL
     torch.testing.assert_close(unscaled, reference(scaling=None), **TOL)
@@ -264,7 +265,7 @@ def test_rope_constants_stated_in_params_are_used(world1, ckpts, reference, name
     torch.testing.assert_close(logits, reference(SCALING_32), **TOL)
     assert max_diff(logits, reference()) > 200 * ATOL
     if name == "factor32_meta":
-        torch.testing.assert_close(logits_of(ckpts[name], world1, rope_scaling=META_ROPE_SCALING), reference(), **TOL)
+        torch.testing.assert_close(logits_of(ckpts[name], world1, rope_scaling_factor=META_ROPE_SCALING["factor"]), reference(), **TOL)
 
 
 # --- multi-shard files: the embedding's split is read from the files --------------------------------

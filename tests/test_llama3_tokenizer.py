@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from references import DATA
 from references import GOLDEN as STORIES_GOLDEN
-from references import LLAMA2_TOKENIZER, REPO, load_stories
+from references import LLAMA2_TOKENIZER, REPO, STORIES_TOKENIZER, load_stories
 
 from llama import chat
 from llama.errors import UserError
@@ -87,12 +87,13 @@ def test_generation_stops_at_any_stop_id(world1):
     llama2.c's greedy run from BOS emits FROM_BOS[13] first at step 13 and FROM_BOS[20] at step 20."""
     from_bos = STORIES_GOLDEN["greedy_bos_256"]["generated_ids"]
     assert [from_bos.index(from_bos[i]) for i in (13, 20)] == [13, 20]
-    stub = SimpleNamespace(pad_id=-1, eos_id=2, stop_ids=frozenset({from_bos[20], from_bos[13]}))
+    real = load_tokenizer(STORIES_TOKENIZER)
+    stub = SimpleNamespace(pad_id=-1, eos_id=2, stop_ids=frozenset({from_bos[20], from_bos[13]}), decode=real.decode)
     llm = Llama(load_stories(), stub, world1)
-    assert llm.generate([[1]], Sampling(max_new=40))[0] == [from_bos[:13]]
+    assert [c.ids for c in llm.generate([[1]], Sampling(max_tokens=40))] == [from_bos[:13]]
     assert 511 not in from_bos[:40]
     stub.stop_ids = frozenset({from_bos[20], 511})
-    assert llm.generate([[1]], Sampling(max_new=40))[0] == [from_bos[:20]]
+    assert [c.ids for c in llm.generate([[1]], Sampling(max_tokens=40))] == [from_bos[:20]]
 
 
 def test_bad_chat_message_is_a_user_error(tok: TiktokenTokenizer):

@@ -5,7 +5,7 @@
   from a config (with the base weights in HF's layout, permuted by transformers' own conversion
   formula) gives our logits; export -> import is the identity;
 - merge: split_model.py --adapter writes base + alpha/r * B @ A, whose plain logits equal the
-  adapted model's; the LoRA tensors' split dims follow the base weights' SPLIT_DIMS entries;
+  adapted model's; the LoRA tensors' split dims follow the base weights' entries in the split table;
 - bad input is one clear UserError: rank wider than a layer's slice, unknown target, adapter
   for another model (shapes), a PEFT adapter of another type, merge onto a different base.
 """
@@ -21,10 +21,11 @@ sys.path.insert(0, str(REPO))  # split_model.py lives at the repo root
 import split_model  # noqa: E402
 from llama import files  # noqa: E402
 from llama import lora  # noqa: E402
+from llama.config import LoadSpec  # noqa: E402
 from llama.errors import UserError  # noqa: E402
 from llama.formats import layout  # noqa: E402
 from llama.formats import load  # noqa: E402
-from llama.formats import adapters
+from llama.formats import adapters  # noqa: E402
 from llama.formats import peft as peft_lora  # noqa: E402
 from llama.formats.convert import convert  # noqa: E402
 
@@ -41,9 +42,14 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool((a - b).abs().max() < LOGITS_RTOL * b.abs().max())
 
 
+def load_stories(ckpt_dir=STORIES):
+    """A 1-rank fp32 model without KV cache (the plain forward, as training runs it)."""
+    return load.load_model(LoadSpec(ckpt_dir, max_seq_len=64, max_batch_size=0, dtype=torch.float32), vocab_size=512, device=torch.device("cpu"))
+
+
 @pytest.fixture
 def model(world1):
-    return load.load_model(STORIES, 512, 64, 2, torch.float32, torch.device("cpu"), kv_cache=False)
+    return load_stories()
 
 
 def random_adapter(model, targets=ALL, rank=4, alpha=8.0, seed=0):
@@ -77,7 +83,7 @@ def test_step_zero_gives_the_base_logits_exactly(model):
 
 
 def test_split_dims_follow_the_base_table():
-    for name, base in layout.SPLIT_DIMS.items():
+    for name, base in layout.split_table().items():
         a_dim, b_dim = layout.lora_split_dims(name)
         assert (a_dim, b_dim) == {0: (None, 0), 1: (1, None), None: (None, None)}[base], name
     assert layout.tensor_split_dim("layers.2.attention.wo.lora.A") == 1
@@ -126,7 +132,7 @@ def test_peft_forward_with_our_exported_adapter_equals_ours(model, tmp_path):
         assert close(model(ids), hf(ids).logits)  # same base model
     full = random_adapter(model)
     config = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "base_model": str(STORIES)}
-    peft_lora.export_peft(full, config, model.args, tmp_path / "peft")
+    peft_lora.save_peft_lora(full, config, model.args, tmp_path / "peft")
     saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and saved["r"] == 4 and saved["lora_alpha"] == 8.0
     assert saved["target_modules"] == ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -152,7 +158,7 @@ def test_project_format_round_trip_and_merge(model, tmp_path):
     split_model.main(["--ckpt_dir", str(STORIES), "--adapter", str(tmp_path / "adapter.pt"), "--num_shards", "2", "--out_dir", str(tmp_path / "merged2")])
     for n in (1, 2):
         out = tmp_path / f"merged{n}"
-        merged = load.load_model(out, 512, 64, 2, torch.float32, torch.device("cpu"), kv_cache=False)
+        merged = load_stories(out)
         with torch.no_grad():
             # merged W + s*B@A rounds once more per weight than the unmerged (W x + s*B(A x)) path
             assert close(merged(ids), adapted)

@@ -13,7 +13,7 @@ from references import DEVICES, STORIES
 
 from llama.errors import UserError
 from llama.formats import layout, load, params
-from llama.model import ModelArgs, RMSNorm, Transformer, apply_rope, precompute_rope
+from llama.model import CacheSpan, ModelArgs, RMSNorm, Transformer, apply_rope, precompute_rope
 
 LLAMA2_STYLE = ModelArgs(
     dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=256, multiple_of=64,
@@ -33,11 +33,12 @@ def model_and_state(name: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
 
 
 def build(args: ModelArgs, state: dict, device: str, kv_cache: bool = True) -> Transformer:
-    """A one-rank model holding `state` (needs the world1 fixture)."""
-    model = load.build_empty(args, torch.float32)
+    """A one-rank model holding `state`: its structure on the meta device, then the weights assigned."""
+    with torch.device("meta"):
+        model = Transformer(args)
     weights = {k: v.to(device) for k, v in state.items() if k not in layout.NOT_LOADED}
     model.load_state_dict(weights, strict=True, assign=True)
-    model.setup_caches(args.max_batch_size, args.max_seq_len, kv_cache=kv_cache)
+    model.setup_caches(args.max_batch_size if kv_cache else 0, args.max_seq_len)
     return model.eval()
 
 
@@ -195,9 +196,9 @@ def test_cache_prefill_decode_and_chunks_equal_one_full_forward(world1, device: 
         decoded = [model(tokens[:, :9], 0)] + [model(tokens[:, pos : pos + 1], pos) for pos in range(9, 24)]
         torch.testing.assert_close(torch.cat(decoded, dim=1), full, rtol=0, atol=SAME_ATOL)
         static = [model(tokens[:, :9], 0)]
-        for pos in range(9, 24):
-            pos_tensor = torch.tensor([pos], device=device)
-            static.append(model.output(model.decode_hidden(tokens[:, pos : pos + 1], pos_tensor)).float())
+        for pos in range(9, 24):  # a position per row, attention over the whole (masked) cache
+            span = CacheSpan(slice(0, 2), torch.tensor([pos, pos], device=device))
+            static.append(model.output(model.hidden_states(tokens[:, pos : pos + 1], span)).float())
         torch.testing.assert_close(torch.cat(static, dim=1), full, rtol=0, atol=SAME_ATOL)
         bounds = [0, 5, 6, 17, 24]
         chunks = [model(tokens[:, a:b], a) for a, b in zip(bounds, bounds[1:])]
@@ -206,6 +207,27 @@ def test_cache_prefill_decode_and_chunks_equal_one_full_forward(world1, device: 
         torch.testing.assert_close(model(tokens[:, :11], 0), full[:, :11], rtol=0, atol=SAME_ATOL)
     no_cache = build(args, state, device, kv_cache=False)
     torch.testing.assert_close(no_cache(tokens, 0), full, rtol=0, atol=SAME_ATOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_at_their_own_positions_equal_each_row_alone(world1, device: str):
+    """Three sequences prefilled into cache rows 2, 0, 1 (one at a time, as the engine admits them),
+    then one decode step with every row at its own position: each row's logits equal that sequence's
+    full forward alone."""
+    args, state = model_and_state("llama2-style")
+    model = build(args, state, device)
+    seqs = [random_tokens(args, 1, n, seed=n)[0].to(device) for n in (7, 12, 4)]
+    rows = [2, 0, 1]
+    with torch.inference_mode():
+        alone = {row: model(seq[None], 0)[0, -1] for row, seq in zip(rows, seqs)}  # through cache row 0, before the rows are filled
+        for row, seq in zip(rows, seqs):
+            model.hidden_states(seq[None, :-1], CacheSpan(slice(row, row + 1), 0))
+        last = torch.stack([seqs[rows.index(r)][-1] for r in range(3)]).view(3, 1)
+        positions = torch.tensor([len(seqs[rows.index(r)]) - 1 for r in range(3)], device=device)
+        for length in (None, int(positions.max()) + 1):  # static shape (compiled) and cut to the longest row (eager)
+            step = model.output(model.hidden_states(last, CacheSpan(slice(0, 3), positions, length))).float()[:, -1]
+            for r in range(3):
+                torch.testing.assert_close(step[r], alone[r], rtol=0, atol=SAME_ATOL)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -250,8 +272,8 @@ def test_soft_prompt_prefix_acts_like_tokens(world1, device: str):
     tokens = random_tokens(args, 2, 14).to(device)
     with torch.inference_mode():
         prefix = model.tok_embeddings(tokens[:, :5])
-        with_prefix = model.hidden_states(tokens[:, 5:], 0, prefix)
-        plain = model.hidden_states(tokens, 0)
+        with_prefix = model.hidden_states(tokens[:, 5:], prefix=prefix)
+        plain = model.hidden_states(tokens)
     torch.testing.assert_close(with_prefix, plain[:, 5:], rtol=0, atol=SAME_ATOL)
 
 

@@ -26,7 +26,7 @@ def test_wheel_ships_the_package_and_imports_outside_the_repo(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = wheels.glob("llama_mp-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    rooms = ("llama/formats/__init__.py", "llama/formats/hf.py", "llama/tuning/train.py", "llama/serving/app.py")
+    rooms = ("llama/formats/__init__.py", "llama/formats/hf.py", "llama/tuning/train.py", "llama/serving/app.py", "llama/kernels/linear.py")
     for module in ("llama/__init__.py", "llama/model.py", "llama/tokenizer.py", *rooms):
         assert module in names, f"{module} missing from {wheel.name}"
     site = tmp_path / "site"
@@ -34,10 +34,10 @@ def test_wheel_ships_the_package_and_imports_outside_the_repo(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
-    # the public entry points, and modules under the paths they had before the rooms (llama.MOVED)
+    # the public entry points and a module of each room
     code = ("from llama import Llama; from llama.generation import Llama; from llama.model import ModelArgs, Transformer; "
-            "from llama.checkpoint import load_model, SPLIT_DIMS, open_checkpoint; from llama.hf import HFCheckpoint; "
-            "from llama.reshard import convert; from llama.prompt_tuning import SoftPrompt; import llama.plan; print(llama.__file__)")
+            "from llama.engine import Engine; from llama.formats.load import load_model; from llama.formats import open_checkpoint; "
+            "from llama.kernels.linear import Int8Linear; from llama.tuning.prompt import SoftPrompt; import llama.formats.plan; print(llama.__file__)")
     run = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().startswith(str(site)), f"imported {run.stdout.strip()}, not the wheel's copy"

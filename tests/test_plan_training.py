@@ -6,13 +6,15 @@ The per-card adapter, weight and optimizer-state terms for N = 2 and D = 2 are c
 tests/test_ft_methods.py against the files the TP=2 and dp=2 runs wrote.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from references import STORIES
 
 from llama import lora
-from llama.formats import layout, load, params, plan
-from llama.model import ModelArgs
+from llama.formats import layout, params, plan
+from llama.model import ModelArgs, Transformer
 
 # A model wide enough that per-token scalars (RMSNorm's rsqrt, attention's logsumexp) and the
 # S x S mask the formulas leave out stay below a few percent of the total.
@@ -21,12 +23,14 @@ BATCH, SEQ = 2, 48
 
 
 def build(dtype: torch.dtype):
-    model = load.build_empty(ARGS, dtype)
+    """ARGS with random weights in `dtype`, frozen, with a RoPE table and no KV cache (as training loads it)."""
+    with torch.device("meta"):
+        model = Transformer(ARGS)
     state = layout.random_state_dict(ARGS, seed=1, dtype=dtype)
     model.load_state_dict({k: v for k, v in state.items() if k not in layout.NOT_LOADED}, assign=True)
     model.requires_grad_(False)
-    model.setup_caches(BATCH, SEQ, kv_cache=False)
-    return model
+    model.setup_caches(0, SEQ)
+    return model.train()
 
 
 def saved_bytes(model, skip=()) -> int:
@@ -72,34 +76,55 @@ def test_full_terms(world1):
         p.grad = torch.zeros_like(p)
     optimizer.step()
     state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
-    assert state + sum(p.grad.nbytes for p in params) == plan.train_state_bytes(ARGS, 1, "full")
+    assert state + sum(p.grad.nbytes for p in params) == plan.train_state_bytes(ARGS, 1, plan.Workload("full"))
 
 
 def test_checkpointing_keeps_block_inputs(world1):
     model = build(torch.float32).requires_grad_(True)
-    model.checkpoint_activations = True
+    model.activation_checkpointing = True
     tokens = BATCH * SEQ
     # with checkpointing, the forward keeps each block's input and the final norm's tensors
     kept = saved_bytes(model, skip=list(model.parameters()))
     predicted = ARGS.n_layers * tokens * ARGS.dim * 4
     assert predicted <= kept <= predicted + 3 * tokens * ARGS.dim * 4
-    full = plan.activation_bytes(ARGS, 1, BATCH, SEQ, 4, "full")
-    assert plan.activation_bytes(ARGS, 1, BATCH, SEQ, 4, "full", checkpoint_activations=True) < full
+    full = plan.Workload("full", BATCH, SEQ, 4)
+    assert plan.activation_bytes(ARGS, 1, replace(full, checkpoint_activations=True)) < plan.activation_bytes(ARGS, 1, full)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_lora_checkpointing_keeps_block_inputs(world1, dtype):
+    """LoRA + --checkpoint_activations: the forward keeps each block's input (the planner's L*T*d*b)
+    and the final norm's tensors; the adapters, recomputed with their block, keep nothing outside it,
+    so the bound is the one full fine-tuning meets. The planner's lora estimate drops accordingly."""
+    model = build(dtype)
+    frozen = list(model.parameters())
+    lora.add_lora(model, list(lora.DEFAULT_TARGETS), 8, 16.0)
+    adapters = list(lora.local_state(model).values())
+    tokens, b = BATCH * SEQ, dtype.itemsize
+    unchecked = saved_bytes(model, skip=[*frozen, *adapters])
+    model.activation_checkpointing = True
+    kept = saved_bytes(model, skip=[*frozen, *adapters])
+    predicted = ARGS.n_layers * tokens * ARGS.dim * b
+    # the final norm keeps its float32 input (a copy in 16 bits) and its normed output: at most 3 T*d*4 on top
+    assert predicted <= kept <= predicted + 3 * tokens * ARGS.dim * 4, (predicted, kept)
+    assert kept < unchecked / 2  # the adapters' inputs and the blocks' activations are gone
+    work = plan.Workload("lora", BATCH, SEQ, b)
+    assert plan.activation_bytes(ARGS, 1, replace(work, checkpoint_activations=True)) < plan.activation_bytes(ARGS, 1, work)
 
 
 def test_full_memory_warning_and_plan_cli(capsys):
-    import argparse
-
     import split_model
+    from llama.config import LoadSpec
     from llama.distributed import Parallel
+    from llama.tuning.config import TrainConfig
     from llama.tuning.methods import memory_warning
 
-    args = argparse.Namespace(dtype="bfloat16", batch_size=8, max_seq_len=512, checkpoint_activations=False)
+    config = TrainConfig(model=LoadSpec(max_seq_len=512, max_batch_size=0, dtype=torch.bfloat16), method="full", batch_size=8)
     seven_b = params.model_args({"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256}, 32000)
     parallel = Parallel(rank=0, world_size=2, tp_rank=0, tp_size=2, dp_rank=0, dp_size=1, device=torch.device("cuda"))
-    warning = memory_warning(args, seven_b, parallel, 24 * plan.GiB)
+    warning = memory_warning(config, seven_b, parallel, 24 * plan.GiB)
     assert warning.startswith("the planner puts --method full at ") and "but a card has 24.0 GiB" in warning
-    assert memory_warning(args, seven_b, parallel, 200 * plan.GiB) is None
+    assert memory_warning(config, seven_b, parallel, 200 * plan.GiB) is None
     split_model.main(["--plan", "--ckpt_dir", str(STORIES), "--mode", "lora", "--lora_rank", "4"])
     out = capsys.readouterr().out
     assert "lora, float16" in out and "LoRA r=4" in out and "grad+opt" in out

@@ -1,8 +1,8 @@
 """The soft prompt and the training-loop pieces, in one process on the bundled stories260K (fp32, CPU).
 
 References: the model's own embedding table (inits), a plain full-vocabulary cross-entropy (the
-chunked loss), one big batch (gradient accumulation), the written files read back (formats,
-checkpoints), and the documented formulas (learning-rate schedule).
+chunked loss), one big batch (gradient accumulation), the written files read back (formats, the
+training state and run_config.json), and the documented formulas (learning-rate schedule).
 """
 
 import json
@@ -15,21 +15,24 @@ import torch
 import torch.nn.functional as F
 from references import STORIES, STORIES_TOKENIZER
 
+from llama.config import LoadSpec
 from llama.errors import UserError
 from llama.formats import load
+from llama.kernels.schemes import Scheme
 from llama.tokenizer import load_tokenizer
+from llama.tuning import config as run_config
 from llama.tuning import data, train
+from llama.tuning.config import TrainConfig
 from llama.tuning.data import IGNORE_INDEX
-from llama.tuning.prompt import SoftPrompt, export_peft, init_prompt, load_prompt, save_prompt
+from llama.tuning.prompt import SoftPrompt, init_prompt, load_prompt, save_peft_prompt, save_prompt
 
 DATASET = STORIES.parent.parent / "datasets" / "alpaca_en_demo.json"
 
 
 @pytest.fixture
 def model(world1):
-    model = load.load_model(STORIES, 512, 64 + 16, 4, torch.float32, torch.device("cpu"))
-    model.setup_caches(4, 64 + 16, kv_cache=False)
-    return model
+    spec = LoadSpec(STORIES, max_seq_len=64 + 16, max_batch_size=0, dtype=torch.float32)  # no KV cache, as training loads it
+    return load.load_model(spec, vocab_size=512, device=torch.device("cpu")).train()
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +78,13 @@ def test_chunked_cross_entropy_equals_full_cross_entropy(model):
     labels = ids.clone()
     labels[:, :11] = IGNORE_INDEX
     labels[1, 30:] = IGNORE_INDEX  # a padded row
-    hidden = model.hidden_states(ids, 0, prompt(3))
+    hidden = model.hidden_states(ids, prefix=prompt(3))
     logits = model.output(hidden).float()
     reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
     (ref_grad,) = torch.autograd.grad(reference, prompt.weight)
     assert train.count_label_tokens(labels) == 2 * 29 + 19
     for chunk in (1, 7, 4096):
-        loss = train.summed_loss(model, prompt, ids, labels, chunk)
+        loss = train.summed_loss(model, prompt, ids, labels, chunk_size=chunk)
         (grad,) = torch.autograd.grad(loss, prompt.weight)
         assert abs(loss.item() - reference.item()) < 1e-5 * reference.item()
         assert (grad - ref_grad).abs().max() < 1e-6 * ref_grad.abs().max()  # fp32 summation order only
@@ -132,7 +135,7 @@ def test_project_and_peft_round_trips(model, tokenizer, tmp_path):
     save_prompt(prompt, tmp_path / "prompt.pt")
     assert torch.equal(load_prompt(tmp_path / "prompt.pt", dim=64).weight, prompt.weight)
 
-    export_peft(prompt, tmp_path / "peft", "ckpts/stories260K", str(STORIES_TOKENIZER), n_layers=5, n_heads=8)
+    save_peft_prompt(prompt, tmp_path / "peft", "ckpts/stories260K", str(STORIES_TOKENIZER), n_layers=5, n_heads=8)
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PROMPT_TUNING" and config["task_type"] == "CAUSAL_LM"
     assert config["num_virtual_tokens"] == 7 and config["token_dim"] == 64 and config["num_transformer_submodules"] == 1
@@ -176,24 +179,32 @@ def test_bad_adapters_are_clear_errors(tmp_path):
         load_prompt(tmp_path / "missing.pt")
 
 
-def test_checkpoint_round_trip_restores_everything(model, tokenizer, tmp_path):
+def test_training_state_round_trip_restores_everything(model, tokenizer, tmp_path):
+    """state.pt (what prompt tuning keeps + schedule, step, data position, RNG) and run_config.json read back as written."""
     prompt = init_prompt(model, tokenizer, 4, "vocab")
     optimizer = torch.optim.AdamW([prompt.weight], lr=0.1)
     prompt.weight.grad = torch.ones_like(prompt.weight)
     optimizer.step()
-    train.save_checkpoint(tmp_path / "ckpt.pt", prompt, optimizer, {"lr": 0.1}, 7, {"epoch": 1, "position": 5}, {"lr": 0.1})
+    method_state = {"prompt": prompt.weight.detach().cpu().clone(), "prompt_config": prompt.config, "optimizer": optimizer.state_dict()}
+    config = TrainConfig(model=LoadSpec(STORIES, max_seq_len=64, max_batch_size=0, dtype=torch.float32, quantize=Scheme("int4", 64)),
+                         lr=0.1, lora_targets=("wq", "wv"), field_map={"instruction": "prompt"}, out_dir=tmp_path)
+    run_config.save(config, tmp_path)
+    train.save_training_state(tmp_path, method_state, schedule={"lr": 0.1}, step=7, data_position={"epoch": 1, "position": 5})
     after_save = (torch.rand(3), torch.randint(0, 10**9, ()).item())
-    saved = train.load_checkpoint(tmp_path / "ckpt.pt")
-    assert saved["step"] == 7 and saved["data"] == {"epoch": 1, "position": 5} and saved["config"] == {"lr": 0.1}
+    saved = train.load_training_state(tmp_path)
+    assert saved["step"] == 7 and saved["data"] == {"epoch": 1, "position": 5} and saved["scheduler"] == {"lr": 0.1}
+    assert run_config.load(tmp_path) == config
+    written = json.loads((tmp_path / "run_config.json").read_text())  # readable: the options as the command line spells them
+    assert written["lr"] == 0.1 and written["model"]["quantize"] == "int4-g64" and written["model"]["dtype"] == "float32"
     assert torch.equal(saved["prompt"], prompt.weight.detach())
     restored = torch.optim.AdamW([torch.nn.Parameter(saved["prompt"].clone())], lr=0.1)
     restored.load_state_dict(saved["optimizer"])
     assert torch.equal(restored.state_dict()["state"][0]["exp_avg_sq"], optimizer.state_dict()["state"][0]["exp_avg_sq"])
     train.set_rng_state(saved["rng"])
     assert torch.equal(torch.rand(3), after_save[0]) and torch.randint(0, 10**9, ()).item() == after_save[1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
-    with pytest.raises(UserError, match="no checkpoint at"):
-        train.load_checkpoint(tmp_path / "none.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_config.json", "state.pt"]  # no temporary file left
+    with pytest.raises(UserError, match="no training state at"):
+        train.load_training_state(tmp_path / "none")
 
 
 def test_metrics_log_drops_records_after_the_resumed_step(tmp_path):

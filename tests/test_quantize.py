@@ -1,10 +1,13 @@
-"""Weight-only quantization (llama/quantize.py): kernels, slicing, TP=2, quality, QLoRA, bad input.
+"""Weight-only quantization (llama/kernels: schemes.py, linear.py): kernels, slicing, TP=2, quality, QLoRA, bad input.
 
-References this project did not produce: the float reference of each kernel is F.linear with the
-weights the kernel dequantizes to; NF4 codes and absmax come from bitsandbytes' own quantize_4bit
-of each rank's slice; TP=2 (tests/quant_worker.py) is compared with a TP=1 float model built
-from the gathered dequantized slices; quality is measured against llama2.c's golden ids and the
-unquantized model.
+References this project did not produce: the int4 scheme (scales, zeros, codes) is compared with
+gpt-fast's formulas written out here and with torchao's groupwise_affine_quantize_tensor (if
+installed); the float reference of each int kernel is F.linear with the weights the pure scheme
+functions dequantize to (they never touch the kernel's packed layout, so a packing bug cannot
+cancel out), that of the NF4 kernel bitsandbytes' dequantize_4bit; NF4 codes and absmax come from
+bitsandbytes' own quantize_4bit of each rank's slice; TP=2 (tests/quant_worker.py) is compared
+with a TP=1 float model built from the gathered dequantized slices; quality is measured against
+llama2.c's golden ids and the unquantized model.
 """
 
 import json
@@ -24,26 +27,38 @@ from quant_worker import GEN_LEN, LOGIT_TOKENS, PROMPT  # noqa: E402
 
 import ft_main  # noqa: E402
 from llama import formats  # noqa: E402
-from llama import lora, quantize  # noqa: E402
+from llama import lora  # noqa: E402
+from llama.config import LoadSpec  # noqa: E402
 from llama.errors import UserError  # noqa: E402
 from llama.formats import adapters, layout  # noqa: E402
 from llama.formats.load import load_model  # noqa: E402
+from llama.kernels import schemes  # noqa: E402
+from llama.kernels.linear import NF4Linear, QuantizedLinear  # noqa: E402
+from llama.kernels.schemes import parse_scheme  # noqa: E402
 
 bnb_f = pytest.importorskip("bitsandbytes.functional")
 INT_SCHEMES = ["int8", "int4-g32", "int4-g128"]
 SCHEMES = [*INT_SCHEMES, "nf4"]
-# The int kernels compute with bfloat16 activations (8 significant bits, unit roundoff 2^-9): the
+# The int kernels compute with bfloat16 activations (8 significant bits, unit roundoff 2^-8): the
 # input is rounded once, the int4 kernel may form (q - 8) s + z in bfloat16, and the output is
-# rounded once, so |kernel - F.linear(x, W_deq)| <= 3 * 2^-9 * (|x| @ |W_deq|^T), plus float32
-# accumulation over K <= 192 terms (K * 2^-24 relative, < 2^-16).
-KERNEL_REL = 3 * 2**-9 + 192 * 2**-24
+# rounded once, so |kernel - F.linear(x, W_deq)| <= 3 * 2^-8 * (|x| @ |W_deq|^T) with W_deq the
+# float32 weights the scheme dequantizes to, plus float32 accumulation over K <= 192 terms
+# (K * 2^-24 relative, < 2^-16). A wrong nibble order, tile or group in the packed layout moves an
+# output by a whole quantization step of its weights, far beyond 2^-7 relative.
+KERNEL_REL = 3 * 2**-8 + 192 * 2**-24
 N_LINEARS = 35  # 7 quantized linears x 5 layers
 HELD_OUT = 16  # alpaca outputs (records the tuning tests never train on: they are not in any run here)
 
 
 def load(scheme, tp_rank=0, tp_size=1, max_seq_len=512):
-    return load_model(STORIES, 512, max_seq_len, 1, torch.float32, torch.device("cpu"), tp_rank, tp_size,
-                                 kv_cache=False, quantize=scheme)
+    """The bundled model in float32 on CPU, its block linears quantized by `scheme` (--quantize text or None), no KV cache."""
+    spec = LoadSpec(STORIES, max_seq_len=max_seq_len, max_batch_size=0, dtype=torch.float32, quantize=parse_scheme(scheme or "none"))
+    return load_model(spec, vocab_size=512, device=torch.device("cpu"), tp_rank=tp_rank, tp_size=tp_size)
+
+
+def quantized_layers(model) -> dict[str, QuantizedLinear]:
+    """Weight name (`layers.N.attention.wq.weight`) -> the kernel holding that weight."""
+    return {name.removesuffix(".kernel") + ".weight": module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
 
 
 def dense_from(weights: dict[str, torch.Tensor]):
@@ -57,17 +72,87 @@ def dense_from(weights: dict[str, torch.Tensor]):
 
 # --- kernels ---------------------------------------------------------------------------------------------
 
+def scheme_dequantized(weight: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The float32 weight the pure scheme functions make of `weight` (quantize, then dequantize; no kernel, no packing)."""
+    parsed = parse_scheme(scheme)
+    if parsed.name == "int8":
+        return schemes.dequantize_int8(*schemes.quantize_int8(weight, torch.bfloat16), weight.size(1))
+    return schemes.dequantize_int4(*schemes.quantize_int4(weight, parsed.group_size, torch.bfloat16), *weight.shape)
+
+
 @pytest.mark.parametrize("scheme", INT_SCHEMES)
 @pytest.mark.parametrize("layer", ["layers.1.attention.wq", "layers.1.feed_forward.w1", "layers.1.attention.wo", "layers.1.feed_forward.w2"])
-def test_int_kernels_equal_float_reference_of_their_dequantized_weights(world1, scheme, layer):
-    """Column- (wq, w1: 172 rows) and row-parallel (wo, w2: 172 columns, padded) layers at TP=1."""
-    kernel = quantize.quantized_layers(load(scheme))[layer + ".weight"]
+def test_int_kernels_equal_float_reference_of_the_schemes_dequantized_weights(world1, scheme, layer):
+    """Column- (wq, w1: 172 rows) and row-parallel (wo, w2: 172 columns, padded) layers at TP=1: the
+    kernel's product against F.linear with the checkpoint's weight quantized and dequantized by the
+    pure scheme functions (KERNEL_REL: bfloat16 activations); the weight the kernel reports it
+    multiplies by (int4: read back through the kernel itself) is that one exactly."""
+    kernel = quantized_layers(load(scheme))[layer + ".weight"]
+    W = scheme_dequantized(formats.open_checkpoint(STORIES).read(layer + ".weight").float(), scheme)
     x = torch.randn(2, 7, kernel.in_features, generator=torch.Generator().manual_seed(1))
-    W = kernel.dequantize()
     bound = KERNEL_REL * (x.abs() @ W.abs().t())
     err = (kernel(x) - F.linear(x, W)).abs()
     assert (err <= bound + 1e-30).all(), (err - bound).max()
-    assert kernel(x).dtype == torch.float32 and kernel.dequantize().shape == (kernel.out_features, kernel.in_features)
+    assert kernel(x).dtype == torch.float32 and W.shape == (kernel.out_features, kernel.in_features)
+    assert torch.equal(kernel.dequantize(), W)  # int4: the codes the kernel unpacks are the scheme's
+
+
+def gpt_fast_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gpt-fast's get_group_qparams + group_quantize_tensor_from_qparams (quantize.py), written out:
+    (codes int32 [out, in], scales [out, groups], zeros [out, groups]) in bfloat16, as gpt-fast stores them."""
+    groups = w.reshape(-1, group_size)
+    max_val, min_val = groups.amax(dim=1, keepdim=True), groups.amin(dim=1, keepdim=True)
+    scales = (max_val - min_val).clamp(min=1e-6) / 15
+    zeros = min_val + scales * 8
+    scales, zeros = scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
+    low = zeros - scales * 8  # in bfloat16, as gpt-fast computes it
+    codes = groups.sub(low).div(scales).round().clamp_(0, 15).to(torch.int32).reshape_as(w)
+    return codes, scales.reshape(w.size(0), -1), zeros.reshape(w.size(0), -1)
+
+
+def torchao_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchao's groupwise_affine_quantize_tensor (tinygemm's format; CPU: unpacked int32 codes), same outputs."""
+    utils = pytest.importorskip("torchao.quantization.utils")
+    codes, scales_and_zeros = utils.groupwise_affine_quantize_tensor(w, 4, group_size, torch.bfloat16)
+    return codes, scales_and_zeros[..., 0].t(), scales_and_zeros[..., 1].t()
+
+
+@pytest.mark.parametrize("group_size", schemes.INT4_GROUP_SIZES)
+@pytest.mark.parametrize("reference", [gpt_fast_int4, torchao_int4], ids=["gpt-fast", "torchao"])
+@pytest.mark.parametrize("key", ["layers.1.attention.wq.weight", "layers.1.feed_forward.w1.weight", "layers.1.feed_forward.w2.weight"])
+def test_int4_scheme_equals_independent_quantizers(reference, group_size, key):
+    """schemes.quantize_int4 on the bundled model's weights (wq: no padding; w1: 172 rows, padded to
+    176; w2: 172 columns, padded to groups) against a quantizer of the same scheme written elsewhere,
+    fed the same zero-padded weight (the kernel needs that padding; its rows are then cut off)."""
+    W = formats.open_checkpoint(STORIES).read(key).float()
+    q, scales_and_zeros = schemes.quantize_int4(W, group_size, torch.bfloat16)
+    out_features, in_features = W.shape
+    q_ref, s_ref, z_ref = reference(F.pad(W, (0, q.size(1) - in_features, 0, q.size(0) - out_features)), group_size)
+    real = slice(0, out_features)  # all-zero padding rows: torchao clamps their scale after dividing by 15, gpt-fast before
+    q, s, z = q[real], scales_and_zeros[..., 0].t()[real], scales_and_zeros[..., 1].t()[real]
+    q_ref, s_ref, z_ref = q_ref[real], s_ref[real], z_ref[real]
+    assert q.dtype == torch.int32 and q.min() >= 0 and q.max() <= 15
+    assert torch.equal(s, s_ref)  # (max - min) / 15 in float32, rounded to bfloat16 once, on both sides
+    # The zero: gpt-fast and torchao take min + 8 s with the float32 scale, llama-mp with the scale
+    # rounded to bfloat16 first (8 significant bits, unit roundoff 2^-8: |s_bf16 - s| <= 2^-8 s, times
+    # 8: s / 32); each side then rounds the zero to bfloat16 once (2^-8 of its magnitude).
+    zero_bound = s.float() / 32 + 2**-8 * (z.float().abs() + z_ref.float().abs())
+    assert ((z.float() - z_ref.float()).abs() <= zero_bound).all()
+    # The codes: round((w - low) / s) with low = z - 8 s, from each side's own zero (the references
+    # form low in bfloat16, llama-mp in float32). They may differ only where the reference's exact
+    # position sits within the two lows' distance of a rounding boundary, and then by one step.
+    steps = s.float().repeat_interleave(group_size, dim=1)
+    low = (z.float() - 8 * s.float()).repeat_interleave(group_size, dim=1)
+    low_ref = (z_ref - 8 * s_ref).float().repeat_interleave(group_size, dim=1)
+    position = (F.pad(W, (0, q.size(1) - in_features))[real] - low_ref) / steps
+    near_boundary = ((position - position.floor() - 0.5).abs() <= (low - low_ref).abs() / steps + 2**-16)
+    differ = q != q_ref
+    assert (q - q_ref).abs().max() <= 1 and not (differ & ~near_boundary).any()
+    assert differ.float().mean() < 0.05, differ.float().mean()  # a boundary effect, not another scheme
+    # dequantize_int4 reads the kernel's [groups, out, 2] scales-and-zeros layout as (q - 8) s + z of each group
+    packed = torch.stack([s_ref, z_ref], dim=-1).transpose(0, 1).contiguous()
+    expected = ((q_ref - 8).float() * s_ref.float().repeat_interleave(group_size, 1) + z_ref.float().repeat_interleave(group_size, 1))
+    assert torch.equal(schemes.dequantize_int4(q_ref, packed, out_features, in_features), expected[:, :in_features])
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (172, 64), (3000, 172)])  # rows shorter than a block; several row blocks
@@ -75,7 +160,7 @@ def test_nf4_kernel_equals_float_reference_of_bitsandbytes_dequantization(shape)
     """The NF4 matmul dequantizes blocks of rows itself: forward and input gradient equal float32 products with
     bitsandbytes' dequantize_4bit of the same codes (float32 reordering of K <= 3000 terms: K * 2^-24 of |x| @ |W|)."""
     gen = torch.Generator().manual_seed(0)
-    kernel = quantize.NF4Weight(torch.randn(shape, generator=gen))
+    kernel = NF4Linear(torch.randn(shape, generator=gen))
     W = kernel.dequantize()
     x = torch.randn(2, 5, shape[1], generator=gen, requires_grad=True)
     y = kernel(x)
@@ -88,11 +173,12 @@ def test_nf4_kernel_equals_float_reference_of_bitsandbytes_dequantization(shape)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_loaded_bytes_are_the_planner_count(world1, scheme):
     """What the loader holds per layer is `weight_nbytes`, the count split_model.py --plan uses."""
-    parsed = quantize.parse_scheme(scheme)
-    for key, kernel in quantize.quantized_layers(load(scheme)).items():
-        assert kernel.nbytes() == quantize.weight_nbytes(parsed, kernel.out_features, kernel.in_features, 4), key
+    parsed = parse_scheme(scheme)
+    for key, kernel in quantized_layers(load(scheme)).items():
+        assert kernel.nbytes() == schemes.weight_nbytes(parsed, kernel.out_features, kernel.in_features, 4), key
     model = load(scheme)
-    assert all(model.get_submodule(k.removesuffix(".weight")).weight is None for k in quantize.quantized_layers(model))
+    assert model.quantization == scheme and len(quantized_layers(model)) == N_LINEARS
+    assert all(model.get_submodule(k.removesuffix(".weight")).weight is None for k in quantized_layers(model))
     assert model.tok_embeddings.weight.dtype == model.output.weight.dtype == model.norm.weight.dtype == torch.float32
 
 
@@ -102,8 +188,8 @@ def test_planner_weights_are_what_the_loader_holds(world1, scheme):
     from llama.formats import plan
 
     model = load(scheme)
-    held = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(k.nbytes() for k in quantize.quantized_layers(model).values())
-    assert plan.weight_bytes(model.args, 1, 4, scheme) == held
+    held = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(k.nbytes() for k in quantized_layers(model).values())
+    assert plan.weight_bytes(model.args, 1, 4, parse_scheme(scheme)) == held
 
 
 # --- quantizing a slice vs slicing the whole tensor's quantization ------------------------------------------
@@ -112,16 +198,16 @@ def test_grouped_slices_equal_sliced_whole_tensor_quantization():
     """int4 (groups of 32) and int8 rows: quantizing a rank's slice equals slicing the whole quantization
     wherever groups align (rows always; columns at multiples of the group)."""
     W = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
-    q, sz = quantize.quantize_int4(W, 32, torch.bfloat16)
-    q_rows, sz_rows = quantize.quantize_int4(W[32:], 32, torch.bfloat16)  # column-parallel rank 1 of 2
+    q, sz = schemes.quantize_int4(W, 32, torch.bfloat16)
+    q_rows, sz_rows = schemes.quantize_int4(W[32:], 32, torch.bfloat16)  # column-parallel rank 1 of 2
     assert torch.equal(q_rows, q[32:]) and torch.equal(sz_rows, sz[:, 32:])
-    q_cols, sz_cols = quantize.quantize_int4(W[:, 128:], 32, torch.bfloat16)  # row-parallel rank 1 of 2
+    q_cols, sz_cols = schemes.quantize_int4(W[:, 128:], 32, torch.bfloat16)  # row-parallel rank 1 of 2
     assert torch.equal(q_cols, q[:, 128:]) and torch.equal(sz_cols, sz[4:])
-    q8, s8 = quantize.quantize_int8(W, torch.bfloat16)
-    q8_rows, s8_rows = quantize.quantize_int8(W[:32], torch.bfloat16)
+    q8, s8 = schemes.quantize_int8(W, torch.bfloat16)
+    q8_rows, s8_rows = schemes.quantize_int8(W[:32], torch.bfloat16)
     assert torch.equal(q8_rows, q8[:32]) and torch.equal(s8_rows, s8[:32])
     # A row-parallel int8 slice takes its scale from its own columns: never coarser than the whole row's.
-    _, s8_cols = quantize.quantize_int8(W[:, :128], torch.bfloat16)
+    _, s8_cols = schemes.quantize_int8(W[:, :128], torch.bfloat16)
     assert (s8_cols <= s8).all() and (s8_cols < s8).any()
 
 
@@ -177,7 +263,7 @@ def test_tp2_equals_tp1_built_from_the_same_dequantized_slices(world1, tp2, sche
         logits = reference(all_ids, 0)[0, len(PROMPT) - 1 : -1]
     top2 = logits.topk(2, dim=-1).values
     checked = (top2[:, 0] - top2[:, 1]) > 4 * rel * logits.abs().max()
-    assert len(generated) == GEN_LEN and checked.sum() >= GEN_LEN // 4, checked  # not vacuous
+    assert len(generated) == GEN_LEN and checked.sum() >= 3, checked  # not vacuous: some steps are far from a tie
     assert logits.argmax(-1)[checked].tolist() == torch.tensor(generated)[checked].tolist()
 
 
@@ -213,7 +299,7 @@ def test_tp2_nf4_slices_equal_bitsandbytes_quantization_of_the_slice(tp2):
 def relative_weight_errors(model, reference_state) -> torch.Tensor:
     """|W_deq - W| / |W| (Frobenius) of every quantized linear."""
     return torch.tensor([((k.dequantize() - reference_state[key]).norm() / reference_state[key].norm()).item()
-                         for key, k in quantize.quantized_layers(model).items()])
+                         for key, k in quantized_layers(model).items()])
 
 
 def held_out_nll(model, tokenizer) -> float:
@@ -277,7 +363,7 @@ def test_quality_on_the_bundled_model(unquantized, scheme):
 
 def test_qlora_step0_forward_equals_dequantized_base_and_gradients_reach_adapters_only(world1):
     model = load("nf4", max_seq_len=64)
-    reference = dense_from({key: k.dequantize() for key, k in quantize.quantized_layers(model).items()})
+    reference = dense_from({key: k.dequantize() for key, k in quantized_layers(model).items()})
     lora.add_lora(model, list(lora.DEFAULT_TARGETS), 8, 16.0, seed=0)  # B = 0: the adapter adds nothing yet
     tokens = LOGIT_TOKENS
     got = model(tokens, 0)
@@ -312,7 +398,7 @@ def test_qlora_lowers_held_out_loss_and_records_the_base(qlora_run):
         assert weights.metadata()["base_quantization"] == "nf4"  # PEFT warns about unknown adapter_config keys
 
 
-def linear4bit(kernel: quantize.NF4Weight, rows=None):
+def linear4bit(kernel: NF4Linear, rows=None):
     """A bitsandbytes Linear4bit holding `kernel`'s NF4 codes and quantization state (rows reordered
     whole blocks at a time when `rows` is given: each row is one block of 64 here)."""
     import copy
@@ -322,11 +408,11 @@ def linear4bit(kernel: quantize.NF4Weight, rows=None):
     packed, state = kernel.packed, copy.copy(kernel.state)
     state.shape = torch.Size((kernel.out_features, kernel.in_features))
     if rows is not None:
-        assert kernel.in_features == quantize.NF4_BLOCK
+        assert kernel.in_features == schemes.NF4_BLOCK
         packed, state.absmax = packed.view(kernel.out_features, -1)[rows].reshape(-1, 1), state.absmax[rows]
     layer = bnb.nn.Linear4bit(kernel.in_features, kernel.out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4")
     layer.support_avx512bf16_for_cpu = False  # its AVX512-BF16 repacking needs out-features in multiples of 32 (w1: 172)
-    layer.weight = bnb.nn.Params4bit(data=packed, requires_grad=False, quant_state=state, blocksize=quantize.NF4_BLOCK,
+    layer.weight = bnb.nn.Params4bit(data=packed, requires_grad=False, quant_state=state, blocksize=schemes.NF4_BLOCK,
                                      compress_statistics=True, quant_type="nf4", bnb_quantized=True)
     return layer
 
@@ -343,7 +429,7 @@ def test_peft_on_bitsandbytes_linear4bit_equals_our_qlora_forward(world1, qlora_
     names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
              "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
              "feed_forward.w3": "mlp.up_proj"}
-    for key, kernel in quantize.quantized_layers(model).items():
+    for key, kernel in quantized_layers(model).items():
         _, i, ours = key.removesuffix(".weight").split(".", 2)
         rows = None
         if ours in ("attention.wq", "attention.wk"):  # HF's rotate-half row order (transformers' conversion)
@@ -364,13 +450,13 @@ def test_peft_on_bitsandbytes_linear4bit_equals_our_qlora_forward(world1, qlora_
 
 def test_adapter_on_a_differently_quantized_base_warns(qlora_run):
     """example_ft.py --adapter: a QLoRA adapter (trained over nf4) applied to an int8 base runs, with one warning."""
-    result = python("example_ft.py", "--adapter", qlora_run / "adapter.pt", "--quantize", "int8", "--max_gen_len", "4", "--json",
+    result = python("example_ft.py", "--adapter", qlora_run / "adapter.pt", "--quantize", "int8", "--max_tokens", "4", "--json",
                     "--instruction", "Say hi.")
     assert result.returncode == 0, result.stderr[-2000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: the adapter was trained on a base quantized as 'nf4' and is applied to one quantized as "
                         "'int8': outputs may differ from what training saw"]
-    same = python("example_ft.py", "--adapter", qlora_run / "peft", "--quantize", "nf4", "--max_gen_len", "4", "--json", "--instruction", "Say hi.")
+    same = python("example_ft.py", "--adapter", qlora_run / "peft", "--quantize", "nf4", "--max_tokens", "4", "--json", "--instruction", "Say hi.")
     assert same.returncode == 0 and "warning:" not in same.stderr
 
 
@@ -438,7 +524,7 @@ def test_planner_cli_counts_quantized_weights():
     assert "int4-g32 block linears" in result.stdout
     args = formats.open_checkpoint(STORIES).args
     row = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["2"])
-    assert float(row.split()[1]) == pytest.approx(round(plan.weight_bytes(args, 2, 2, "int4-g32") / plan.GiB, 2))
+    assert float(row.split()[1]) == pytest.approx(round(plan.weight_bytes(args, 2, 2, parse_scheme("int4-g32")) / plan.GiB, 2))
 
 
 def test_nf4_without_bitsandbytes_names_the_extra(tmp_path):
@@ -451,7 +537,7 @@ def test_nf4_without_bitsandbytes_names_the_extra(tmp_path):
 
 
 def test_parse_scheme():
-    assert quantize.parse_scheme("none") is None
-    assert str(quantize.parse_scheme("int4")) == "int4-g128" and quantize.parse_scheme("int4-g32").group_size == 32
+    assert parse_scheme("none") is None
+    assert str(parse_scheme("int4")) == "int4-g128" and parse_scheme("int4-g32").group_size == 32
     with pytest.raises(UserError, match="unknown --quantize"):
-        quantize.parse_scheme("int4-g")
+        parse_scheme("int4-g")

@@ -4,6 +4,7 @@ Each bad case is one `error:` line (no traceback), exit code 2, and nothing writ
 The runs are fresh interpreters started together on a 2-thread pool (as in test_cli.py).
 """
 
+import json
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ BAD = {
     "temperature below 0": ("example.py", ("--temperature", "-1"), r"temperature must be 0 \(greedy\) or above"),
     "top_p 0": ("example.py", ("--top_p", "0", "--temperature", "1"), r"top_p must be in \(0, 1\]"),
     "top_p above 1": ("example.py", ("--top_p", "1.5"), r"top_p must be in \(0, 1\]"),
-    "max_gen_len 0": ("example.py", ("--max_gen_len", "0"), r"--max_gen_len must be at least 1"),
+    "max_tokens 0": ("example.py", ("--max_tokens", "0"), r"--max_tokens must be at least 1"),
     "lr nan": ("ft_main.py", ("--lr", "nan", "--out_dir", "{tmp}/lr"), r"--lr must be in \(0, 1\]"),
     "lr 0": ("ft_main.py", ("--lr", "0", "--out_dir", "{tmp}/lr"), r"--lr must be in \(0, 1\]"),
     "lr 1e38": ("ft_main.py", ("--lr", "1e38", "--out_dir", "{tmp}/lr"), r"--lr must be in \(0, 1\]"),
@@ -32,7 +33,9 @@ BAD = {
                     r"holds an earlier run .*pass --resume to continue it, --force to start over"),
     "resume and force": ("ft_main.py", ("--out_dir", "{tmp}/earlier", "--resume", "--force"), r"pass one of them"),
 }
-EARLIER = {"ckpt.pt": b"an earlier run's checkpoint", "metrics.jsonl": b'{"step": 1}\n', "adapter.pt": b"an adapter"}
+# An earlier run's files: run_config.json + state.pt, and the ckpt.pt of a run saved before run_config.json existed.
+EARLIER = {"run_config.json": b'{"method": "lora"}\n', "state.pt": b"an earlier run's training state", "ckpt.pt": b"an older run's checkpoint",
+           "metrics.jsonl": b'{"step": 1}\n', "adapter.pt": b"an adapter"}
 
 
 def with_env(script: str, *args: str, **env) -> subprocess.CompletedProcess:
@@ -64,7 +67,7 @@ def runs(tmp_path_factory):
     port = str(free_port())
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(python, script, *(a.format(tmp=tmp) for a in args)) for name, (script, args, _) in BAD.items()}
-        futures["master_addr"] = pool.submit(with_env, "example.py", "--json", "--max_gen_len", "4", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        futures["master_addr"] = pool.submit(with_env, "example.py", "--json", "--max_tokens", "4", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         futures["help"] = pool.submit(python, "example.py", "--help")
         # a merged split and a plain split of the same model on a fresh folder: two default names
         futures["merge"] = pool.submit(python, "split_model.py", "--ckpt_dir", tmp / "model", "--adapter", adapter, "--num_shards", "2")
@@ -93,9 +96,11 @@ def test_an_earlier_run_is_kept_without_resume_or_force(runs):
 def test_force_starts_over(runs):
     tmp, results = runs
     assert results["forced"].returncode == 0, results["forced"].stderr[-3000:]
-    saved = torch.load(tmp / "forced" / "ckpt.pt", weights_only=True)
+    saved = torch.load(tmp / "forced" / "state.pt", weights_only=True)
     assert saved["step"] == 1 and (tmp / "forced" / "adapter.pt").read_bytes() != EARLIER["adapter.pt"]
     assert (tmp / "forced" / "metrics.jsonl").read_bytes() != EARLIER["metrics.jsonl"]
+    assert json.loads((tmp / "forced" / "run_config.json").read_text())["max_steps"] == 1
+    assert not (tmp / "forced" / "ckpt.pt").exists()  # the older run's file went with the rest
 
 
 def test_merged_output_has_its_own_default_folder(runs):

@@ -37,12 +37,10 @@ pytest.importorskip("fastapi")
 from dist_utils import REPO, free_port, python
 
 from llama import distributed
+from llama.engine import Engine, Piece, QueueFull, Request, ShuttingDown, safe_end, stop_string_end
 from llama.formats import adapters
 from llama.generation import Llama
-from llama.model import Transformer
 from llama.sampling import Sampling
-from llama.serving.batching import decode_rows, prefill_row
-from llama.serving.scheduler import Piece, QueueFull, Request, Scheduler, ShuttingDown, safe_end, stop_string_end
 
 MARGIN = 1e-3  # > 10x the largest reordering error argued above
 API_KEY = "sk-test-key"
@@ -57,7 +55,7 @@ CHAT_USER = "Tell me a story about a dog."
 STORIES = REPO / "ckpts" / "stories260K"
 
 
-# ---------------------------------------------------------------- in-process: the batched step
+# ---------------------------------------------------------------- in-process: the server over the engine
 
 @pytest.fixture(scope="module")
 def stories_llm():
@@ -66,33 +64,82 @@ def stories_llm():
     distributed.teardown()
 
 
-def alone_logits(model: Transformer, ids: list[int]) -> torch.Tensor:
-    """Last-position logits of `ids` in one forward from position 0 (batch 1, cache row 0)."""
-    with torch.inference_mode():
-        return model(torch.tensor([ids]), 0)[0, -1]
+@contextlib.contextmanager
+def in_process_server(llm: Llama, max_queue: int = 8):
+    """The FastAPI app over its own engine, the engine's step loop on a thread (world size 1)."""
+    from fastapi.testclient import TestClient
+
+    from llama.serving.app import Server
+
+    engine = Engine(llm.model, llm.tokenizer, llm.parallel.device, seed=None, max_queue=max_queue)
+    loop = threading.Thread(target=engine.serve_steps, kwargs={"leader": True, "heartbeat_s": 0.05}, daemon=True)
+    loop.start()
+    try:
+        with TestClient(Server(llm, engine.scheduler, "stories260K", None).app) as http:
+            yield http
+    finally:
+        engine.scheduler.stop()
+        loop.join()
 
 
-def test_rows_at_their_own_positions_match_each_row_alone(stories_llm):
-    """Prefill three prompts into rows 2, 0, 1 (rows 0/1 after row 2 is filled), decode one token
-    per row at its own position in one step: each row's logits equal that sequence run alone."""
-    model, tok = stories_llm.model, stories_llm.tokenizer
-    prompts = [tok.encode(p, bos=True, eos=False) for p in PROMPTS][:3]
-    nexts = [7, 100, 300]
-    expected = [alone_logits(model, p + [n]) for p, n in zip(prompts, nexts)]
-    rows = [2, 0, 1]
-    with torch.inference_mode():
-        for row, prompt in zip(rows, prompts):
-            first = prefill_row(model, row, prompt, torch.device("cpu"))
-            torch.testing.assert_close(first, alone_logits(model, prompt), rtol=0, atol=1e-4)  # as below
-        for row, prompt in zip(rows, prompts):  # alone_logits overwrote row 0: refill every row
-            prefill_row(model, row, prompt, torch.device("cpu"))
-        tokens, positions = [0] * 3, [0] * 3
-        for row, prompt, n in zip(rows, prompts, nexts):
-            tokens[row], positions[row] = n, len(prompt)
-        logits = decode_rows(stories_llm, tokens, positions)
-    for row, want in zip(rows, expected):
-        # reordered float32 sums only (masked full-cache attention, 3-row GEMMs): see the module note
-        torch.testing.assert_close(logits[row], want, rtol=0, atol=1e-4)
+def test_server_and_library_return_the_same_ids_and_logprobs(stories_llm):
+    """The server is a client of the same engine as Llama.generate: for the same requests (greedy, and
+    sampled with a seed) it returns identical ids and logprobs, bit for bit (one process, one rank)."""
+    prompts = {"Once upon a time": (24, 0.0, None), "The cat": (17, 1.0, 5), "Lily and Tom went to the park": (30, 0.8, 11)}
+    with in_process_server(stories_llm) as http:
+        served = {p: http.post("/v1/completions", json={"prompt": p, "max_tokens": n, "temperature": t, "seed": seed, "logprobs": 2,
+                                                        "return_token_ids": True}).json()["choices"][0]
+                  for p, (n, t, seed) in prompts.items()}
+    for prompt, (n, temperature, seed) in prompts.items():
+        ids = stories_llm.tokenizer.encode(prompt, bos=True, eos=False)
+        (library,) = stories_llm.generate([ids], Sampling(max_tokens=n, temperature=temperature, seed=seed, top_logprobs=2))
+        choice = served[prompt]
+        assert choice["token_ids"] == library.ids and choice["text"] == library.text
+        assert choice["logprobs"]["token_logprobs"] == [lp.logprob for lp in library.logprobs]
+
+
+def test_chat_logprobs_read_each_token_in_context(stories_llm):
+    """Chat logprob tokens keep their spaces: they join to the content, their bytes to its UTF-8
+    (each token decoded alone lost SentencePiece's leading space)."""
+    body = {"messages": [{"role": "user", "content": "Tell me a story about a dog."}], "max_tokens": 24, "temperature": 0,
+            "logprobs": True, "top_logprobs": 1}
+    with in_process_server(stories_llm) as http:
+        choice = http.post("/v1/chat/completions", json=body).json()["choices"][0]
+    content, entries = choice["message"]["content"], choice["logprobs"]["content"]
+    assert " " in content and "".join(e["token"] for e in entries) == content
+    assert bytes(b for e in entries for b in e["bytes"]) == content.encode()
+    assert all(e["top_logprobs"][0]["token"] == e["token"] for e in entries), "greedy: the top alternative is the token itself"
+
+
+def test_large_requests_are_refused_early_and_tokenizing_leaves_the_event_loop(stories_llm, monkeypatch):
+    """A body over --max_request_size gets 413 (OpenAI's error shape) without being parsed; a string
+    longer than max_seq_len tokens could hold gets 400 without being tokenized; and what is
+    tokenized is tokenized on a worker thread, not on the event loop that serves the other requests."""
+    import asyncio
+
+    from llama.serving.app import MAX_REQUEST_BYTES
+
+    calls = []
+    encode = stories_llm.tokenizer.encode
+
+    def spy(text, bos, eos):
+        try:
+            asyncio.get_running_loop()
+            calls.append("event loop")
+        except RuntimeError:
+            calls.append("worker thread")
+        return encode(text, bos, eos)
+
+    monkeypatch.setattr(stories_llm.tokenizer, "encode", spy)
+    with in_process_server(stories_llm) as http:
+        big = http.post("/v1/completions", content=b"{" + b" " * MAX_REQUEST_BYTES + b"}", headers={"Content-Type": "application/json"})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large", big.text
+        room = 64 * stories_llm.tokenizer.max_token_chars  # the fixture's max_seq_len
+        long = http.post("/v1/completions", json={"prompt": "a" * (room + 1), "max_tokens": 2})
+        assert long.status_code == 400 and long.json()["error"]["param"] == "prompt" and "characters" in long.json()["error"]["message"]
+        assert calls == [], "refused before tokenizing"
+        ok = http.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 2})
+        assert ok.status_code == 200 and calls == ["worker thread"]
 
 
 def test_stop_strings_and_held_back_text():
@@ -105,18 +152,15 @@ def test_stop_strings_and_held_back_text():
 
 def test_queue_bound_and_shutdown(stories_llm):
     """No step loop runs, so nothing leaves the queue: the second request finds it full."""
-    scheduler = Scheduler(stories_llm, max_queue=1)
-    job = lambda: Request([1, 2], Sampling(max_new=4), lambda piece: None)  # noqa: E731
-    scheduler.submit(job())
-    with pytest.raises(QueueFull):
-        scheduler.submit(job())
+    scheduler = Engine(stories_llm.model, stories_llm.tokenizer, stories_llm.parallel.device, max_queue=1).scheduler
     received: list[Piece] = []
-    queued = scheduler.waiting[0]
-    queued.deliver = received.append
+    scheduler.add([Request([1, 2], Sampling(max_tokens=4), on_piece=received.append)])
+    with pytest.raises(QueueFull):
+        scheduler.add([Request([1, 2], Sampling(max_tokens=4))])
     scheduler.stop()
-    assert scheduler.next_plan().stop and received[0].finish_reason == "cancelled"
+    assert scheduler.schedule().stop and received[0].finish_reason == "cancelled"
     with pytest.raises(ShuttingDown):
-        scheduler.submit(job())
+        scheduler.add([Request([1, 2], Sampling(max_tokens=4))])
 
 
 # ---------------------------------------------------------------- the served job
@@ -193,7 +237,7 @@ def example_json(*args: str) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def reference() -> dict[str, dict]:
     prompts = [arg for p in PROMPTS for arg in ("--prompt", p)]
-    return example_json("--max_gen_len", str(max(PROMPTS.values())), *prompts)
+    return example_json("--max_tokens", str(max(PROMPTS.values())), *prompts)
 
 
 def assert_margins(top_logprobs: list[dict[str, float]]) -> None:
@@ -241,7 +285,7 @@ def test_stop_string_ends_the_text_before_it(client, reference):
 
 
 def test_chat_uses_the_chat_template(client):
-    expected = next(iter(example_json("--chat", "--max_gen_len", "16", "--prompt", CHAT_USER).values()))
+    expected = next(iter(example_json("--chat", "--max_tokens", "16", "--prompt", CHAT_USER).values()))
     response = client.chat.completions.create(
         model="stories260K", messages=[{"role": "user", "content": CHAT_USER}], max_tokens=16, temperature=0,
         logprobs=True, top_logprobs=2, extra_body={"return_token_ids": True},
@@ -419,7 +463,7 @@ def test_lora_adapter_is_served_as_example_ft_runs_it(tmp_path):
     adapter = adapters.save_adapter(full, {"rank": 4, "alpha": 8.0, "targets": ["wq", "wv", "w2"]}, tmp_path / "adapter.pt")
     prompt, n = "Once upon a time", 24
     tuned = python(REPO / "example_ft.py", "--adapter", adapter, "--template", "plain", "--instruction", prompt,
-                   "--json", "--max_gen_len", str(n), "--max_seq_len", str(MAX_SEQ_LEN), timeout=120)
+                   "--json", "--max_tokens", str(n), "--max_seq_len", str(MAX_SEQ_LEN), timeout=120)
     assert tuned.returncode == 0, tuned.stderr
     expected = json.loads(tuned.stdout)
     proc, url = start_server(tmp_path / "serve.log", 2, "--adapter", str(adapter), "--max_seq_len", str(MAX_SEQ_LEN))
@@ -431,10 +475,30 @@ def test_lora_adapter_is_served_as_example_ft_runs_it(tmp_path):
     assert done.prompt_token_ids == expected["prompt_ids"]
     assert_margins(done.logprobs.top_logprobs)  # TP=2 vs 1 rank only reorders float32 sums
     assert done.token_ids == expected["ids"]
-    base = example_json("--prompt", prompt, "--max_gen_len", str(n))[prompt]["ids"]
+    base = example_json("--prompt", prompt, "--max_tokens", str(n))[prompt]["ids"]
     assert base != expected["ids"], "the adapter should change the greedy continuation"
 
 
+BAD_OPTIONS = {  # serve.py option -> what its one error line says; all refused before anything is loaded or bound
+    "--max_queue 0": (["--max_queue", "0"], "--max_queue must be at least 1"),
+    "--port 99999": (["--port", "99999"], "--port must be in 0..65535"),
+    "--port -5": (["--port", "-5"], "--port must be in 0..65535"),
+    "--log_level loud": (["--log_level", "loud"], "invalid choice: 'loud'"),
+    "--shutdown_timeout -1": (["--shutdown_timeout", "-1"], "--shutdown_timeout must be 0 or more"),
+    "missing adapter": (["--adapter", "missing.pt"], "adapter missing.pt not found"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_OPTIONS)
+def test_bad_server_option_is_one_clear_error(name):
+    args, message = BAD_OPTIONS[name]
+    out = python(REPO / "serve.py", *args, timeout=60)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_serving_a_soft_prompt_is_one_clear_error(tmp_path):
-    out = python(REPO / "serve.py", "--adapter", tmp_path / "missing.pt", "--port", str(free_port()), timeout=60)
+    from llama.tuning.prompt import SoftPrompt, save_prompt
+
+    path = save_prompt(SoftPrompt(torch.zeros(4, 64)), tmp_path / "prompt.pt")
+    out = python(REPO / "serve.py", "--adapter", path, "--port", str(free_port()), timeout=60)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a LoRA adapter" in out.stderr, out.stderr

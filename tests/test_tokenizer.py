@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import pytest
+import sentencepiece
 from references import DATA, LLAMA2_TOKENIZER, STORIES, STORIES_TOKENIZER
 
 from llama.errors import UserError
@@ -41,10 +42,14 @@ def test_encode_decode(name: str, case: dict):
 
 
 def test_special_token_text_is_not_special():
-    """"<s>" typed in a prompt is text, never the BOS id (prompt injection of control tokens)."""
-    for tok in TOKENIZERS.values():
-        ids = tok.encode("<s> not a bos </s>", bos=False, eos=False)
-        assert tok.bos_id not in ids and tok.eos_id not in ids
+    """"<s>" typed in a prompt is text, never the BOS id (prompt injection of control tokens): the ids
+    are sentencepiece's own for that text (which spells "<s>" with ordinary pieces) and decode back to it."""
+    text = "<s> not a bos </s>"
+    for name, tok in TOKENIZERS.items():
+        ids = tok.encode(text, bos=False, eos=False)
+        assert ids == sentencepiece.SentencePieceProcessor(model_file=str(FILES[name])).encode(text)
+        assert len(ids) > 6 and tok.bos_id not in ids and tok.eos_id not in ids
+        assert tok.decode(ids) == text
 
 
 def test_missing_or_foreign_file_is_a_user_error(tmp_path):

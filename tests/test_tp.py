@@ -77,8 +77,10 @@ def worker_outputs(ckpt_dirs, tmp_path_factory) -> dict[tuple[str, int, int, int
 
 @pytest.mark.parametrize("model", MODELS)
 def test_tp_equals_tp1(world1, model: str, ckpt_dirs, worker_outputs):
-    """1-shard checkpoint on 2 and 4 ranks: logits within ATOL, greedy and sampled ids identical."""
-    reference = outputs(ckpt_dirs[model, 1], load_tokenizer(STORIES_TOKENIZER), world1)
+    """1-shard checkpoint on 2 and 4 ranks: logits within ATOL, greedy and sampled ids identical; six
+    requests (three prompts greedy and sampled, each with its seed) generated together on 2 cache rows
+    give on every rank the ids each gives alone on one rank."""
+    reference = outputs(ckpt_dirs[model, 1], load_tokenizer(STORIES_TOKENIZER), world1, rows=1)
     assert sum(map(len, reference["greedy"])) >= 16, "too few ids to compare"
     for tp in TP_SIZES:
         for rank in range(WORLD):
@@ -87,6 +89,7 @@ def test_tp_equals_tp1(world1, model: str, ckpt_dirs, worker_outputs):
             torch.testing.assert_close(got["logits"], reference["logits"], **TOL, msg=lambda m: f"{where}: {m}")
             assert got["greedy"] == reference["greedy"], where
             assert got["sampled"] == reference["sampled"], f"{where}: ranks must sample the same tokens as one rank"
+            assert got["queued"] == reference["queued"], f"{where}: prompts queued on 2 rows must give their ids alone"
     assert reference["sampled"] != reference["greedy"], "sampling at temperature 1 should leave the greedy path"
 
 

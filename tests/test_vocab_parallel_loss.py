@@ -62,7 +62,8 @@ def test_chunk_of_ignored_labels_adds_exactly_nothing(ranks, tp):
     for rank in ranks[tp]:
         assert rank["losses"][2] == 0.0  # chunk 2: every target is IGNORE_INDEX
         assert torch.equal(rank["hidden_grad"][2 * CHUNK : 3 * CHUNK], torch.zeros(CHUNK, DIM))
-    # ... while the other chunks carry loss    assert (torch.cat([ranks[tp][0]["losses"][:2], ranks[tp][0]["losses"][3:]]) > 0).all()
+    # ... while the other chunks carry loss
+    assert (torch.cat([ranks[tp][0]["losses"][:2], ranks[tp][0]["losses"][3:]]) > 0).all()
 
 
 @pytest.mark.parametrize("tp", [2, 4])

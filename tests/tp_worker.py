@@ -18,6 +18,8 @@ from fairscale.nn.model_parallel import initialize as fs_init
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when not pip-installed
 from llama import distributed  # noqa: E402
+from llama.config import LoadSpec  # noqa: E402
+from llama.engine import Request  # noqa: E402
 from llama.formats import load  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 from llama.sampling import Sampling  # noqa: E402
@@ -29,16 +31,26 @@ PROMPTS = [[1], [1, 403, 407, 261, 378], [1, 317, 269, 274, 287, 263, 377]]
 GEN_LEN, SEED = 16, 5
 
 
-def outputs(ckpt_dir: Path, tokenizer: Tokenizer, parallel: distributed.Parallel, generate: bool = True) -> dict:
-    """All-position logits and, if `generate`, greedy and top-p sampled ids of one checkpoint on this rank."""
-    model = load.load_model(
-        ckpt_dir, tokenizer.n_words, 64, len(PROMPTS), torch.float32, parallel.device, parallel.tp_rank, parallel.tp_size
-    )
+QUEUED = [Sampling(max_tokens=GEN_LEN, seed=SEED + i) for i in range(len(PROMPTS))] + [
+    Sampling(max_tokens=GEN_LEN, temperature=1.0, top_p=0.9, seed=SEED + i) for i in range(len(PROMPTS))]
+"""Each prompt greedy and sampled with its own seed: generated together on fewer rows, or each alone."""
+
+
+def outputs(ckpt_dir: Path, tokenizer: Tokenizer, parallel: distributed.Parallel, generate: bool = True, rows: int = len(PROMPTS)) -> dict:
+    """All-position logits and, if `generate`, greedy and top-p sampled ids of one checkpoint on this rank;
+    "queued": the QUEUED requests generated together on `rows` cache rows (each alone when rows is 1)."""
+    spec = LoadSpec(ckpt_dir, max_seq_len=64, max_batch_size=len(PROMPTS), dtype=torch.float32)
+    model = load.load_model(spec, vocab_size=tokenizer.n_words, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size)
     with torch.inference_mode():
         result = {"logits": model(LOGIT_TOKENS.to(parallel.device), 0).cpu()}
     if generate:
-        result["greedy"], _ = Llama(model, tokenizer, parallel, SEED).generate(PROMPTS, Sampling(max_new=GEN_LEN))
-        result["sampled"], _ = Llama(model, tokenizer, parallel, SEED).generate(PROMPTS, Sampling(max_new=GEN_LEN, temperature=1.0, top_p=0.9))
+        result["greedy"] = [c.ids for c in Llama(model, tokenizer, parallel, SEED).generate(PROMPTS, Sampling(max_tokens=GEN_LEN))]
+        sampled = Llama(model, tokenizer, parallel, SEED).generate(PROMPTS, Sampling(max_tokens=GEN_LEN, temperature=1.0, top_p=0.9))
+        result["sampled"] = [c.ids for c in sampled]
+        model.setup_caches(rows, 64)
+        engine = Llama(model, tokenizer, parallel, SEED).engine
+        requests = [Request(prompt, setting) for setting, prompt in zip(QUEUED, PROMPTS * 2)]
+        result["queued"] = [c.ids for c in engine.generate(requests)] if rows > 1 else [engine.generate([r])[0].ids for r in requests]
     return result
 
 
@@ -55,7 +67,7 @@ def main() -> None:
     for tp in map(int, args.tp.split(",")):
         parallel = distributed.setup(tp)
         for ckpt_dir, generate in jobs:
-            result = outputs(ckpt_dir, tokenizer, parallel, generate)
+            result = outputs(ckpt_dir, tokenizer, parallel, generate, rows=2)
             torch.save(result, args.out / f"{ckpt_dir.name}.tp{tp}.rank{parallel.rank}.pt")
         fs_init.destroy_model_parallel()  # the next size builds new groups on the same processes
     distributed.teardown()

@@ -40,7 +40,7 @@ def problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def run(out_dir: Path, tp: int) -> None:
     parallel = distributed.setup(tp)
     weight, hidden, targets = problem()
-    output = ColumnParallelLinear(DIM, VOCAB)
+    output = ColumnParallelLinear(DIM, VOCAB, tp).train()  # training mode: the layer's collectives carry gradients
     rows = VOCAB // tp
     output.weight.data.copy_(weight[parallel.tp_rank * rows : (parallel.tp_rank + 1) * rows])
     hidden = hidden.clone().requires_grad_(True)

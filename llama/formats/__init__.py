@@ -25,6 +25,8 @@ def model_format(path: str | Path) -> str:
     """'meta' (params.json) or 'hf' (config.json); anything else, e.g. a folder left by an
     interrupted conversion, is a UserError saying what it is."""
     path = Path(path)
+    if path.is_file():
+        raise UserError(f"{path} is a file, not a model directory: pass the folder that holds params.json (Meta) or config.json (Hugging Face)")
     if not path.is_dir():
         raise UserError(f"checkpoint directory {path} not found")
     if (path / PARAMS).is_file():
@@ -37,10 +39,11 @@ def model_format(path: str | Path) -> str:
     raise UserError(f"{path} is not a model directory: it needs {PARAMS} (Meta layout) or {CONFIG} (Hugging Face)")
 
 
-def open_checkpoint(path: str | Path, vocab_size: Optional[int] = None, **overrides) -> Checkpoint:
+def open_checkpoint(path: str | Path, vocab_size: Optional[int] = None, *, verify: bool = False, **overrides) -> Checkpoint:
     """The reader for the model directory `path`, chosen by its config file (see `model_format`).
 
     `vocab_size` (the tokenizer's) must match the model's; `overrides` replace ModelArgs fields
-    (max_seq_len, ...).
+    (max_seq_len, ...). The files are checked against the folder's manifest.json if it has one:
+    sizes always, sha256 with `verify`.
     """
-    return READERS[model_format(path)](Path(path), vocab_size, **overrides)
+    return READERS[model_format(path)](Path(path), vocab_size, verify=verify, **overrides)

@@ -4,8 +4,9 @@
   with full (unsplit) tensors named `layers.N.attention.wq.lora.A` / `.lora.B`;
 - Hugging Face PEFT's LoRA adapter directory (llama/formats/peft.py).
 
-`merge_adapter` wraps a checkpoint reader so that every writer streams base + scale * B @ A; the
-split dims of the factors come from `SPLIT_DIMS` (`lora_split_dims`), so no gathering is needed.
+`MergedCheckpoint` reads a checkpoint as base + scale * B @ A, so every writer streams the merged
+model; the split dims of the factors follow the base weight's (`lora_split_dims`), so no gathering
+is needed.
 """
 
 import sys
@@ -17,10 +18,10 @@ import torch
 from llama.errors import UserError, is_rank0
 from llama.files import atomic_torch_save, load_file
 from llama.formats import peft
+from llama.formats.checkpoint import Checkpoint
 from llama.formats.layout import lora_split_dims
 from llama.lora import load_state, local_slice
 from llama.model import ModelArgs, Transformer
-from llama.quantize import adapter_mismatch
 
 PROJECT_FORMAT = "llama-mp-lora"
 
@@ -61,6 +62,16 @@ def adapter_kind(path: Path) -> str:
     return "prompt"  # load_prompt names the missing path
 
 
+def adapter_mismatch(config: dict, model: Transformer) -> Optional[str]:
+    """A warning when an adapter trained over one quantization of the base is applied to another."""
+    trained = config.get("base_quantization") or "none"
+    here = model.quantization or "none"
+    if trained == here:
+        return None
+    return (f"the adapter was trained on a base quantized as '{trained}' and is applied to one quantized as '{here}': "
+            "outputs may differ from what training saw")
+
+
 def apply_adapter(model: Transformer, path: Path) -> None:
     """Run a saved LoRA adapter (project or PEFT format) inside `model`, each rank its slices."""
     full, config = load_adapter(path, model.args)
@@ -70,35 +81,62 @@ def apply_adapter(model: Transformer, path: Path) -> None:
     load_state(model, full, config["alpha"])
 
 
-def merge_adapter(ckpt, path: Path):
-    """Read checkpoint `ckpt` as base + scale * B @ A: its `read` of an adapted weight returns merged slices.
+class MergedCheckpoint(Checkpoint):
+    """A checkpoint read as base + scale * B @ A: `read` of an adapted weight returns merged slices.
 
     Merging needs no gathering: a column-parallel slice is W_local + s * B_local @ A, a
     row-parallel one W_local + s * B @ A_local, so every writer (Meta N shards, HF, GGUF)
-    streams the merged model one tensor at a time. Shapes are checked first.
+    streams the merged model one tensor at a time. Shapes are checked when it is made.
     """
-    full, config = load_adapter(path, ckpt.args)
-    scale = config["alpha"] / config["rank"]
-    factors = {}
-    for module in sorted({key.rsplit(".lora.", 1)[0] for key in full}):
-        key, A, B = module + ".weight", full.get(module + ".lora.A"), full.get(module + ".lora.B")
-        if key not in ckpt.keys or A is None or B is None:
-            raise UserError(f"adapter {path} has weights for '{module}', which {ckpt.path} does not have: the adapter is for another model")
-        if key == "output.weight" and ckpt.tied:
-            raise UserError(f"adapter {path} adapts the output layer, but {ckpt.path} ties it to the embedding: merge would change both")
-        out_features, in_features = ckpt.shape(key)
-        if A.shape != (A.size(0), in_features) or B.shape != (out_features, A.size(0)):
-            raise UserError(f"adapter {path} has A {tuple(A.shape)}, B {tuple(B.shape)} for '{key}' of shape "
-                            f"{(out_features, in_features)} in {ckpt.path}: the adapter's base model does not match")
-        factors[key] = (A, B)
-    base_read = ckpt.read
 
-    def read(key: str, rank: int = 0, n_ranks: int = 1) -> torch.Tensor:
-        weight = base_read(key, rank, n_ranks)
-        if key not in factors:
+    def __init__(self, base: Checkpoint, path: Path):
+        full, config = load_adapter(path, base.args)
+        self.base, self.scale = base, config["alpha"] / config["rank"]
+        self.format, self.path, self.args, self.tied = base.format, base.path, base.args, base.tied
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for module in sorted({key.rsplit(".lora.", 1)[0] for key in full}):
+            key, A, B = module + ".weight", full.get(module + ".lora.A"), full.get(module + ".lora.B")
+            if key not in base.keys or A is None or B is None:
+                raise UserError(f"adapter {path} has weights for '{module}', which {base.path} does not have: the adapter is for another model")
+            if key == "output.weight" and base.tied:
+                raise UserError(f"adapter {path} adapts the output layer, but {base.path} ties it to the embedding: merge would change both")
+            out_features, in_features = base.shape(key)
+            if A.shape != (A.size(0), in_features) or B.shape != (out_features, A.size(0)):
+                raise UserError(f"adapter {path} has A {tuple(A.shape)}, B {tuple(B.shape)} for '{key}' of shape "
+                                f"{(out_features, in_features)} in {base.path}: the adapter's base model does not match")
+            self.factors[key] = (A, B)
+
+    def read(self, key: str, rank: int = 0, n_ranks: int = 1) -> torch.Tensor:
+        weight = self.base.read(key, rank, n_ranks)
+        if key not in self.factors:
             return weight
-        (A, B), (a_dim, b_dim) = factors[key], lora_split_dims(key)
-        return merged_weight(weight, local_slice(A, a_dim, rank, n_ranks), local_slice(B, b_dim, rank, n_ranks), scale)
+        (A, B), (a_dim, b_dim) = self.factors[key], lora_split_dims(key)
+        return merged_weight(weight, local_slice(A, a_dim, rank, n_ranks), local_slice(B, b_dim, rank, n_ranks), self.scale)
 
-    ckpt.read = read
-    return ckpt
+    def dtype(self, key: str) -> torch.dtype:
+        return self.base.dtype(key)
+
+    def shape(self, key: str) -> torch.Size:
+        return self.base.shape(key)
+
+    def tokenizer_file(self) -> Optional[Path]:
+        return self.base.tokenizer_file()
+
+    def replicas(self, key: str) -> list[torch.Tensor]:
+        return [] if key in self.factors else self.base.replicas(key)
+
+    def meta_keys(self) -> list[str]:
+        return self.base.meta_keys()
+
+    def params_text(self) -> str:
+        return self.base.params_text()
+
+    def stated_context(self) -> Optional[int]:
+        return self.base.stated_context()
+
+    @property
+    def n_files(self) -> Optional[int]:
+        return self.base.n_files
+
+    def check_consistent(self) -> None:
+        self.base.check_consistent()

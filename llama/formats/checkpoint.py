@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 from llama.errors import UserError
-from llama.formats.layout import full_shapes, split_dim
+from llama.formats.layout import NOT_LOADED, OUTPUT, full_shapes, split_dim
+from llama.formats.params import params_json
 from llama.model import ModelArgs
 from llama.tokenizer import locate_tokenizer
 
@@ -59,6 +60,26 @@ class Checkpoint:
         """Every stored copy of a replicated weight (a Meta checkpoint holds one per shard); [] if
         the format stores each weight once."""
         return []
+
+    def meta_keys(self) -> list[str]:
+        """Names a Meta shard of this model holds: the model's weights (no output when tied) and Meta's `rope.freqs`."""
+        return [k for k in self.keys if not (k == OUTPUT and self.tied)] + sorted(NOT_LOADED)
+
+    def params_text(self) -> str:
+        """params.json for a Meta copy of this model."""
+        return params_json(self.args)
+
+    def stated_context(self) -> Optional[int]:
+        """The context length the checkpoint's own config states, if any (HF's max_position_embeddings)."""
+        return None
+
+    @property
+    def n_files(self) -> Optional[int]:
+        """Weight files read (Meta shards), None where that says nothing."""
+        return None
+
+    def check_consistent(self) -> None:
+        """Before converting: whatever the format can check across its files (Meta: replicas agree)."""
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -18,10 +18,9 @@ import torch
 from llama.errors import UserError
 from llama.files import MANIFEST, STAGING, Staging, manifest
 from llama.formats import OUT_FORMATS, WRITERS, open_checkpoint
-from llama.formats.adapters import merge_adapter
+from llama.formats.adapters import MergedCheckpoint
 from llama.formats.checkpoint import Checkpoint
 from llama.formats.layout import check_shardable
-from llama.formats.meta import MetaCheckpoint
 from llama.tokenizer import TOKENIZER
 
 
@@ -74,15 +73,14 @@ def convert(
         raise UserError(f"--num_shards must be at least 1, got {num_shards}")
     if out_format != "meta" and num_shards != 1:
         raise UserError(f"--num_shards applies to the Meta layout only; --out_format {out_format} writes one model")
-    ckpt = open_checkpoint(ckpt_dir)
+    ckpt = open_checkpoint(ckpt_dir, verify=verify_output)  # --verify checks the input against its own manifest first
     if adapter is not None:
-        ckpt = merge_adapter(ckpt, Path(adapter))
+        ckpt = MergedCheckpoint(ckpt, Path(adapter))
     if out_format == "meta":
         check_shardable(ckpt.args, num_shards)
     writer = WRITERS[out_format]
     prepared = writer.prepare(ckpt, dtype, **options)  # checks options before anything is written
-    if isinstance(ckpt, MetaCheckpoint):
-        ckpt.check_replicas_agree()
+    ckpt.check_consistent()
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(ckpt.path, out_format, num_shards, adapter is not None)
     check_out_dir(out_dir, ckpt, writer.needed_bytes(ckpt, num_shards, prepared), force)
     with Staging(out_dir) as staging:
@@ -96,7 +94,7 @@ def convert(
         for f in files:
             staging.publish(f["name"])
         content = manifest(out_format, str(ckpt.path.resolve()), num_shards, writer.describe(ckpt, prepared), files,
-                           source_format=ckpt.format, source_shards=len(getattr(ckpt, "paths", [])) or None, verified=verify_output)
+                           source_format=ckpt.format, source_shards=ckpt.n_files, verified=verify_output)
         staging.write_text(MANIFEST, json.dumps(content, indent=2) + "\n")
         staging.publish(MANIFEST)
     return out_dir

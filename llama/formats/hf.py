@@ -25,9 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from llama.cli import parse_dtype
+from llama.config import parse_dtype
 from llama.errors import UserError
-from llama.files import STAGING, Staging, parse_size, read_json
+from llama.files import STAGING, Staging, check_files, parse_size, read_json
 from llama.formats.checkpoint import Checkpoint, verify
 from llama.formats.hf_tokenizer import tokenizer_files
 from llama.formats.layout import EMBEDDING, LLAMA3_MIN_VOCAB, NOT_LOADED, OUTPUT, check_names, full_shapes, rope_freqs
@@ -188,8 +188,9 @@ class HFCheckpoint(Checkpoint):
 
     format = "hf"
 
-    def __init__(self, path: Path, vocab_size: Optional[int] = None, **overrides):
+    def __init__(self, path: Path, vocab_size: Optional[int] = None, verify: bool = False, **overrides):
         self.path = Path(path)
+        check_files(self.path, hashes=verify)
         self.config = read_json(self.path / CONFIG, "a Hugging Face folder needs config.json")
         self.args = model_args(params_from_config(self.config, self.path / CONFIG), vocab_size, CONFIG, **overrides)
         self.args.vocab_parallel_embedding = self.args.vocab_size >= LLAMA3_MIN_VOCAB  # as Meta's Llama 3 code
@@ -211,6 +212,10 @@ class HFCheckpoint(Checkpoint):
         for key, shape in full_shapes(self.args).items():
             if key in self.names and tuple(self.shape(key)) != shape:
                 raise UserError(f"'{hf_name(key)}' is {tuple(self.shape(key))} but config.json implies {shape}")
+
+    def stated_context(self) -> Optional[int]:
+        stated = self.config.get("max_position_embeddings")
+        return int(stated) if stated else None
 
     def _slice(self, key: str):
         handle, name = self.names[EMBEDDING if key == OUTPUT and self.tied else key]
@@ -246,9 +251,9 @@ class HFCheckpoint(Checkpoint):
 def context_length(ckpt: Checkpoint) -> int:
     """The context a converted model states (HF's max_position_embeddings, GGUF's context_length):
     an HF input's own figure, else 131072 for Llama 3.1+ scaled RoPE, else the args' max_seq_len."""
-    stated = getattr(ckpt, "config", {}).get("max_position_embeddings")
+    stated = ckpt.stated_context()
     if stated:
-        return int(stated)
+        return stated
     return 131072 if ckpt.args.use_scaled_rope else ckpt.args.max_seq_len
 
 
@@ -287,7 +292,7 @@ def hf_keys(ckpt: Checkpoint) -> list[str]:
     return [k for k in ckpt.keys if not (k == OUTPUT and ckpt.tied)]
 
 
-def plan_files(ckpt: Checkpoint, dtype: Optional[torch.dtype], max_bytes: int) -> list[list[str]]:
+def group_files(ckpt: Checkpoint, dtype: Optional[torch.dtype], max_bytes: int) -> list[list[str]]:
     """Keys per safetensors file, in order, each file at most max_bytes (or one tensor)."""
     groups, size = [[]], 0
     for key in hf_keys(ckpt):
@@ -348,7 +353,7 @@ class HFWriter:
     @staticmethod
     def write(ckpt: Checkpoint, staging: Staging, num_shards: int, prepared: dict, progress: bool) -> list[dict]:
         dtype = prepared["dtype"]
-        groups = plan_files(ckpt, dtype, prepared["max_bytes"])
+        groups = group_files(ckpt, dtype, prepared["max_bytes"])
         names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
 
         def file_writer(keys: list[str]):

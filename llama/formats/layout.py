@@ -1,39 +1,39 @@
-"""How a Llama's weights are named, shaped and split over tensor-parallel ranks.
+"""How a Llama's weights are named, shaped and split over tensor-parallel ranks, read from the model.
 
-`SPLIT_DIMS` is the one table of which dim each weight is split on under tensor parallelism.
-The loader, the resharder, the converters, the adapter merge, the planner and the tests read it.
-Files of every format name weights as Meta does (`layers.N.attention.wq.weight`); readers of
-other formats translate their names into these.
+Nothing here restates the model: which dim each weight is split on comes from the parallel layer
+that holds it (`split_dim` on the classes in llama/parallel.py), and names and shapes from the
+model built on the meta device (no memory). The loader, the resharder, the converters, the adapter
+merge, the planner and the tests read these tables. Files of every format name weights as Meta
+does (`layers.N.attention.wq.weight`); readers of other formats translate their names into these.
 """
 
+import functools
 import re
 from typing import Mapping, Optional, Sequence
 
 import torch
 
 from llama.errors import UserError
-from llama.model import ModelArgs
+from llama.lora import factor_split_dims
+from llama.model import ModelArgs, Transformer
+from llama.parallel import split_dims
 
-# Weight name (without the "layers.N." prefix) -> dim split across tensor-parallel ranks, or
-# None when every rank holds a full copy. Column-parallel layers split their outputs (dim 0),
-# row-parallel layers their inputs (dim 1). The embedding has two layouts: fairscale's
-# ParallelEmbedding (Llama 1/2) splits the embedding dim, the entry below; Meta's Llama 3 code
-# uses VocabParallelEmbedding, splitting the vocabulary (dim 0): see `split_dim(vocab_parallel=)`.
-SPLIT_DIMS: dict[str, Optional[int]] = {
-    "tok_embeddings.weight": 1,
-    "attention.wq.weight": 0,
-    "attention.wk.weight": 0,
-    "attention.wv.weight": 0,
-    "attention.wo.weight": 1,
-    "feed_forward.w1.weight": 0,
-    "feed_forward.w2.weight": 1,
-    "feed_forward.w3.weight": 0,
-    "attention_norm.weight": None,
-    "ffn_norm.weight": None,
-    "norm.weight": None,
-    "output.weight": 0,
-    "rope.freqs": None,
-}
+
+def meta_model(args: ModelArgs) -> Transformer:
+    """The model's structure on one rank without memory: what names and shapes are read from."""
+    with torch.device("meta"):
+        return Transformer(args)
+
+
+@functools.cache
+def split_table(vocab_parallel: bool = False) -> dict[str, Optional[int]]:
+    """Weight name (without the "layers.N." prefix) -> the dim split across tensor-parallel ranks,
+    or None when every rank holds a full copy: column-parallel layers split their outputs (dim 0),
+    row-parallel layers their inputs (dim 1). The embedding has two layouts: Llama 1/2's
+    ParallelEmbedding splits the embedding dim, Meta's Llama 3 code the vocabulary (`vocab_parallel`)."""
+    tiny = ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=8, multiple_of=1, vocab_parallel_embedding=vocab_parallel)
+    table = {_LAYER_PREFIX.sub("", name): dim for name, dim in split_dims(meta_model(tiny)).items()}
+    return {**table, **{key: None for key in NOT_LOADED}}
 
 
 # Keys Meta's files carry that the model recomputes instead of loading.
@@ -66,20 +66,16 @@ def split_dim(key: str, vocab_parallel: bool = False) -> Optional[int]:
 
     `vocab_parallel`: the checkpoint's embedding is split on the vocabulary (Llama 3 layout).
     """
+    table = split_table(vocab_parallel)
     name = _LAYER_PREFIX.sub("", key)
-    if name not in SPLIT_DIMS:
+    if name not in table:
         raise UserError(f"unknown weight '{key}' in checkpoint: not a Llama weight this project knows how to shard")
-    return 0 if vocab_parallel and name == EMBEDDING else SPLIT_DIMS[name]
+    return table[name]
 
 
 def lora_split_dims(weight_key: str) -> tuple[Optional[int], Optional[int]]:
-    """(A's, B's) split dim for the adapter of `weight_key`, from the base weight's split dim.
-
-    Column-parallel base (split dim 0): A replicated, B split on dim 0. Row-parallel (split dim
-    1): A split on dim 1, B replicated. A replicated base: both replicated.
-    """
-    base = split_dim(weight_key)
-    return (1 if base == 1 else None), (0 if base == 0 else None)
+    """(A's, B's) split dim for the adapter of `weight_key`, from the base weight's split dim."""
+    return factor_split_dims(split_dim(weight_key))
 
 
 def tensor_split_dim(key: str) -> Optional[int]:
@@ -108,7 +104,8 @@ def check_shardable(args: ModelArgs, n: int, unit: str = "shards") -> None:
     bad = [f"{name}={size}" for name, size in sizes.items() if size % n]
     if bad:
         ok = [k for k in range(1, max(sizes.values()) + 1) if all(s % k == 0 for s in sizes.values())]
-        raise UserError(f"{n} {unit} do not divide {', '.join(bad)}; numbers of {unit} that work: {ok}")
+        raise UserError(f"{n} {unit.removesuffix('s') if n == 1 else unit} {'does' if n == 1 else 'do'} not divide {', '.join(bad)}; "
+                        f"numbers of {unit} that work: {ok}")
 
 
 def full_shape(key: str, pieces: Sequence[torch.Tensor], vocab_parallel: bool = False) -> torch.Size:
@@ -159,23 +156,7 @@ def rank_slice(key: str, pieces: Sequence[torch.Tensor], rank: int, n_ranks: int
 def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Unsharded shape of every weight the model loads, as Meta's files store them, in the
     model's own order (that of `Transformer.state_dict()` and of Meta's files)."""
-    dim, hidden, vocab = args.dim, args.hidden_dim, args.vocab_size
-    q_out, kv_out = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
-    shapes = {"tok_embeddings.weight": (vocab, dim)}
-    for i in range(args.n_layers):
-        shapes.update({
-            f"layers.{i}.attention.wq.weight": (q_out, dim),
-            f"layers.{i}.attention.wk.weight": (kv_out, dim),
-            f"layers.{i}.attention.wv.weight": (kv_out, dim),
-            f"layers.{i}.attention.wo.weight": (dim, q_out),
-            f"layers.{i}.feed_forward.w1.weight": (hidden, dim),
-            f"layers.{i}.feed_forward.w2.weight": (dim, hidden),
-            f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
-            f"layers.{i}.attention_norm.weight": (dim,),
-            f"layers.{i}.ffn_norm.weight": (dim,),
-        })
-    shapes.update({"norm.weight": (dim,), "output.weight": (vocab, dim)})
-    return shapes
+    return {name: tuple(param.shape) for name, param in meta_model(args).named_parameters()}
 
 
 def check_names(names: set[str], args: ModelArgs, source: str, describe: str = "params.json") -> None:

@@ -1,73 +1,62 @@
-"""Loading this rank's slice of any checkpoint into the tensor-parallel model."""
+"""Loading this rank's slice of any checkpoint into the tensor-parallel model.
 
-from pathlib import Path
+The model is built on the meta device (its structure, no memory), then each weight it holds is
+replaced by this rank's slice read from the checkpoint (`load_state_dict(assign=True)`): a rank never
+allocates, initialises or reads the other ranks' parts. With `spec.quantize`, each block linear's
+slice is quantized as soon as it is read, so a rank holds its quantized slices plus one
+unquantized tensor at a time; the layer then keeps the quantized kernel and no float weight.
+"""
+
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 
-from llama import quantize as quant
+from llama.config import LoadSpec, resolve_dtype
 from llama.formats import open_checkpoint
 from llama.formats.layout import check_shardable
-from llama.model import ModelArgs, Transformer
+from llama.kernels.linear import quantized_linear
+from llama.model import Transformer
+from llama.parallel import ColumnParallelLinear, RowParallelLinear
 
 
-def load_model(
-    ckpt_dir: Path,
-    vocab_size: Optional[int],
-    max_seq_len: int,
-    max_batch_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    tp_rank: int = 0,
-    tp_size: int = 1,
-    kv_cache: bool = True,
-    quantize: Optional[str] = None,
-    **overrides,
-) -> Transformer:
+def load_model(spec: LoadSpec, *, vocab_size: Optional[int], device: torch.device, tp_rank: int = 0, tp_size: int = 1) -> Transformer:
     """Load this rank's slice of a checkpoint (any format, any shard count) into a model split over tp_size ranks.
 
-    The KV caches are allocated for generation; training passes kv_cache=False (RoPE table only).
-    `quantize` (a --quantize value, llama/quantize.py) quantizes each linear's slice as soon as it
-    is read, so a rank holds its quantized slices plus one unquantized tensor at a time.
-    `overrides` replace ModelArgs fields (e.g. rope_scaling).
+    `vocab_size` is the tokenizer's (a params.json that says -1 takes it). The KV caches get
+    `spec.max_batch_size` rows (0: none, as training needs; the RoPE table is always made).
     """
-    scheme = quant.parse_scheme(quantize)
-    ckpt = open_checkpoint(ckpt_dir, vocab_size, max_seq_len=max_seq_len, max_batch_size=max_batch_size, **overrides)
+    dtype = resolve_dtype(spec.dtype, torch.device(device))
+    overrides = {"rope_scaling": {"factor": spec.rope_scaling_factor}} if spec.rope_scaling_factor is not None else {}
+    ckpt = open_checkpoint(spec.ckpt_dir, vocab_size, verify=spec.verify, max_seq_len=spec.max_seq_len, max_batch_size=spec.max_batch_size,
+                           **overrides)
     check_shardable(ckpt.args, tp_size, unit="tensor-parallel ranks")
-    model = build_empty(ckpt.args, dtype)
-    weights, quantized = {}, {}
+    with torch.device("meta"):
+        model = Transformer(ckpt.args, tp_size)
+    targets = quantize_targets(model) if spec.quantize is not None else set()
+    weights = {}
     keys = ckpt.keys
-    for key in tqdm(keys, desc=f"loading {ckpt.path.name}", disable=tp_rank != 0 or len(keys) < 50, leave=False):
-        if quant.applies(scheme, key):
-            quantized[key] = quant.quantize_weight(ckpt.read(key, tp_rank, tp_size), scheme, device, dtype)
+    quiet = tp_rank != 0 or (len(keys) < 50 and spec.quantize is None)  # quantizing takes seconds even for small models
+    desc = f"loading {ckpt.path.name}" + (f", quantizing to {spec.quantize}" if spec.quantize else "")
+    for key in tqdm(keys, desc=desc, disable=quiet, leave=False):
+        stored = ckpt.read(key, tp_rank, tp_size)
+        if key in targets:
+            layer = model.get_submodule(key.removesuffix(".weight"))
+            layer.weight, layer.kernel = None, quantized_linear(stored, spec.quantize, device, dtype)
         else:
-            stored = ckpt.read(key, tp_rank, tp_size)
-            weights[key] = quant.own(stored.to(device=device, dtype=dtype).contiguous(), stored, scheme)
-    quant.attach(model, quantized, scheme)  # the quantized layers drop their float weights (never filled)
+            tensor = stored.to(device=device, dtype=dtype).contiguous()
+            # quantizing, the float weights left are copied out of the mapped file, so that its mapping (and the
+            # resident pages of the linears read to be quantized) closes when loading ends
+            weights[key] = tensor.clone() if targets and tensor.data_ptr() == stored.data_ptr() else tensor
     model.load_state_dict(weights, strict=True, assign=True)
+    model.quantization = None if spec.quantize is None else str(spec.quantize)
     model.requires_grad_(False)
-    model.setup_caches(max_batch_size, max_seq_len, kv_cache)
+    model.setup_caches(spec.max_batch_size, spec.max_seq_len)
     return model.eval()
 
 
-def build_empty(args: ModelArgs, dtype: torch.dtype) -> Transformer:
-    """The model with uninitialised CPU weights, to be replaced by `load_state_dict(assign=True)`.
-
-    fairscale's layers allocate with the legacy `torch.Tensor(...)` constructor, which ignores
-    `torch.device("meta")`; building in the target dtype at least halves that transient memory
-    for 16-bit models. With several ranks, fairscale also builds each whole matrix and copies
-    this rank's part into the weight, touching all its pages: a rank would hold its weights twice
-    while loading (built + read). Every weight is replaced, so that step is skipped here and the
-    pages are never touched.
-    """
-    from fairscale.nn.model_parallel import layers
-
-    previous, initialize = torch.get_default_dtype(), layers._initialize_affine_weight
-    torch.set_default_dtype(dtype)
-    layers._initialize_affine_weight = lambda *args, **kwargs: None
-    try:
-        return Transformer(args)
-    finally:
-        torch.set_default_dtype(previous)
-        layers._initialize_affine_weight = initialize
+def quantize_targets(model: Transformer) -> set[str]:
+    """Weight names of the linears `--quantize` covers: every parallel linear inside the blocks
+    (the embeddings, norms and output head keep the model dtype)."""
+    return {f"layers.{name}.weight" for name, module in model.layers.named_modules()
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear))}

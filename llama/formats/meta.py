@@ -15,9 +15,9 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from llama.cli import parse_dtype
+from llama.config import parse_dtype
 from llama.errors import UserError
-from llama.files import Staging, load_file
+from llama.files import Staging, check_files, load_file
 from llama.formats.checkpoint import Checkpoint, out_dtype, same_bits, verify
 from llama.formats.layout import (
     EMBEDDING,
@@ -89,8 +89,9 @@ class MetaCheckpoint(Checkpoint):
 
     format = "meta"
 
-    def __init__(self, path: Path, vocab_size: Optional[int] = None, **overrides):
+    def __init__(self, path: Path, vocab_size: Optional[int] = None, verify: bool = False, **overrides):
         self.path = Path(path)
+        check_files(self.path, hashes=verify)
         params = read_params(self.path / PARAMS)
         self.paths = shard_paths(self.path)
         self.shards = open_shards(self.paths)
@@ -128,6 +129,19 @@ class MetaCheckpoint(Checkpoint):
         stored = not (key == OUTPUT and self.tied)
         return self.pieces(key) if stored and self.split_dim(key) is None else []
 
+    def meta_keys(self) -> list[str]:
+        return list(self.shards[0])  # a Meta input's own names, in its order
+
+    def params_text(self) -> str:
+        return (self.path / PARAMS).read_text()  # verbatim
+
+    @property
+    def n_files(self) -> int:
+        return len(self.paths)
+
+    def check_consistent(self) -> None:
+        self.check_replicas_agree()
+
     def check_replicas_agree(self) -> None:
         """Pieces of one weight share a dtype; a replicated weight is bit-identical in every shard."""
         for key in self.shards[0]:
@@ -137,14 +151,6 @@ class MetaCheckpoint(Checkpoint):
                     raise UserError(f"'{key}' is {piece.dtype} in {path.name} but {pieces[0].dtype} in {self.paths[0].name}")
                 if self.split_dim(key) is None and not same_bits(piece, pieces[0]):
                     raise UserError(f"replicated weight '{key}' differs between {self.paths[0].name} and {path.name}: corrupt shard?")
-
-
-def meta_keys(ckpt: Checkpoint) -> list[str]:
-    """Names a Meta shard of this model holds: a Meta input's own (in its order), else the model's
-    weights (no output when tied) and Meta's `rope.freqs`."""
-    if isinstance(ckpt, MetaCheckpoint):
-        return list(ckpt.shards[0])
-    return [k for k in ckpt.keys if not (k == OUTPUT and ckpt.tied)] + sorted(NOT_LOADED)
 
 
 def out_tensor(ckpt: Checkpoint, key: str, rank: int, num_shards: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -161,23 +167,16 @@ def out_tensor(ckpt: Checkpoint, key: str, rank: int, num_shards: int, dtype: Op
 def output_bytes(ckpt: Checkpoint, num_shards: int, dtype: Optional[torch.dtype]) -> int:
     """Tensor bytes of all output files together: split weights once, replicated ones N times."""
     total = 0
-    for key in meta_keys(ckpt):
+    for key in ckpt.meta_keys():
         copies = 1 if ckpt.split_dim(key) is not None else num_shards
         total += ckpt.shape(key).numel() * out_dtype(ckpt.dtype(key), dtype).itemsize * copies
     return total
 
 
-def meta_params(ckpt: Checkpoint) -> str:
-    """params.json text: a Meta input's own file verbatim, else written from the model's args."""
-    if isinstance(ckpt, MetaCheckpoint):
-        return (ckpt.path / PARAMS).read_text()
-    return json.dumps(params_from_args(ckpt.args), indent=2) + "\n"
-
-
 def write_meta(ckpt: Checkpoint, staging: Staging, num_shards: int, dtype: Optional[torch.dtype], progress: bool) -> list[dict]:
     """Build, save and free one Meta shard at a time, then params.json; returns their manifest entries."""
     check_shardable(ckpt.args, num_shards)
-    keys = meta_keys(ckpt)
+    keys = ckpt.meta_keys()
 
     def shard_writer(rank: int) -> Callable[[Path], None]:
         def write(path: Path) -> None:
@@ -186,7 +185,7 @@ def write_meta(ckpt: Checkpoint, staging: Staging, num_shards: int, dtype: Optio
         return write
 
     files = staging.write_files([(shard_name(rank), shard_writer(rank)) for rank in range(num_shards)])
-    return files + [staging.write_text(PARAMS, meta_params(ckpt))]
+    return files + [staging.write_text(PARAMS, ckpt.params_text())]
 
 
 class MetaWriter:
@@ -212,5 +211,5 @@ class MetaWriter:
 
     @staticmethod
     def describe(ckpt, dtype) -> str:
-        names = sorted({str(out_dtype(ckpt.dtype(k), dtype)).removeprefix("torch.") for k in meta_keys(ckpt)})
+        names = sorted({str(out_dtype(ckpt.dtype(k), dtype)).removeprefix("torch.") for k in ckpt.meta_keys()})
         return ",".join(names)

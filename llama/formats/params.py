@@ -4,6 +4,7 @@ Hugging Face configs are translated into these keys (llama/formats/hf.py) and th
 same `model_args`, so every format gets the same checks.
 """
 
+import json
 import sys
 from pathlib import Path
 from typing import Mapping, Optional
@@ -82,3 +83,8 @@ def params_from_args(args: ModelArgs) -> dict:
         if args.rope_scaling not in (None, META_ROPE_SCALING):
             params["rope_scaling"] = args.rope_scaling  # e.g. HF's factor 32 for Llama 3.2, kept
     return params
+
+
+def params_json(args: ModelArgs) -> str:
+    """params.json text of a model."""
+    return json.dumps(params_from_args(args), indent=2) + "\n"

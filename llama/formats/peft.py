@@ -72,7 +72,7 @@ def from_peft_layout(key: str, tensor: torch.Tensor, args: ModelArgs, path: Path
     return hf.from_hf_rows(tensor, heads)
 
 
-def export_peft(full: Mapping[str, torch.Tensor], config: dict, args: ModelArgs, out_dir: Path) -> Path:
+def save_peft_lora(full: Mapping[str, torch.Tensor], config: dict, args: ModelArgs, out_dir: Path) -> Path:
     """Write adapter_config.json + adapter_model.safetensors (float32) for PEFT."""
     tensors = {peft_name(key): to_peft_layout(key, tensor, args).float().contiguous() for key, tensor in full.items()}
     targets = sorted({peft_name(key).removesuffix(".lora_A.weight").removesuffix(".lora_B.weight").rsplit(".", 1)[-1] for key in full})
@@ -117,8 +117,8 @@ def import_peft(path: Path, args: ModelArgs) -> tuple[dict[str, torch.Tensor], d
     for name, tensor in tensors.items():
         key = our_name(name, path)
         full[key] = from_peft_layout(key, tensor, args, path)
-    rank = int(config["r"])
-    alpha = float(config["lora_alpha"]) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)  # rsLoRA scales by alpha / sqrt(r)
-    ours_config = {"rank": rank, "alpha": alpha, "dropout": config.get("lora_dropout", 0.0), "targets": targets_of(full),
+    r = int(config["r"])
+    alpha = float(config["lora_alpha"]) * (math.sqrt(r) if config.get("use_rslora") else 1.0)  # rsLoRA scales by alpha / sqrt(r)
+    ours_config = {"rank": r, "alpha": alpha, "dropout": config.get("lora_dropout", 0.0), "targets": targets_of(full),
                    "base_model": config.get("base_model_name_or_path", ""), "peft_config": config, "base_quantization": base_quantization}
     return full, ours_config

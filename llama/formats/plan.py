@@ -13,10 +13,12 @@ and AdamW moments sharded over D by ZeRO; activations in b, optionally checkpoin
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 from llama.files import GiB
-from llama.formats.layout import full_shapes, lora_split_dims, split_dim, split_sizes
+from llama.formats.layout import full_shapes, lora_split_dims, meta_model, split_dim, split_sizes
+from llama.formats.load import quantize_targets
+from llama.kernels.schemes import Scheme, weight_nbytes
 from llama.lora import DEFAULT_TARGETS, TARGETS
 from llama.model import ModelArgs
 
@@ -24,6 +26,34 @@ Mode = Literal["infer", "prompt-tune", "lora", "full"]
 MODES = ("infer", "prompt-tune", "lora", "full")
 LORA_TARGETS = DEFAULT_TARGETS  # ft_main.py's default --lora_targets
 CARD_COUNTS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the cards will run: split_model.py --plan's options (and a tuning run's own, for its warning)."""
+
+    mode: Mode = "infer"
+    batch: int = 8
+    seq_len: int = 512
+    """Tokens per sequence, soft prompt included."""
+    dtype_bytes: int = 2
+    """b: bytes per element of the runtime dtype."""
+    data_parallel: int = 1
+    """full: data-parallel ranks sharing the AdamW states (ZeRO)."""
+    lora_rank: int = 8
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    checkpoint_activations: bool = False
+    """lora, full: keep only each block's input and recompute the block in backward."""
+    quantize: Optional[Scheme] = None
+    """The block linears' weight-only quantization (QLoRA: lora with nf4)."""
+    objective: str = "sft"
+    """dpo: `batch` counts preference pairs, each two sequences (chosen and rejected) in one forward. The
+    reference costs no memory of its own: LoRA and prompt run the same model without what trains, under
+    no_grad (a working set no larger than the policy's); full reads log-probs computed before training."""
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len * (2 if self.objective == "dpo" else 1)
 
 
 @dataclass
@@ -44,26 +74,25 @@ class CardMemory:
         return self.weights + self.kv_cache + self.train_state + self.activations + self.overhead
 
 
-def weight_bytes(args: ModelArgs, cards: int, dtype_bytes: int, quantize=None) -> int:
+def weight_bytes(args: ModelArgs, cards: int, dtype_bytes: int, quantize: Optional[Scheme] = None) -> int:
     """b * (split weights / N + replicated norms), from the same table the loader uses.
 
-    `quantize` (a --quantize value): the seven block linears take what the loader holds for each
-    card's slice (llama.quantize.weight_nbytes: codes, scales, padding), the rest b bytes each.
+    `quantize`: the linears the loader quantizes take what it holds for each card's slice
+    (llama.kernels.schemes.weight_nbytes: codes, scales, padding), the rest b bytes each.
     """
-    from llama import quantize as quant
-
-    scheme = quant.parse_scheme(quantize)
+    quantized = quantize_targets(meta_model(args)) if quantize is not None else set()
     total = 0
     for key, shape in full_shapes(args).items():
-        if quant.applies(scheme, key):
+        dim = split_dim(key)
+        if key in quantized:
             out_features, in_features = shape
-            local = (out_features // cards, in_features) if split_dim(key) == 0 else (out_features, in_features // cards)
-            total += quant.weight_nbytes(scheme, *local, dtype_bytes)
+            local = (out_features // cards, in_features) if dim == 0 else (out_features, in_features // cards)
+            total += weight_nbytes(quantize, *local, dtype_bytes)
             continue
         numel = 1
         for size in shape:
             numel *= size
-        total += (numel // cards if split_dim(key) is not None else numel) * dtype_bytes
+        total += (numel // cards if dim is not None else numel) * dtype_bytes
     return total
 
 
@@ -95,11 +124,11 @@ def saved_for_backward_bytes(args: ModelArgs, cards: int, tokens: int, dtype_byt
     return args.n_layers * tokens * per_token + tokens * args.dim * 4
 
 
-def lora_parameter_count(args: ModelArgs, cards: int, rank: int, targets=LORA_TARGETS) -> int:
+def lora_parameter_count(args: ModelArgs, cards: int, r: int, targets=LORA_TARGETS) -> int:
     """LoRA numbers on one card: r*(in + out) per adapted layer, the split factor divided by N.
 
     A column-parallel layer keeps A [r, in] whole and B [out/N, r]; a row-parallel one A [r, in/N]
-    and B [out, r] whole (llama/lora.py; the split dims come from SPLIT_DIMS).
+    and B [out, r] whole (llama/lora.py; the split dims follow the base weights').
     """
     total = 0
     for key, shape in full_shapes(args).items():
@@ -107,11 +136,11 @@ def lora_parameter_count(args: ModelArgs, cards: int, rank: int, targets=LORA_TA
             continue
         out_features, in_features = shape
         a_dim, b_dim = lora_split_dims(key)
-        total += rank * (in_features // (cards if a_dim is not None else 1) + out_features // (cards if b_dim is not None else 1))
+        total += r * (in_features // (cards if a_dim is not None else 1) + out_features // (cards if b_dim is not None else 1))
     return total
 
 
-def lora_saved_bytes(args: ModelArgs, cards: int, tokens: int, dtype_bytes: int, rank: int, targets=LORA_TARGETS) -> int:
+def lora_saved_bytes(args: ModelArgs, cards: int, tokens: int, dtype_bytes: int, r: int, targets=LORA_TARGETS) -> int:
     """L * T * (4*r per adapter + float32 inputs of the adapters): what the adapters add to autograd's store.
 
     Each adapter keeps its float32 input x (for A's gradient) and h = A x [T, r] (for B's). In
@@ -123,7 +152,7 @@ def lora_saved_bytes(args: ModelArgs, cards: int, tokens: int, dtype_bytes: int,
     shared = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "wo", "w1": "ffn", "w3": "ffn", "w2": "w2"}
     block = [t for t in targets if t != "output"]
     inputs = {shared[t]: widths[t] for t in block} if dtype_bytes == 4 else {t: widths[t] for t in block}
-    per_token = 4 * (rank * len(block) + sum(inputs.values()))
+    per_token = 4 * (r * len(block) + sum(inputs.values()))
     return args.n_layers * tokens * per_token
 
 
@@ -137,65 +166,62 @@ def full_saved_bytes(args: ModelArgs, cards: int, tokens: int, dtype_bytes: int)
     return args.n_layers * tokens * per_token + 2 * tokens * args.dim * dtype_bytes
 
 
-def activation_bytes(args: ModelArgs, cards: int, batch: int, seq_len: int, dtype_bytes: int, mode: Mode,
-                     lora_rank: int = 8, lora_targets=LORA_TARGETS, checkpoint_activations: bool = False) -> int:
+def activation_bytes(args: ModelArgs, cards: int, work: Workload) -> int:
     """infer: prefill of the whole batch (one layer's working set) + last-position logits B*V*(b+4).
 
     Training: saved-for-backward + one layer's working set + logits T*V*(b+8) (gathered on every
     card, their float32 copy and log-softmax; ft_main's chunked loss keeps far less). lora adds
-    the adapters' saved inputs, full the weights' inputs; with checkpoint_activations full keeps
-    only each block's input (L*T*d*b) plus one block's saved tensors while it is recomputed.
-    Attention is assumed fused (no S x S matrix).
+    the adapters' saved inputs, full the weights' inputs; with checkpoint_activations (lora, full)
+    the forward keeps only each block's input (L*T*d*b) plus, while one block is recomputed, that
+    block's saved tensors. Attention is assumed fused (no S x S matrix).
     """
-    tokens = batch * seq_len
-    working = layer_transient_bytes(args, cards, tokens, dtype_bytes)
-    if mode == "infer":
-        return working + batch * args.vocab_size * (dtype_bytes + 4)
-    saved = saved_for_backward_bytes(args, cards, tokens, dtype_bytes)
-    if mode == "lora":
-        saved += lora_saved_bytes(args, cards, tokens, dtype_bytes, lora_rank, lora_targets)
-    elif mode == "full":
-        saved += full_saved_bytes(args, cards, tokens, dtype_bytes)
-        if checkpoint_activations:
-            saved = args.n_layers * tokens * args.dim * dtype_bytes + saved // args.n_layers
-    return saved + working + tokens * args.vocab_size * (dtype_bytes + 8)
+    tokens, b = work.tokens, work.dtype_bytes
+    working = layer_transient_bytes(args, cards, tokens, b)
+    if work.mode == "infer":
+        return working + work.batch * args.vocab_size * (b + 4)
+    saved = saved_for_backward_bytes(args, cards, tokens, b)
+    if work.mode == "lora":
+        saved += lora_saved_bytes(args, cards, tokens, b, work.lora_rank, work.lora_targets)
+    elif work.mode == "full":
+        saved += full_saved_bytes(args, cards, tokens, b)
+    if work.checkpoint_activations and work.mode in ("lora", "full"):
+        saved = args.n_layers * tokens * args.dim * b + saved // args.n_layers
+    return saved + working + tokens * args.vocab_size * (b + 8)
 
 
-def train_state_bytes(args: ModelArgs, cards: int, mode: Mode, data_parallel: int = 1, lora_rank: int = 8, lora_targets=LORA_TARGETS) -> int:
+def train_state_bytes(args: ModelArgs, cards: int, work: Workload) -> int:
     """lora: 12 bytes per adapter number (float32 gradient + AdamW's two moments).
 
     full: P float32 gradients + 8P/D AdamW moments (ZeRO shards them over the D data-parallel
     ranks) + one 2^25-element float32 bucket of the data-parallel gradient all-reduce when D > 1.
     """
-    if mode == "lora":
-        return 12 * lora_parameter_count(args, cards, lora_rank, lora_targets)
-    if mode != "full":
+    if work.mode == "lora":
+        return 12 * lora_parameter_count(args, cards, work.lora_rank, work.lora_targets)
+    if work.mode != "full":
         return 0
     params = weight_bytes(args, cards, 1)
-    bucket = 4 * min(params, 2**25) if data_parallel > 1 else 0
-    return 4 * params + 8 * params // data_parallel + bucket
+    bucket = 4 * min(params, 2**25) if work.data_parallel > 1 else 0
+    return 4 * params + 8 * params // work.data_parallel + bucket
 
 
-def estimate(args: ModelArgs, cards: int, batch: int, seq_len: int, dtype_bytes: int, mode: Mode, overhead: int,
-             data_parallel: int = 1, lora_rank: int = 8, lora_targets=LORA_TARGETS, checkpoint_activations: bool = False,
-             quantize=None) -> CardMemory:
+def estimate(args: ModelArgs, cards: int, work: Workload, *, overhead: int) -> CardMemory:
     """Per-card memory on `cards` cards; the KV cache is only allocated for inference.
 
     Weights are b bytes each, except full fine-tuning's float32 master weights and the block
-    linears under `quantize` (QLoRA: --mode lora with nf4); lora adds its float32 adapters to the
+    linears under `work.quantize` (QLoRA: lora with nf4); lora adds its float32 adapters to the
     frozen weights.
     """
-    weights = weight_bytes(args, cards, 4 if mode == "full" else dtype_bytes, quantize)
-    if mode == "lora":
-        weights += 4 * lora_parameter_count(args, cards, lora_rank, lora_targets)
+    weights = weight_bytes(args, cards, 4 if work.mode == "full" else work.dtype_bytes, work.quantize)
+    if work.mode == "lora":
+        weights += 4 * lora_parameter_count(args, cards, work.lora_rank, work.lora_targets)
     return CardMemory(
         cards=cards,
         shardable=all(size % cards == 0 for size in split_sizes(args).values()),
         weights=weights,
-        kv_cache=kv_cache_bytes(args, cards, batch, seq_len, dtype_bytes) if mode == "infer" else 0,
-        activations=activation_bytes(args, cards, batch, seq_len, dtype_bytes, mode, lora_rank, lora_targets, checkpoint_activations),
+        kv_cache=kv_cache_bytes(args, cards, work.batch, work.seq_len, work.dtype_bytes) if work.mode == "infer" else 0,
+        activations=activation_bytes(args, cards, work),
         overhead=overhead,
-        train_state=train_state_bytes(args, cards, mode, data_parallel, lora_rank, lora_targets),
+        train_state=train_state_bytes(args, cards, work),
     )
 
 

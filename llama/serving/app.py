@@ -1,9 +1,10 @@
 """An OpenAI-compatible HTTP server in front of N tensor-parallel ranks.
 
-Rank 0 runs FastAPI under uvicorn on its main thread and the step loop (llama/serving/batching.py)
-on an engine thread; every other rank runs the same step loop on its main thread and holds
-no socket. HTTP handlers validate a request (llama/serving/requests.py), hand it to the scheduler
-and wait on an asyncio queue that the engine thread fills with pieces of text.
+Rank 0 runs FastAPI under uvicorn on its main thread and the engine's step loop (llama/engine.py,
+`Engine.serve_steps`: rank 0 schedules each step and broadcasts it) on an engine thread; every other
+rank runs the same step loop on its main thread and holds no socket. HTTP handlers validate a
+request (llama/serving/requests.py), hand it to the engine's scheduler and wait on an asyncio queue
+that the engine thread fills with pieces of text.
 
 Shutdown (SIGTERM or Ctrl-C on rank 0, or SIGTERM to every rank as torchrun sends it): the
 server stops accepting, open requests get --shutdown_timeout seconds to finish, the ones still
@@ -12,7 +13,6 @@ scheduler broadcasts a stop plan, every rank leaves its loop, meets at a barrier
 The other ranks ignore the signal itself: they stop when rank 0 tells them to.
 """
 
-import argparse
 import asyncio
 import hmac
 import json
@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 import torch
@@ -29,31 +30,76 @@ import uvicorn
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama import chat, cli, distributed
+from llama import chat, distributed
+from llama.config import LoadSpec
+from llama.engine import Engine, Piece, QueueFull, RequestError, Scheduler, ShuttingDown, check_ids
+from llama.engine import Request as Job
 from llama.errors import UserError
 from llama.formats import adapters
-from llama.generation import Llama
+from llama.generation import Llama, check_compile
 from llama.sampling import Sampling
-from llama.serving.batching import broadcast, run_steps
 from llama.serving.openai_api import ChatRequest, CompletionRequest, DetokenizeRequest, GenerationFields, Reply, TokenizeRequest, error_body
-from llama.serving.requests import APIError, Prompt, chat_prompt, completion_prompts, sampling_for
-from llama.serving.scheduler import Piece, QueueFull
-from llama.serving.scheduler import Request as Job
-from llama.serving.scheduler import Scheduler, ShuttingDown
+from llama.serving.requests import APIError, Prompt, chat_prompt, check_length, completion_prompts, sampling_for
 from llama.tokenizer import special_tokens
 
 
-class Server:
-    """Rank 0's HTTP side: the FastAPI app over a scheduler."""
+MAX_REQUEST_BYTES = 16 * 2**20
+"""The default --max_request_size: ids of 64 prompts of 8192 tokens, or 4 million characters of text."""
 
-    def __init__(self, llm: Llama, scheduler: Scheduler, model_name: str, api_key: Optional[str]):
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 in OpenAI's error shape, and is read
+    no further (by its Content-Length, or as its chunks arrive)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self.reject(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BodyTooLarge:
+            await self.reject(scope, receive, send)
+
+    async def reject(self, scope, receive, send) -> None:
+        message = f"the request body is over this server's --max_request_size of {self.max_bytes} bytes: send less per request"
+        await JSONResponse(error_body(message, code="request_too_large"), status_code=413)(scope, receive, send)
+
+
+class Server:
+    """Rank 0's HTTP side: the FastAPI app over a scheduler. Tokenizing and detokenizing run on a
+    worker thread, so a large request does not hold the event loop (other requests keep streaming)."""
+
+    def __init__(self, llm: Llama, scheduler: Scheduler, model_name: str, api_key: Optional[str], max_request_bytes: int = MAX_REQUEST_BYTES):
         self.llm, self.scheduler, self.model_name, self.api_key = llm, scheduler, model_name, api_key
+        self.max_request_bytes = max_request_bytes
+        llm.tokenizer.max_token_chars  # computed once now, not in the first request
         self.app = self._build_app()
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="llama-mp", docs_url=None, redoc_url=None)
+        app.add_middleware(BodyLimit, max_bytes=self.max_request_bytes)
         app.add_exception_handler(APIError, lambda _, err: JSONResponse(err.body, status_code=err.status))
         app.add_exception_handler(RequestValidationError, self._invalid)
         app.add_exception_handler(StarletteHTTPException, lambda _, err: JSONResponse(error_body(str(err.detail)), status_code=err.status_code))
@@ -101,6 +147,9 @@ class Server:
                 "chat_template": chat.CHAT_TEMPLATES.get(tok.family)}
 
     async def tokenize(self, body: TokenizeRequest) -> dict:
+        return await run_in_threadpool(self._tokenize, body)
+
+    def _tokenize(self, body: TokenizeRequest) -> dict:
         """vLLM's /tokenize: a prompt's ids as /v1/completions encodes it (BOS unless add_special_tokens
         is false), or a chat's as /v1/chat/completions does. Special-token text stays text, except a
         prompt that is exactly one special token: lm-eval finds the BOS/EOS ids that way."""
@@ -111,24 +160,25 @@ class Server:
         elif body.prompt in (specials := special_tokens(self.llm.tokenizer)):
             ids = [specials[body.prompt]]
         else:
+            check_length(self.llm, body.prompt)
             ids = self.llm.tokenizer.encode(body.prompt, bos=body.add_special_tokens, eos=False)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.llm.model.max_seq_len}
 
     async def detokenize(self, body: DetokenizeRequest) -> dict:
-        vocab = self.llm.model.args.vocab_size
-        if not all(0 <= i < vocab for i in body.tokens):
-            raise APIError(400, f"tokens must be ids in [0, {vocab})", "tokens")
-        return {"prompt": self.llm.tokenizer.decode(body.tokens)}
+        try:
+            check_ids(body.tokens, self.llm.model.args.vocab_size, "tokens", "tokens")
+        except RequestError as err:
+            raise APIError.of(err) from None
+        return {"prompt": await run_in_threadpool(self.llm.tokenizer.decode, body.tokens)}
 
     async def completions(self, body: CompletionRequest, request: Request):
-        prompts = completion_prompts(self.llm, body.prompt)
+        prompts = await run_in_threadpool(completion_prompts, self.llm, body.prompt)
         if body.stream and (body.echo or len(prompts) > 1):
             raise APIError(400, "echo and lists of prompts are not streamed: send them with stream false", "stream")
-        if len(prompts) > max(1, self.scheduler.max_queue):
+        if len(prompts) > self.scheduler.max_queue:
             message = f"{len(prompts)} prompts exceed this server's --max_queue {self.scheduler.max_queue}: send at most that many per request"
             raise APIError(400, message, "prompt")
-        max_seq_len = self.llm.model.max_seq_len
-        samplings = [sampling_for(body, body.max_tokens, len(p.ids), max_seq_len, body.logprobs, body.echo) for p in prompts]
+        samplings = [sampling_for(body, body.max_tokens, body.logprobs, body.echo) for _ in prompts]
         if body.stream:
             return await self._respond(request, body, prompts[0].ids, samplings[0], chat=False)
         return await self._complete_all(request, body, prompts, samplings)
@@ -137,9 +187,9 @@ class Server:
         """Queue every prompt at once (they share the scheduler's steps); one choice each, in order."""
         loop = asyncio.get_running_loop()
         queues = [asyncio.Queue() for _ in prompts]
-        jobs = [Job(p.ids, sampling, self._deliverer(loop, queue)) for p, sampling, queue in zip(prompts, samplings, queues)]
+        jobs = [Job(p.ids, sampling, on_piece=self._deliverer(loop, queue)) for p, sampling, queue in zip(prompts, samplings, queues)]
         self._submit(jobs)
-        reply = Reply(False, self.model_name, self.llm.tokenizer.decode, [], body.return_token_ids)
+        reply = Reply(False, self.model_name, self.llm.tokenizer, [], body.return_token_ids)
         try:
             results = await asyncio.gather(*(self._pieces(request, job, queue) for job, queue in zip(jobs, queues)))
         finally:
@@ -147,7 +197,8 @@ class Server:
                 self.scheduler.cancel(job)  # a no-op once finished; frees the rows if this task was cancelled
         if any(r is None for r in results):
             return {}  # the client hung up
-        return reply.completions([self._choice(reply, body, p, job, *result) for p, job, result in zip(prompts, jobs, results)])
+        choices = await run_in_threadpool(lambda: [self._choice(reply, body, p, job, *r) for p, job, r in zip(prompts, jobs, results)])
+        return reply.completions(choices)
 
     def _choice(self, reply: Reply, body: CompletionRequest, prompt: Prompt, job: Job, text: str, ids: list[int], logprobs: list, finish: str):
         """(text, prompt ids, ids, logprobs, finish) of one choice; with echo the prompt comes first."""
@@ -161,10 +212,10 @@ class Server:
         return text, prompt.ids, ids, lp, finish
 
     async def chat_completions(self, body: ChatRequest, request: Request):
-        prompt = chat_prompt(self.llm, body)
+        prompt = await run_in_threadpool(chat_prompt, self.llm, body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
-        sampling = sampling_for(body, max_tokens, len(prompt), self.llm.model.max_seq_len, top)
+        sampling = sampling_for(body, max_tokens, top)
         return await self._respond(request, body, prompt, sampling, chat=True)
 
     @staticmethod
@@ -179,19 +230,21 @@ class Server:
 
     def _submit(self, jobs: list[Job]) -> None:
         try:
-            self.scheduler.submit_all(jobs)
+            self.scheduler.add(jobs)
         except QueueFull:
             message = "the server is busy (every batch row and the queue are full): retry later"
             raise APIError(503, message, type_="server_error", code="overloaded") from None
         except ShuttingDown:
             raise APIError(503, "the server is shutting down", type_="server_error") from None
+        except RequestError as err:
+            raise APIError.of(err) from None
 
     async def _respond(self, request: Request, body: GenerationFields, prompt: list[int], sampling: Sampling, chat: bool):
         """Queue the job, then stream its pieces as server-sent events or wait for all of them."""
         pieces = asyncio.Queue()
-        job = Job(prompt, sampling, self._deliverer(asyncio.get_running_loop(), pieces))
+        job = Job(prompt, sampling, on_piece=self._deliverer(asyncio.get_running_loop(), pieces))
         self._submit([job])
-        reply = Reply(chat, self.model_name, self.llm.tokenizer.decode, prompt, body.return_token_ids)
+        reply = Reply(chat, self.model_name, self.llm.tokenizer, prompt, body.return_token_ids)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self._events(job, pieces, reply, usage), media_type="text/event-stream")
@@ -202,7 +255,7 @@ class Server:
         if result is None:
             return {}
         text, ids, logprobs, finish = result
-        lp = reply.logprobs(logprobs, 0, prompt) if job.sampling.top_logprobs is not None else None
+        lp = await run_in_threadpool(reply.logprobs, logprobs, 0, prompt) if job.sampling.top_logprobs is not None else None
         return reply.full(text, ids, lp, finish)
 
     async def _pieces(self, request: Request, job: Job, pieces: asyncio.Queue) -> Optional[tuple[str, list[int], list, str]]:
@@ -293,33 +346,54 @@ class GracefulServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve_http(llm: Llama, sock: socket.socket, args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class ServeOptions:
+    """serve.py's options, parsed and checked before anything is loaded or bound."""
+
+    spec: LoadSpec
+    compile: bool = False
+    adapter: Optional[Path] = None
+    """A LoRA adapter (adapter.pt or a PEFT LoRA directory) every request runs with."""
+    max_queue: int = 64
+    """Requests that may wait for a row; beyond them a 503."""
+    seed: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    model_name: Optional[str] = None
+    shutdown_timeout: float = 5.0
+    log_level: str = "warning"
+    max_request_bytes: int = MAX_REQUEST_BYTES
+
+
+def serve_http(llm: Llama, engine: Engine, sock: socket.socket, options: ServeOptions) -> None:
     """Rank 0: the engine thread runs the step loop, uvicorn runs on this (main) thread."""
-    scheduler = Scheduler(llm, args.max_queue)
-    model_name = args.model_name or Path(args.ckpt_dir).name
-    app = Server(llm, scheduler, model_name, args.api_key).app
+    scheduler = engine.scheduler
+    model_name = options.model_name or options.spec.ckpt_dir.name
+    app = Server(llm, scheduler, model_name, options.api_key, options.max_request_bytes).app
     # the jobs are cancelled after --shutdown_timeout; uvicorn's own timeout only backs that up
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=2.0, lifespan="off")
-    server = GracefulServer(config, scheduler, args.shutdown_timeout)
+    config = uvicorn.Config(app, log_level=options.log_level, timeout_graceful_shutdown=2.0, lifespan="off")
+    server = GracefulServer(config, scheduler, options.shutdown_timeout)
     failure: list[BaseException] = []
 
-    def engine() -> None:
+    def run() -> None:
         try:
             if llm.parallel.device.type == "cuda":
                 torch.cuda.set_device(llm.parallel.device)  # the current device is per host thread
-            run_steps(llm, scheduler)
+            engine.serve_steps(leader=True)
         except BaseException as err:  # a rank died or a bug: stop serving, say why once
             failure.append(err)
             server.should_exit = True
 
-    thread = threading.Thread(target=engine, name="engine", daemon=True)
+    thread = threading.Thread(target=run, name="engine", daemon=True)
     thread.start()
     # uvicorn catches SIGTERM/SIGINT while it runs, then re-raises them with the previous handler:
     # make that handler a no-op so the process goes on to stop the other ranks.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     host, port = sock.getsockname()[:2]
-    print(f"serving {model_name} on http://{host}:{port} with {llm.parallel.tp_size} tensor-parallel ranks", flush=True)
+    ranks = llm.parallel.tp_size
+    print(f"serving {model_name} on http://{host}:{port} with {ranks} tensor-parallel rank{'s' * (ranks > 1)}", flush=True)
     try:
         server.run(sockets=[sock])
     finally:
@@ -330,31 +404,31 @@ def serve_http(llm: Llama, sock: socket.socket, args: argparse.Namespace) -> Non
         sys.exit(1)
 
 
-def follow(llm: Llama) -> None:
-    """Ranks > 0: run rank 0's plans until it says stop; a signal alone does not stop them."""
+def follow(engine: Engine) -> None:
+    """Ranks > 0: run rank 0's steps until it says stop; a signal alone does not stop them."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    run_steps(llm, None)
+    engine.serve_steps(leader=False)
 
 
-def main(args: argparse.Namespace) -> None:
-    if args.max_queue < 0:
-        raise UserError(f"--max_queue must be 0 or more, got {args.max_queue}")
-    if args.adapter is not None and adapters.adapter_kind(args.adapter) != "lora":
-        raise UserError(f"--adapter {args.adapter} is not a LoRA adapter: serve.py runs LoRA adapters (a soft prompt runs with example_ft.py)")
-    llm = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size, args.dtype, args.seed,
-                      compile=args.compile, rope_scaling=cli.rope_override(args), quantize=args.quantize)
+def main(options: ServeOptions) -> None:
+    check_compile(options.spec.quantize, options.compile)
+    if options.adapter is not None and adapters.adapter_kind(options.adapter) != "lora":
+        raise UserError(f"--adapter {options.adapter} is not a LoRA adapter: serve.py runs LoRA adapters (a soft prompt runs with example_ft.py)")
+    llm = Llama.build(options.spec, seed=options.seed)
     try:
-        if args.adapter is not None:
-            adapters.apply_adapter(llm.model, args.adapter)
-        sock, error = bind(args.host, args.port) if llm.parallel.is_main else (None, None)
-        error = broadcast(error, llm.parallel.device)
+        if options.adapter is not None:
+            adapters.apply_adapter(llm.model, options.adapter)
+        # requests without a seed get a random one; compiled here, once (the facade's engine is not used)
+        engine = Engine(llm.model, llm.tokenizer, llm.parallel.device, seed=None, compile=options.compile, max_queue=options.max_queue)
+        sock, error = bind(options.host, options.port) if llm.parallel.is_main else (None, None)
+        error = distributed.broadcast_object(error, llm.parallel.device)
         if error is not None:
             raise UserError(error)
         if llm.parallel.is_main:
-            serve_http(llm, sock, args)
+            serve_http(llm, engine, sock, options)
         else:
-            follow(llm)
+            follow(engine)
         dist.barrier()
         if llm.parallel.is_main:
             print(f"stopped: all {llm.parallel.world_size} ranks left the step loop", flush=True)

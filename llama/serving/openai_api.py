@@ -10,21 +10,22 @@ lm-evaluation-harness's remote tokenizer speaks.
 import time
 import uuid
 from itertools import accumulate
-from typing import Callable, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llama.sampling import Sampling
-from llama.serving.scheduler import Piece, TokenLogprob
+from llama.engine import Piece
+from llama.sampling import Sampling, TokenLogprob
+from llama.tokenizer import WINDOW, Tokenizer, token_texts
 
 MAX_TOP_LOGPROBS = 5
 """OpenAI's limit for legacy completions; enough for a margin check (top-2)."""
 
 
 class Strict(BaseModel):
-    """No coercion ("5" is not 5) and unknown fields ignored."""
+    """No coercion ("5" is not 5), no NaN or infinity for a number, unknown fields ignored."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(Strict):
@@ -92,28 +93,14 @@ class DetokenizeRequest(Strict):
     tokens: list[int]
 
 
-WINDOW = 8
-"""Tokens decoded before each token to find its text: more than a character's 4 UTF-8 bytes."""
-
-
-def token_text(decode: Callable[[list[int]], str], context: list[int], token: int, last: bool = True) -> str:
-    """The text `token` adds after `context` (its last few ids), leading space kept: SentencePiece
-    drops a piece's leading space when the piece starts a decode. A character split over byte
-    tokens (U+FFFD until its last byte) belongs to its last byte; unless `last`, an unfinished
-    one gives ""."""
-    context = context[-WINDOW:]
-    before, after = decode(context).rstrip("\ufffd"), decode(context + [token])
-    return (after if last else after.rstrip("\ufffd"))[len(before) :]
-
-
-def token_texts(decode: Callable[[list[int]], str], ids: list[int], start: int) -> list[str]:
-    """The text each of ids[start:] adds after the ids before it: joined, the decoded text."""
-    return [token_text(decode, ids[max(0, i - WINDOW) : i], ids[i], last=i + 1 == len(ids)) for i in range(start, len(ids))]
-
-
 def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None) -> dict:
     """OpenAI's error object, which its client turns into BadRequestError, AuthenticationError, ..."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def entry(text: str, logprob: float) -> dict:
+    """A chat logprob entry: the token's text in context and its UTF-8 bytes."""
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -123,8 +110,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 class Reply:
     """One response's id, timestamps and body builders for either endpoint."""
 
-    def __init__(self, chat: bool, model: str, decode: Callable[[list[int]], str], prompt_ids: list[int], token_ids: bool):
-        self.chat, self.model, self.decode = chat, model, decode
+    def __init__(self, chat: bool, model: str, tokenizer: Tokenizer, prompt_ids: list[int], token_ids: bool):
+        self.chat, self.model, self.tokenizer = chat, model, tokenizer
         self.prompt_ids, self.token_ids = prompt_ids, token_ids
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -132,34 +119,29 @@ class Reply:
     def _envelope(self, object_: str, choice: dict) -> dict:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model, "choices": [choice]}
 
-    def decode_token(self, token: int) -> str:
-        return self.decode([token])
-
     def logprobs(self, logprobs: list[TokenLogprob], offset: int, context: list[int]) -> dict:
-        """Per-token logprobs in the chat ({"content": [...]}) or legacy completion layout, where
-        `tokens` keep their leading spaces (read after `context`, the ids before them) so that
-        `text_offset` (counted from `offset`) indexes the choice's text. An echoed prompt's first
-        token has null logprobs: nothing precedes it."""
-        if self.chat:
-            return {"content": [self._chat_logprob(lp) for lp in logprobs]}
+        """Per-token logprobs in the chat ({"content": [...]}) or legacy completion layout. Each token's
+        text is read after `context` (the ids before it), so leading spaces are kept and the tokens
+        join to the choice's text; `text_offset` (counted from `offset`) indexes it. An echoed
+        prompt's first token has null logprobs: nothing precedes it."""
         ids = context + [lp.id for lp in logprobs]
-        tokens = token_texts(self.decode, ids, len(context))
-        offsets = list(accumulate((len(t) for t in tokens[:-1]), initial=offset))[: len(tokens)]
+        tokens = token_texts(self.tokenizer, ids, len(context))
         contexts = [ids[max(0, i - WINDOW) : i] for i in range(len(context), len(ids))]
+        alternatives = [None if lp.logprob is None else {i: (self._text_after(before, i), v) for i, v in lp.top}
+                        for lp, before in zip(logprobs, contexts)]
+        if self.chat:
+            return {"content": [{**entry(text, lp.logprob), "top_logprobs": [entry(t, v) for t, v in (alts or {}).values()]}
+                                for text, lp, alts in zip(tokens, logprobs, alternatives)]}
+        offsets = list(accumulate((len(t) for t in tokens[:-1]), initial=offset))[: len(tokens)]
         return {
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [None if lp.logprob is None else {token_text(self.decode, before, i): v for i, v in lp.top}
-                             for lp, before in zip(logprobs, contexts)],
+            "top_logprobs": [None if alts is None else {t: v for t, v in alts.values()} for alts in alternatives],
             "text_offset": offsets,
         }
 
-    def _chat_logprob(self, lp: TokenLogprob) -> dict:
-        def entry(token_id: int, value: float) -> dict:
-            text = self.decode_token(token_id)
-            return {"token": text, "logprob": value, "bytes": list(text.encode())}
-
-        return {**entry(lp.id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+    def _text_after(self, context: list[int], token: int) -> str:
+        return token_texts(self.tokenizer, context + [token], len(context))[0]
 
     def _choice(self, text: str, ids: list[int], logprobs: Optional[dict], finish: Optional[str], delta: bool, first: bool = True,
                 index: int = 0, prompt_ids: Optional[list[int]] = None) -> dict:

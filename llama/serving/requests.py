@@ -7,6 +7,7 @@ answers with OpenAI's error body (`APIError`) naming the field.
 from dataclasses import dataclass
 from typing import Optional
 
+from llama.engine import RequestError, check_ids
 from llama.errors import UserError
 from llama.generation import Llama
 from llama.sampling import Sampling
@@ -20,23 +21,22 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.body = status, error_body(message, type_, param, code)
 
+    @staticmethod
+    def of(err: RequestError) -> "APIError":
+        """The engine's refusal of a prompt as a 400."""
+        return APIError(400, str(err), err.param, err.code)
 
-def sampling_for(body: GenerationFields, max_tokens: Optional[int], n_prompt: int, max_seq_len: int, top_logprobs: Optional[int],
-                 echo: bool = False) -> Sampling:
-    """The request's settings, or a 400 naming the field: the prompt must leave room for one
-    token, unless it is only scored (echo with max_tokens 0)."""
+
+def sampling_for(body: GenerationFields, max_tokens: Optional[int], top_logprobs: Optional[int], echo: bool = False) -> Sampling:
+    """The request's settings, or a 400 naming the field. A missing max_tokens runs to the end of
+    the context (the engine stops every request there); the prompt's length is the engine's check."""
     if body.n != 1:
         raise APIError(400, "only n=1 is supported: send one request per completion", "n")
     if max_tokens is not None and max_tokens < (0 if echo else 1):
         fix = "" if echo else " (0 only with echo: score the prompt)"
         raise APIError(400, f"max_tokens must be at least {0 if echo else 1}, got {max_tokens}{fix}", "max_tokens")
-    room = max_seq_len - n_prompt
-    if room < (0 if echo and max_tokens == 0 else 1):
-        longest = max_seq_len if echo and max_tokens == 0 else max_seq_len - 1
-        message = f"the prompt has {n_prompt} tokens but this server's --max_seq_len is {max_seq_len}: shorten it to at most {longest}"
-        raise APIError(400, message, "prompt", "context_length_exceeded")
-    max_new = room if max_tokens is None else min(max_tokens, room)
-    return Sampling(body.temperature, body.top_p, body.seed, max_new, body.stop_strings(), top_logprobs, echo)
+    limit = max_tokens if max_tokens is not None else 2**31 - 1
+    return Sampling(body.temperature, body.top_p, body.seed, limit, body.stop_strings(), top_logprobs, echo)
 
 
 @dataclass
@@ -60,15 +60,28 @@ def completion_prompts(llm: Llama, prompt: str | list[str] | list[int] | list[li
     return [completion_prompt(llm, p) for p in prompts]
 
 
+def check_length(llm: Llama, text: str, param: str = "prompt") -> None:
+    """A string that could not fit the context is refused before it is tokenized: tokenizing tens of
+    megabytes would hold the server for seconds only to find it too long."""
+    longest = llm.model.max_seq_len * llm.tokenizer.max_token_chars
+    if len(text) > longest:
+        raise APIError(400, f"{param} has {len(text)} characters: more than --max_seq_len {llm.model.max_seq_len} tokens can hold "
+                            f"(at most {llm.tokenizer.max_token_chars} characters each); shorten it", param, "context_length_exceeded")
+
+
 def completion_prompt(llm: Llama, prompt: str | list[int]) -> Prompt:
     if isinstance(prompt, str):
+        check_length(llm, prompt)
         return Prompt(llm.tokenizer.encode(prompt, bos=True, eos=False), prompt, 1)
-    if not prompt or not all(0 <= i < llm.model.args.vocab_size for i in prompt):
-        raise APIError(400, f"prompt token ids must be a non-empty list of ids in [0, {llm.model.args.vocab_size})", "prompt")
+    try:
+        check_ids(prompt, llm.model.args.vocab_size, "the prompt")
+    except RequestError as err:
+        raise APIError.of(err) from None
     return Prompt(prompt, None, 0)
 
 
 def chat_prompt(llm: Llama, body: ChatRequest) -> list[int]:
+    check_length(llm, "".join(m.text() for m in body.messages), "messages")
     try:
         return llm.chat_tokens([{"role": m.role, "content": m.text()} for m in body.messages])
     except UserError as err:

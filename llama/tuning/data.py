@@ -202,6 +202,7 @@ def _tokenize_all(records: list[dict[str, str]], tokenizer: Tokenizer, template:
 def build_splits(
     path: str | Path,
     tokenizer: Tokenizer,
+    *,
     template: str = "alpaca",
     max_seq_len: int = 256,
     val_fraction: float = 0.05,
@@ -209,11 +210,13 @@ def build_splits(
     train_on_inputs: bool = False,
     field_map: Optional[dict[str, str]] = None,
     max_examples: Optional[int] = None,
+    val_path: Optional[str | Path] = None,
     show_progress: bool = False,
 ) -> Splits:
-    """Load, shuffle by seed, keep max_examples, split off validation, tokenize.
+    """Load, shuffle by seed, keep max_examples, split off validation (or read it from val_path), tokenize.
 
     The split is made on records, before tokenizing, so it does not move when max_seq_len changes.
+    With val_path the held-out examples are that file's, in its order, and val_fraction is not used.
     """
     check_template(template)
     if max_seq_len < 2:
@@ -223,11 +226,13 @@ def build_splits(
     records = load_records(path, field_map)
     random.Random(f"split-{seed}").shuffle(records)
     records = records[:max_examples] if max_examples else records
-    n_val = max(1, round(len(records) * val_fraction)) if val_fraction > 0 else 0
+    n_val = max(1, round(len(records) * val_fraction)) if val_fraction > 0 and val_path is None else 0
     if n_val >= len(records):
-        raise UserError(f"{path}: {len(records)} records leave none for training with val_fraction {val_fraction}; lower it or add data")
-    with tqdm(total=len(records), desc="tokenizing", disable=not show_progress) as progress:
-        val, val_cut, val_drop = _tokenize_all(records[:n_val], tokenizer, template, max_seq_len, train_on_inputs, progress)
+        held = f"{len(records)} record{'s' * (len(records) != 1)}"
+        raise UserError(f"{path}: {held} leave{'s' * (len(records) == 1)} none for training with val_fraction {val_fraction}; lower it or add data")
+    held_out = records[:n_val] if val_path is None else load_records(val_path, field_map)
+    with tqdm(total=len(records) + (len(held_out) if val_path else 0), desc="tokenizing", disable=not show_progress) as progress:
+        val, val_cut, val_drop = _tokenize_all(held_out, tokenizer, template, max_seq_len, train_on_inputs, progress)
         train, train_cut, train_drop = _tokenize_all(records[n_val:], tokenizer, template, max_seq_len, train_on_inputs, progress)
     if not train:
         raise UserError(f"{path}: every training example is longer than max_seq_len {max_seq_len} before its response "

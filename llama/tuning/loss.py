@@ -52,3 +52,15 @@ def chunk_loss(output: ColumnParallelLinear, hidden: torch.Tensor, targets: torc
     # fresh logits whatever the dtype: no autograd node keeps a linear's (or a sum's) output, so
     # fairscale may overwrite them in place without a copy
     return vocab_parallel_loss(output.split_forward(hidden).float(), targets)
+
+
+def chunk_token_losses(output: ColumnParallelLinear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [N] of one chunk (chunk_loss before its sum); IGNORE_INDEX targets give 0.
+
+    Sequence log-probabilities (DPO, llama/tuning/dpo.py) need each token's loss to sum it per
+    sequence; the vocabulary-parallel path is the same as chunk_loss's, so no logits are gathered.
+    """
+    if tensor_parallel_size() == 1:
+        return F.cross_entropy(output(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    losses = vocab_parallel_cross_entropy(output.split_forward(hidden).float(), targets)
+    return losses.masked_fill(targets == IGNORE_INDEX, 0.0)

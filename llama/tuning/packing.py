@@ -113,7 +113,7 @@ def _row_columns(row: Sequence[Example], pad_id: int, n_virtual: int, width: int
             documents + [len(row)] * pad, virtual + [-1] * pad)
 
 
-def hidden_states(model, prompt, input_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
+def packed_hidden_states(model, prompt, input_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The model's final-norm hidden states [B, T, dim] of packed rows; the soft prompt's rows
     (if any) fill the virtual slots, so each example sees the prompt as it would unpacked."""
     embeds = None
@@ -152,7 +152,7 @@ def epoch_rows(lengths: Sequence[int], capacity: int, batch_size: int, seed: int
 class PackedBatches:
     """train.TrainBatches for packed rows: (epoch, position) is the whole state, so resume is exact."""
 
-    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int, dp_rank: int, dp_size: int, capacity: int,
+    def __init__(self, examples: Sequence[Example], batch_size: int, *, seed: int, dp_rank: int, dp_size: int, capacity: int,
                  pad_id: int, n_virtual: int = 0, epoch: int = 0, position: int = 0):
         self.examples, self.pad_id, self.n_virtual, self.capacity = examples, pad_id, n_virtual, capacity
         self.slots = [n_virtual + len(example.input_ids) for example in examples]
@@ -178,7 +178,7 @@ class PackedBatches:
         return {"epoch": self.epoch, "position": self.position}
 
 
-def eval_batches(examples: Sequence[Example], batch_size: int, dp_rank: int, dp_size: int, capacity: int, pad_id: int,
+def eval_batches(examples: Sequence[Example], batch_size: int, *, dp_rank: int, dp_size: int, capacity: int, pad_id: int,
                  n_virtual: int = 0, limit: int = 0) -> list:
     """This data-parallel rank's held-out examples as batches of packed rows (deterministic).
 

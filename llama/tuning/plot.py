@@ -1,8 +1,9 @@
-"""Plot a training run: `python -m llama.plot runs/prompt_tuning/metrics.jsonl [--out loss.png]`.
+"""Plot a training run: `python -m llama.tuning.plot runs/prompt_tuning/metrics.jsonl [--out loss.png]`.
 
-Two panels against the optimizer step: train and eval loss (with the untuned model's eval loss
-as a reference line), and the learning rate. matplotlib is an optional extra
-(`pip install -e .[plot]`); without it the command says so and exits.
+Panels against the optimizer step: train and eval loss (with the untuned model's eval loss as a
+reference line), for a DPO run the reward margin and accuracy (train and held-out), and the
+learning rate. matplotlib is an optional extra (`pip install -e .[plot]`); without it the command
+says so and exits.
 """
 
 import argparse
@@ -42,7 +43,16 @@ def plot(records: list[dict], out: Path) -> Path:
         raise UserError("plotting needs matplotlib, an optional extra: pip install matplotlib (or pip install -e .[plot])") from None
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    dpo = any("rewards/margins" in r for r in train)
+    fig, axes = plt.subplots(4 if dpo else 2, 1, figsize=(8, 10 if dpo else 6), sharex=True, height_ratios=(3, 2, 2, 1) if dpo else (3, 1))
+    loss_ax, lr_ax = axes[0], axes[-1]
+    if dpo:
+        for ax, name in zip(axes[1:3], ("rewards/margins", "rewards/accuracies")):
+            ax.plot([r["step"] for r in train], [r[name] for r in train], lw=0.8, alpha=0.7, label=f"train {name}")
+            ax.plot([r["step"] for r in evals], [r[f"eval_{name}"] for r in evals], "o-", label=f"eval {name}")
+            ax.set_ylabel(name.split("/")[1])
+            ax.legend()
+            ax.grid(alpha=0.3)
     loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train loss")
     if evals:
         loss_ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")

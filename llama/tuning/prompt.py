@@ -99,7 +99,7 @@ def save_prompt(prompt: SoftPrompt, path: str | Path, extra: Optional[dict] = No
     return atomic_torch_save(state, Path(path))
 
 
-def export_peft(prompt: SoftPrompt, out_dir: str | Path, base_model: str = "", tokenizer_path: str = "", n_layers: int = 0, n_heads: int = 0) -> Path:
+def save_peft_prompt(prompt: SoftPrompt, out_dir: str | Path, base_model: str = "", tokenizer_path: str = "", n_layers: int = 0, n_heads: int = 0) -> Path:
     """Write a PEFT prompt-tuning adapter directory (adapter_config.json + adapter_model.bin).
 
     `inference_mode: true` tells PEFT to load the saved embeddings instead of re-initialising.

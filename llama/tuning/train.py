@@ -37,7 +37,7 @@ class TrainBatches:
     (epoch, position) is the whole state, so a checkpoint holding it resumes on the very next batch.
     """
 
-    def __init__(self, examples: Sequence[data.Example], batch_size: int, seed: int, dp_rank: int, dp_size: int,
+    def __init__(self, examples: Sequence[data.Example], batch_size: int, *, seed: int, dp_rank: int, dp_size: int,
                  group_by_length: bool, pad_id: int, epoch: int = 0, position: int = 0):
         self.examples, self.pad_id = examples, pad_id
         self.lengths = [len(example.input_ids) for example in examples]
@@ -58,7 +58,7 @@ class TrainBatches:
         return {"epoch": self.epoch, "position": self.position}
 
 
-def eval_batches(examples: Sequence[data.Example], batch_size: int, dp_rank: int, dp_size: int, pad_id: int, limit: int = 0) -> list[Batch]:
+def eval_batches(examples: Sequence[data.Example], batch_size: int, *, dp_rank: int, dp_size: int, pad_id: int, limit: int = 0) -> list[Batch]:
     """This data-parallel rank's share of the held-out examples, in order, as padded batches (limit 0 = all)."""
     mine = examples[dp_rank::dp_size]
     batches = [data.collate(mine[i : i + batch_size], pad_id) for i in range(0, len(mine), batch_size)]
@@ -103,18 +103,18 @@ def chunked_cross_entropy(output: nn.Module, hidden: torch.Tensor, labels: torch
     return total
 
 
-def summed_loss(model: Transformer, prompt: Optional[SoftPrompt], input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+def summed_loss(model: Transformer, prompt: Optional[SoftPrompt], input_ids: torch.Tensor, labels: torch.Tensor, *, chunk_size: int,
                 layout: Optional[packing.Layout] = None) -> torch.Tensor:
     """Summed token loss of one micro-batch, with the soft prompt (if any) in front (positions 0..P-1);
     `layout` says where the examples sit in packed rows (each with its own prompt)."""
-    return chunked_cross_entropy(model.output, hidden_states(model, prompt, input_ids, layout), labels, chunk_size)
+    return chunked_cross_entropy(model.output, batch_hidden_states(model, prompt, input_ids, layout), labels, chunk_size)
 
 
-def hidden_states(model: Transformer, prompt: Optional[SoftPrompt], input_ids: torch.Tensor, layout: Optional[packing.Layout]) -> torch.Tensor:
+def batch_hidden_states(model: Transformer, prompt: Optional[SoftPrompt], input_ids: torch.Tensor, layout: Optional[packing.Layout]) -> torch.Tensor:
     """The model's final-norm hidden states of a padded batch (prompt in front) or of packed rows."""
     if layout is not None:
-        return packing.hidden_states(model, prompt, input_ids, layout)
-    return model.hidden_states(input_ids, 0, None if prompt is None else prompt(input_ids.size(0)))
+        return packing.packed_hidden_states(model, prompt, input_ids, layout)
+    return model.hidden_states(input_ids, prefix=None if prompt is None else prompt(input_ids.size(0)))
 
 
 def to_device(batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor, Optional[packing.Layout]]:
@@ -178,6 +178,7 @@ def accumulate_gradients(
     model: Transformer,
     prompt: Optional[SoftPrompt],
     micro_batches: Sequence[Batch],
+    *,
     chunk_size: int,
     dp_group=None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
@@ -205,7 +206,7 @@ def accumulate_gradients(
     for batch in micro_batches:
         input_ids, labels, layout = to_device(batch, device)
         with autocast():
-            loss = summed_loss(model, prompt, input_ids, labels, chunk_size, layout) / n_labels
+            loss = summed_loss(model, prompt, input_ids, labels, chunk_size=chunk_size, layout=layout) / n_labels
         if loss.requires_grad:  # a micro-batch with no label token adds nothing
             scale(loss).backward()
         total += loss.detach()
@@ -218,6 +219,7 @@ def estimate_loss(
     model: Transformer,
     prompt: Optional[SoftPrompt],
     batches: Sequence[Batch],
+    *,
     chunk_size: int,
     dp_group=None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
@@ -230,7 +232,7 @@ def estimate_loss(
     for batch in batches:
         input_ids, labels, layout = to_device(batch, device)
         with autocast():
-            hidden = hidden_states(model, prompt, input_ids, layout)
+            hidden = batch_hidden_states(model, prompt, input_ids, layout)
             sums[0] += chunked_cross_entropy(model.output, hidden, labels, chunk_size)
         sums[1] += count_label_tokens(labels)
     model.train(training)
@@ -266,28 +268,30 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def save_checkpoint(path: Path, prompt: SoftPrompt, optimizer: torch.optim.Optimizer, schedule: dict, step: int, data_position: dict, config: dict) -> Path:
-    """A prompt-tuning run's checkpoint (see save_training_state)."""
-    state = {"prompt": prompt.weight.detach().cpu().clone(), "prompt_config": prompt.config, "optimizer": optimizer.state_dict()}
-    return save_training_state(path, state, schedule, step, data_position, config)
+STATE = "state.pt"
+"""A run's training state: step, schedule, data position, RNG states, what the method keeps on rank 0."""
+OLD_STATE = "ckpt.pt"
+"""Runs saved before run_config.json kept their state and options together here."""
 
 
-def save_training_state(path: Path, method_state: dict, schedule: dict, step: int, data_position: dict, config: dict) -> Path:
-    """Everything needed to continue exactly, written atomically (temp file + rename).
+def save_training_state(out_dir: Path, method_state: dict, *, schedule: dict, step: int, data_position: dict) -> Path:
+    """Everything needed to continue exactly (besides run_config.json and the method's own files), atomically.
 
-    `method_state` is what the fine-tuning method keeps in the shared checkpoint (the prompt
-    and its optimizer; nothing for methods whose state is sharded over ranks in files of their own).
+    `method_state` is what the fine-tuning method keeps in the shared file (the prompt and its
+    optimizer; nothing for methods whose state is sharded over ranks in files of their own).
     """
-    state = {**method_state, "scheduler": schedule, "step": step, "data": data_position, "rng": rng_state(), "config": config}
-    return atomic_torch_save(state, Path(path))
+    state = {**method_state, "scheduler": schedule, "step": step, "data": data_position, "rng": rng_state()}
+    return atomic_torch_save(state, Path(out_dir) / STATE)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by save_checkpoint (weights only: no pickled code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {path}; start without --resume, or pass the --out_dir of the run to continue")
-    return load_file(path, mmap=False)
+def load_training_state(out_dir: Path) -> dict:
+    """The training state of the run in `out_dir` (weights only: no pickled code runs); a run saved
+    before run_config.json existed is read from its ckpt.pt."""
+    out_dir = Path(out_dir)
+    for name in (STATE, OLD_STATE):
+        if (out_dir / name).is_file():
+            return load_file(out_dir / name, mmap=False)
+    raise UserError(f"--resume: no training state at {out_dir / STATE}; start without --resume, or pass the --out_dir of the run to continue")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -299,7 +303,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed as written, so a crash loses nothing."""
+    """metrics.jsonl: one JSON object per line, flushed as written, so a crash loses nothing; every
+    record also goes to the run's `tracker` (TensorBoard, W&B: llama/tuning/tracking.py), if any."""
+
+    tracker = None
+    """Something with log(record) and close(): where else each record goes."""
 
     def __init__(self, path: Path, resume_step: Optional[int] = None):
         self.path = Path(path)
@@ -313,6 +321,12 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
