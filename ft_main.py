@@ -226,7 +226,7 @@ def preference_data(config: TrainConfig, method: methods.Method, tokenizer, pad_
         print(splits.summary(), flush=True)
     reference_prompt = None
     if method.prompt is not None:  # the reference is the policy at step 0: the prompt as init_prompt made it (again on --resume)
-        reference_prompt = init_prompt(method.model, tokenizer, config.n_virtual_tokens, config.init, config.init_text, config.seed)
+        reference_prompt = init_prompt(method.model, tokenizer, n_virtual_tokens=config.n_virtual_tokens, init=config.init, init_text=config.init_text, seed=config.seed)
         reference_prompt = reference_prompt.to(parallel.device).requires_grad_(False)
     goal = objective.DPO(method, config.dpo, config.chunk_size, reference_prompt=reference_prompt)
     if not method.reference_on_the_fly:
@@ -277,7 +277,7 @@ def tune(config: TrainConfig, parallel: distributed.Parallel, state: Optional[di
             log_eval(metrics, progress, step, evaluate(run.val_batches), untuned_loss)
 
         micro_batches, n_tokens = zip(*(run.batches.next() for _ in range(config.grad_accum)))
-        lr = train.get_lr(step, config.lr, config.min_lr, config.warmup_steps, config.lr_decay_steps)
+        lr = train.get_lr(step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps, decay_steps=config.lr_decay_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         start = time.perf_counter()

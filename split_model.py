@@ -115,7 +115,7 @@ def main(argv=None) -> None:
         dtype = dtype and parse_dtype(dtype)
     options = {"max_shard_size": args.max_shard_size} if args.out_format == "hf" else {}
     n = args.num_shards or 1
-    out_dir = convert(args.ckpt_dir, args.out_format, n, args.out_dir, dtype, args.force, args.verify, adapter=args.adapter, **options)
+    out_dir = convert(args.ckpt_dir, out_format=args.out_format, num_shards=n, out_dir=args.out_dir, dtype=dtype, force=args.force, verify_output=args.verify, adapter=args.adapter, **options)
     verified = ", verified" if args.verify else ""
     if args.out_format == "meta":
         launcher = "python" if n == 1 else f"torchrun --nproc_per_node {n}"

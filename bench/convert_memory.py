@@ -161,9 +161,9 @@ def main() -> None:
         print(f"{'conversion':<14} {'seconds':>7} {'GB/s':>6} {'vs copy':>8} {'vs write':>8} {'file MB':>9} {'peak anon':>9} {'bound':>9}  "
               "(peak RssAnon <= 1.25 x largest output file + 300 MB)")
         rates = (copy_rate, write_rate, args.repeats)
-        print(measure_conversion("Meta -> HF", lambda: convert(meta, "hf", out_dir=hf, progress=False, max_shard_size=args.max_shard_size), hf, *rates))
-        print(measure_conversion("HF -> Meta", lambda: convert(hf, "meta", 1, out_dir=back, progress=False), back, *rates))
-        print(measure_conversion("Meta -> Meta", lambda: convert(meta, "meta", 1, out_dir=work / "meta_meta", progress=False),
+        print(measure_conversion("Meta -> HF", lambda: convert(meta, out_format="hf", out_dir=hf, progress=False, max_shard_size=args.max_shard_size), hf, *rates))
+        print(measure_conversion("HF -> Meta", lambda: convert(hf, out_format="meta", num_shards=1, out_dir=back, progress=False), back, *rates))
+        print(measure_conversion("Meta -> Meta", lambda: convert(meta, out_format="meta", num_shards=1, out_dir=work / "meta_meta", progress=False),
                                  work / "meta_meta", *rates) + "  (the resharder, for comparison)")
         shutil.rmtree(work / "meta_meta")
         identical = (back / "consolidated.00.pth").read_bytes() == (meta / "consolidated.00.pth").read_bytes()

@@ -106,7 +106,7 @@ def run_ours(config: str, lang: str, cli: argparse.Namespace) -> dict:
     parallel = distributed.setup()
     items = examples(lang, cli)
     model = random_model(shape_args("110M", cli.layers, "cpu"), torch.float32, parallel, 0, cli.max_seq_len).train()  # no KV cache
-    lora.add_lora(model, list(lora.DEFAULT_TARGETS), 8, 16.0)
+    lora.add_lora(model, list(lora.DEFAULT_TARGETS), r=8, alpha=16.0)
     named = list(lora.local_state(model).items())
     params, split = [p for _, p in named], [layout.tensor_split_dim(name) is not None for name, _ in named]
     optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -166,7 +166,7 @@ def train_worker(ckpt: str, scheme: str, steps: int) -> None:
     distributed.setup()
     spec = LoadSpec(Path(ckpt), max_seq_len=128, max_batch_size=0, dtype=torch.float32, quantize=parse_scheme(scheme))
     model = load_model(spec, vocab_size=32000, device=torch.device("cpu")).train()
-    lora.add_lora(model, list(lora.DEFAULT_TARGETS), 8, 16.0)
+    lora.add_lora(model, list(lora.DEFAULT_TARGETS), r=8, alpha=16.0)
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # quantizing while loading leaves freed heap pages; count live memory only
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)

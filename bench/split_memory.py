@@ -129,8 +129,8 @@ def main() -> None:
         print(f"plain copy + fsync: {copy_rate / 1e9:.2f} GB/s; RssAnon before resharding: {rss_anon() / MB:.0f} MB")
         print(f"{'step':<14} {'seconds':>7} {'GB/s':>6} {'vs copy':>8} {'shard MB':>9} {'peak anon':>9} {'bound':>9}  "
               "(peak RssAnon <= 1.25 x largest shard + 300 MB)")
-        print(measure("split 1 -> 4", lambda: reshard(src, 4, out4), out4, copy_rate))
-        print(measure("merge 4 -> 1", lambda: reshard(out4, 1, out1), out1, copy_rate))
+        print(measure("split 1 -> 4", lambda: reshard(src, num_shards=4, out_dir=out4), out4, copy_rate))
+        print(measure("merge 4 -> 1", lambda: reshard(out4, num_shards=1, out_dir=out1), out1, copy_rate))
         start = time.perf_counter()
         verify(open_checkpoint(src), open_checkpoint(out1), None, progress=True)
         print(f"1 -> 4 -> 1 is bit-identical to the original (checked in {time.perf_counter() - start:.1f} s)")

@@ -118,7 +118,7 @@ def trainable(method: str, model: Transformer, cli: argparse.Namespace) -> tuple
         return prompt, [prompt.weight], [False]
     model.activation_checkpointing = cli.checkpoint_activations
     if method == "lora":
-        lora.add_lora(model, list(lora.DEFAULT_TARGETS), cli.lora_rank, 2.0 * cli.lora_rank)
+        lora.add_lora(model, list(lora.DEFAULT_TARGETS), r=cli.lora_rank, alpha=2.0 * cli.lora_rank)
         named = list(lora.local_state(model).items())
     else:
         model.requires_grad_(True)

@@ -229,7 +229,7 @@ class Scheduler:
     safe: a server's HTTP side adds and cancels while the engine thread schedules and finishes steps.
     """
 
-    def __init__(self, tokenizer: Tokenizer, rows: int, max_seq_len: int, vocab_size: int, device: torch.device,
+    def __init__(self, tokenizer: Tokenizer, *, rows: int, max_seq_len: int, vocab_size: int, device: torch.device,
                  fixed_rows: bool = False, max_queue: Optional[int] = None, seeds: Optional[Callable[[], int]] = None):
         self.tokenizer, self.max_seq_len, self.vocab_size, self.device = tokenizer, max_seq_len, vocab_size, device
         self.rows: list[Optional[Request]] = [None] * rows
@@ -417,7 +417,7 @@ class Scheduler:
 class Engine:
     """The model on this rank, its runner and its scheduler: add requests, step until done."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, device: torch.device, seed: Optional[int] = 1, compile: bool = False,
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, device: torch.device, *, seed: Optional[int] = 1, compile: bool = False,
                  max_queue: Optional[int] = None):
         """`seed`: requests without a seed draw theirs from a generator seeded so (the same on every rank,
         as library calls need); None: from Python's random (a server's requests). `max_queue`: the most
@@ -428,8 +428,8 @@ class Engine:
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
             seeds = lambda: int(torch.randint(2**62, (1,), generator=generator))  # noqa: E731
-        self.scheduler = Scheduler(tokenizer, model.cache_rows, model.max_seq_len, model.args.vocab_size, device,
-                                   self.runner.fixed_rows, max_queue, seeds)
+        self.scheduler = Scheduler(tokenizer, rows=model.cache_rows, max_seq_len=model.max_seq_len, vocab_size=model.args.vocab_size, device=device,
+                                   fixed_rows=self.runner.fixed_rows, max_queue=max_queue, seeds=seeds)
 
     def add(self, requests: list[Request]) -> None:
         self.scheduler.add(requests)

@@ -142,7 +142,7 @@ def describe_file(path: Path, name: str | None = None) -> dict:
     return {"name": name or path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def manifest(format: str, source: str, num_shards: int, dtype: str, files: list[dict], **details) -> dict:
+def manifest(format: str, *, source: str, num_shards: int, dtype: str, files: list[dict], **details) -> dict:
     """The one manifest schema: what the folder holds (`format`, `num_shards`, `dtype`), where
     it came from (`source`), each file's name, size and sha256, and writer-specific `details`
     (a conversion's source format and verification, a training run's method and step)."""

@@ -36,10 +36,10 @@ def check_compile(scheme: Optional[Scheme], compile: bool) -> None:
 class Llama:
     """A loaded model + tokenizer on this rank, generating through the engine."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, parallel: distributed.Parallel, seed: int = 1, compile: bool = False):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, parallel: distributed.Parallel, *, seed: int = 1, compile: bool = False):
         self.model, self.tokenizer, self.parallel = model, tokenizer, parallel
         say_compiling(compile, parallel.is_main)
-        self.engine = Engine(model, tokenizer, parallel.device, seed, compile)
+        self.engine = Engine(model, tokenizer, parallel.device, seed=seed, compile=compile)
 
     @staticmethod
     def build(spec: LoadSpec | str | Path, *, seed: int = 1, tp_size: Optional[int] = None, compile: bool = False, **fields) -> "Llama":
@@ -57,7 +57,7 @@ class Llama:
         parallel = distributed.setup(tp_size)
         torch.manual_seed(seed)
         model = load_model(spec, vocab_size=tokenizer.n_words, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size)
-        return Llama(model, tokenizer, parallel, seed, compile)
+        return Llama(model, tokenizer, parallel, seed=seed, compile=compile)
 
     def generate(self, prompts: list[list[int]], sampling: Sampling = Sampling(), *, prefix: Optional[torch.Tensor] = None) -> list[Completion]:
         """Complete token prompts (after an optional soft prompt [P, dim]); one Completion each, in order."""

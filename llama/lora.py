@@ -53,7 +53,7 @@ def factor_split_dims(weight_split_dim: Optional[int]) -> tuple[Optional[int], O
 class LoRA(nn.Module):
     """This rank's factors of a low-rank update: float32 A [r, in_local], B [out_local, r]."""
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, alpha: float, dropout: float = 0.0, replicated: str = "A", tp: int = 1):
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, *, alpha: float, dropout: float = 0.0, replicated: str = "A", tp: int = 1):
         super().__init__()
         if replicated not in ("A", "B"):
             raise ValueError(f"replicated must be 'A' or 'B', got {replicated!r}")
@@ -111,7 +111,7 @@ def local_slice(tensor: torch.Tensor, dim: Optional[int], tp_rank: int, tp: int)
     return tensor if dim is None else tensor.chunk(tp, dim)[tp_rank]
 
 
-def add_lora(model: Transformer, targets: list[str], r: int, alpha: float, dropout: float = 0.0, seed: int = 0) -> None:
+def add_lora(model: Transformer, targets: list[str], *, r: int, alpha: float, dropout: float = 0.0, seed: int = 0) -> None:
     """Give every targeted layer an adapter: B = 0 (the model is unchanged), A as PEFT draws it.
 
     PEFT initialises A with kaiming_uniform_(a=sqrt(5)) on the full [r, in] matrix. Every rank
@@ -123,10 +123,10 @@ def add_lora(model: Transformer, targets: list[str], r: int, alpha: float, dropo
     for name, layer in target_layers(model, targets):
         A = torch.empty(r, layer.in_features)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)
-        put_adapter(name, layer, A, torch.zeros(layer.out_features, r), alpha, dropout)
+        put_adapter(name, layer, A, torch.zeros(layer.out_features, r), alpha=alpha, dropout=dropout)
 
 
-def put_adapter(name: str, layer: ParallelLinear, A: torch.Tensor, B: torch.Tensor, alpha: float, dropout: float = 0.0) -> None:
+def put_adapter(name: str, layer: ParallelLinear, A: torch.Tensor, B: torch.Tensor, *, alpha: float, dropout: float = 0.0) -> None:
     """Put the adapter with full factors A [r, in], B [out, r] into `layer`, keeping this rank's slices."""
     tp_rank, tp = group_rank(), layer.tp
     r = A.size(0)
@@ -139,7 +139,7 @@ def put_adapter(name: str, layer: ParallelLinear, A: torch.Tensor, B: torch.Tens
         raise UserError(f"--lora_rank {r} exceeds the {split_width} features '{name}' holds on each of {tp} "
                         f"tensor-parallel ranks: use a rank of at most {split_width}")
     device = (layer.weight if layer.kernel is None else layer.kernel).device
-    layer.lora = LoRA(local_slice(A, a_dim, tp_rank, tp).to(device), local_slice(B, b_dim, tp_rank, tp).to(device), alpha, dropout,
+    layer.lora = LoRA(local_slice(A, a_dim, tp_rank, tp).to(device), local_slice(B, b_dim, tp_rank, tp).to(device), alpha=alpha, dropout=dropout,
                       replicated="A" if a_dim is None else "B", tp=tp)
 
 
@@ -188,7 +188,7 @@ def load_state(model: Transformer, full: Mapping[str, torch.Tensor], alpha: floa
             raise UserError(f"adapter has weights for '{name}', which is not a linear layer of this model: the adapter is for another model")
         if f"{name}.lora.A" not in full or f"{name}.lora.B" not in full:
             raise UserError(f"adapter has only one of {name}.lora.A / {name}.lora.B")
-        put_adapter(name, layer, full[f"{name}.lora.A"].float(), full[f"{name}.lora.B"].float(), alpha, dropout)
+        put_adapter(name, layer, full[f"{name}.lora.A"].float(), full[f"{name}.lora.B"].float(), alpha=alpha, dropout=dropout)
 
 
 def targets_of(full: Mapping[str, torch.Tensor]) -> list[str]:

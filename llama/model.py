@@ -98,7 +98,7 @@ class RMSNorm(nn.Module):
 META_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-def scale_rope_freqs(freqs: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+def scale_rope_freqs(freqs: torch.Tensor, *, factor: float, low_freq_factor: float, high_freq_factor: float,
                      original_max_position_embeddings: int) -> torch.Tensor:
     """Meta's Llama 3.1 `apply_scaling`: wavelengths longer than the original context / low are
     divided by `factor`, those shorter than context / high are kept, and the band between is
@@ -112,7 +112,7 @@ def scale_rope_freqs(freqs: torch.Tensor, factor: float, low_freq_factor: float,
     return torch.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
-def precompute_rope(head_dim: int, end: int, theta: float, device=None, scaling: Optional[dict] = None) -> torch.Tensor:
+def precompute_rope(head_dim: int, end: int, *, theta: float, device=None, scaling: Optional[dict] = None) -> torch.Tensor:
     """cos/sin of position * frequency, shape [end, head_dim // 2, 2], computed once.
 
     Meta rotates each consecutive pair (x[2i], x[2i+1]) as the complex number x[2i] + j*x[2i+1]
@@ -155,7 +155,7 @@ class CacheSpan(NamedTuple):
 class KVCache(nn.Module):
     """Preallocated keys/values [rows, kv_heads, max_seq_len, head_dim], written in place."""
 
-    def __init__(self, rows: int, kv_heads: int, seq_len: int, head_dim: int, dtype, device):
+    def __init__(self, rows: int, kv_heads: int, seq_len: int, head_dim: int, *, dtype, device):
         super().__init__()
         shape = (rows, kv_heads, seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -283,11 +283,11 @@ class Transformer(nn.Module):
         as training needs), per-layer KV caches. Calling it again resizes."""
         weight = self.tok_embeddings.weight
         scaling = (self.args.rope_scaling or META_ROPE_SCALING) if self.args.use_scaled_rope else None
-        self.rope = precompute_rope(self.args.head_dim, max_seq_len, self.args.rope_theta, weight.device, scaling)
+        self.rope = precompute_rope(self.args.head_dim, max_seq_len, theta=self.args.rope_theta, device=weight.device, scaling=scaling)
         for layer in self.layers:
             attn = layer.attention
             shape = (max_batch_size, attn.n_local_kv_heads, max_seq_len, attn.head_dim)
-            attn.cache = KVCache(*shape, weight.dtype, weight.device) if max_batch_size else None
+            attn.cache = KVCache(*shape, dtype=weight.dtype, device=weight.device) if max_batch_size else None
 
     @property
     def max_seq_len(self) -> int:

@@ -166,8 +166,8 @@ def test_batches_shuffle_deterministically() -> None:
 def test_dp_ranks_disjoint_and_equal(group_by_length: bool) -> None:
     """dp ranks split each global batch: disjoint, equal counts, together exactly the dp_size=1 batches."""
     lengths = [random.Random(i).randint(1, 300) for i in range(203)]
-    per_rank = [data.batch_indices(lengths, 4, 7, 2, rank, 3, group_by_length) for rank in range(3)]
-    whole = data.batch_indices(lengths, 12, 7, 2, 0, 1, group_by_length)
+    per_rank = [data.batch_indices(lengths, 4, seed=7, epoch=2, dp_rank=rank, dp_size=3, group_by_length=group_by_length) for rank in range(3)]
+    whole = data.batch_indices(lengths, 12, seed=7, epoch=2, dp_rank=0, dp_size=1, group_by_length=group_by_length)
     assert [len(b) for b in per_rank] == [203 // 12] * 3 and all(len(batch) == 4 for b in per_rank for batch in b)
     seen = [set(i for batch in b for i in batch) for b in per_rank]
     assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
@@ -180,8 +180,8 @@ def test_group_by_length_puts_similar_lengths_together() -> None:
     def mean_spread(batches: list[list[int]]) -> float:
         return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
 
-    grouped = data.batch_indices(lengths, 8, 0, 0, group_by_length=True)
-    plain = data.batch_indices(lengths, 8, 0, 0)
+    grouped = data.batch_indices(lengths, 8, seed=0, epoch=0, group_by_length=True)
+    plain = data.batch_indices(lengths, 8, seed=0, epoch=0)
     assert mean_spread(grouped) < mean_spread(plain) / 10  # measured: about 10 vs 385
     assert len({i for b in grouped for i in b}) == 1000 // 8 * 8
     maxima = [max(lengths[i] for i in b) for b in grouped]
@@ -234,6 +234,6 @@ def test_bad_settings_give_one_clear_line(tmp_path: Path, tokenizer: Tokenizer) 
     with pytest.raises(UserError, match="OURS=THEIRS"):
         data.parse_field_map("instruction")
     with pytest.raises(UserError, match="cannot fill one batch"):
-        data.batch_indices([5] * 10, 4, 0, 0, dp_size=3)
+        data.batch_indices([5] * 10, 4, seed=0, epoch=0, dp_size=3)
     with pytest.raises(UserError, match="1 record leaves none for training"):
         data.build_splits(write(tmp_path / "one.json", json.dumps([record])), tokenizer)

@@ -66,7 +66,7 @@ def trained_weights(method: str, out_dir, model_dir=None) -> dict[str, torch.Ten
     if method == "lora":
         return adapters.load_adapter(out_dir / "adapter.pt")[0]
     shards = [files.load_file(p) for p in meta.shard_paths(model_dir or out_dir / "model")]
-    return {key: layout.rank_slice(key, [s[key] for s in shards], 0, 1) for key in shards[0] if key not in layout.NOT_LOADED}
+    return {key: layout.rank_slice(key, [s[key] for s in shards], rank=0, n_ranks=1) for key in shards[0] if key not in layout.NOT_LOADED}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def initial_weights() -> dict[str, dict[str, torch.Tensor]]:
     try:
         model = load.load_model(LoadSpec(STORIES, max_seq_len=16, max_batch_size=0, dtype=torch.float32), vocab_size=512,
                                 device=torch.device("cpu"))
-        lora.add_lora(model, TARGETS, 8, 16.0, seed=0)  # ft_main's defaults but for the targets
+        lora.add_lora(model, TARGETS, r=8, alpha=16.0, seed=0)  # ft_main's defaults but for the targets
         adapter = lora.gather_state(model)
     finally:
         distributed.teardown()

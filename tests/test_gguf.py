@@ -47,7 +47,7 @@ def gguf_name(meta_key: str) -> str:
 
 
 def export(src: Path, out: Path, dtype: str = "float32", verify: bool = True) -> Path:
-    return convert(src, "gguf", out_dir=out, dtype=dtype, verify_output=verify, progress=False) / "model.gguf"
+    return convert(src, out_format="gguf", out_dir=out, dtype=dtype, verify_output=verify, progress=False) / "model.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +205,7 @@ def test_an_hf_folder_exports_the_same_file_contents(exports, tmp_path):
     """Meta -> HF (q/k rows permuted to rotate-half) -> GGUF gives the Meta export's tensors and metadata
     (general.name aside, the folder's name):
     the HF reader un-permutes, so llama.cpp gets Meta's order either way."""
-    hf = convert(STORIES, "hf", out_dir=tmp_path / "hf", progress=False)
+    hf = convert(STORIES, out_format="hf", out_dir=tmp_path / "hf", progress=False)
     from_hf = export(hf, tmp_path / "gguf")
     want, got = gguf.GGUFReader(str(exports["float32"])), gguf.GGUFReader(str(from_hf))
     assert [t.name for t in got.tensors] == [t.name for t in want.tensors]
@@ -255,7 +255,7 @@ def llama3_vocab(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("llama3")
     params = {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 128256, "multiple_of": 32,
               "rope_theta": 500000.0, "use_scaled_rope": True}
-    out = convert(random_ckpt(tmp / "ckpt", params, LLAMA3_TOKENIZER), "gguf", out_dir=tmp / "out", progress=False)
+    out = convert(random_ckpt(tmp / "ckpt", params, LLAMA3_TOKENIZER), out_format="gguf", out_dir=tmp / "out", progress=False)
     reader = gguf.GGUFReader(str(out / "model.gguf"))
     return {k.removeprefix("tokenizer.ggml."): f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
 

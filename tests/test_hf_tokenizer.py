@@ -96,7 +96,7 @@ def test_config_names_the_special_tokens_and_template(hf_tokenizers):
 def stories_export(tmp_path_factory) -> Path:
     from llama.formats.convert import convert
 
-    return convert(STORIES, "hf", out_dir=tmp_path_factory.mktemp("hf") / "stories260K", progress=False)
+    return convert(STORIES, out_format="hf", out_dir=tmp_path_factory.mktemp("hf") / "stories260K", progress=False)
 
 
 def test_hf_export_loads_whole_and_scores_as_the_score_api(stories_export):
@@ -126,7 +126,7 @@ def test_gguf_export_carries_the_chat_template(tmp_path):
     gguf = pytest.importorskip("gguf")
     from llama.formats.convert import convert
 
-    out = convert(STORIES, "gguf", out_dir=tmp_path / "gguf", progress=False)
+    out = convert(STORIES, out_format="gguf", out_dir=tmp_path / "gguf", progress=False)
     field = gguf.GGUFReader(str(out / "model.gguf")).get_field("tokenizer.chat_template")
     assert bytes(field.parts[field.data[0]]).decode() == chat.LLAMA2_CHAT_TEMPLATE
 
@@ -136,7 +136,7 @@ def test_hf_export_without_tokenizers_says_so_and_writes_the_rest(tmp_path, monk
     from llama.formats.convert import convert
 
     monkeypatch.setattr("llama.formats.hf_tokenizer.have_tokenizers", lambda: False)
-    out = convert(STORIES, "hf", out_dir=tmp_path / "hf", progress=False)
+    out = convert(STORIES, out_format="hf", out_dir=tmp_path / "hf", progress=False)
     names = {p.name for p in out.iterdir()}
     assert "tokenizer.model" in names and "config.json" in names and not names & {TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP}
     assert 'pip install -e ".[hf]"' in capsys.readouterr().err

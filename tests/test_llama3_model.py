@@ -194,7 +194,7 @@ def test_scale_rope_freqs_is_metas_apply_scaling(head_dim: int, factor: float):
     torch.testing.assert_close(got, want, rtol=2 * 2**-52, atol=0)
     assert (got == freqs).any() and (got == freqs / factor).any(), "kept and divided frequencies"
     assert ((got != freqs) & (got != freqs / factor)).any(), "a frequency in the smooth band"
-    table = precompute_rope(head_dim, 2, 500000.0, scaling=scaling)
+    table = precompute_rope(head_dim, 2, theta=500000.0, scaling=scaling)
     torch.testing.assert_close(torch.atan2(table[1, :, 1], table[1, :, 0]), want.float(), rtol=1e-6, atol=1e-7)
 
 
@@ -287,7 +287,7 @@ def test_reshard_keeps_the_vocab_split(ckpts, state, tmp_path):
     the original; Llama 2 style files (stories260K_mp2) stay split on dim 1."""
     embedding = state["tok_embeddings.weight"]
     for n in (1, 4):
-        out = reshard(ckpts["mp2_vocab"], n, tmp_path / f"vocab{n}", progress=False)
+        out = reshard(ckpts["mp2_vocab"], num_shards=n, out_dir=tmp_path / f"vocab{n}", progress=False)
         pieces = [files.load_file(out / f"consolidated.{r:02d}.pth")["tok_embeddings.weight"] for r in range(n)]
         assert all(p.shape == (VOCAB // n, 128) for p in pieces)
         assert torch.equal(torch.cat(pieces, dim=0), embedding)
@@ -295,7 +295,7 @@ def test_reshard_keeps_the_vocab_split(ckpts, state, tmp_path):
     stories_mp2 = DATA / "stories260K_mp2"
     assert not formats.open_checkpoint(stories_mp2).args.vocab_parallel_embedding
     given = [files.load_file(stories_mp2 / f"consolidated.{r:02d}.pth")["tok_embeddings.weight"] for r in range(2)]
-    out = reshard(stories_mp2, 1, tmp_path / "stories1", progress=False)
+    out = reshard(stories_mp2, num_shards=1, out_dir=tmp_path / "stories1", progress=False)
     whole = files.load_file(out / "consolidated.00.pth")["tok_embeddings.weight"]
     assert whole.shape == (512, 64) and torch.equal(whole, torch.cat(given, dim=1))
     stories = files.load_file(REPO / "ckpts" / "stories260K" / "consolidated.00.pth")["tok_embeddings.weight"]

@@ -54,7 +54,7 @@ def model(world1):
 
 def random_adapter(model, targets=ALL, rank=4, alpha=8.0, seed=0):
     """Adapters with both factors random (B = 0 would hide layout mistakes)."""
-    lora.add_lora(model, targets, rank, alpha, seed=seed)
+    lora.add_lora(model, targets, r=rank, alpha=alpha, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     for adapter in lora.adapters(model).values():
         adapter.B.data = 0.1 * torch.randn(adapter.B.shape, generator=gen)
@@ -69,7 +69,7 @@ def test_step_zero_gives_the_base_logits_exactly(model):
     ids = tokens()
     with torch.no_grad():
         base = model(ids)
-    lora.add_lora(model, ALL, 8, 16.0)
+    lora.add_lora(model, ALL, r=8, alpha=16.0)
     assert len(lora.local_state(model)) == 2 * (7 * 5 + 1)
     assert all(a.B.abs().max() == 0 and a.A.abs().max() > 0 for a in lora.adapters(model).values())
     with torch.no_grad():
@@ -154,7 +154,7 @@ def test_project_format_round_trip_and_merge(model, tmp_path):
     adapters.save_adapter(full, {"rank": 4, "alpha": 8.0, "targets": ["wq"]}, tmp_path / "adapter.pt")
     back, config = adapters.load_adapter(tmp_path / "adapter.pt")
     assert config["alpha"] == 8.0 and all(torch.equal(back[k], full[k]) for k in full)
-    convert(STORIES, "meta", 1, tmp_path / "merged1", progress=False, adapter=tmp_path / "adapter.pt")
+    convert(STORIES, out_format="meta", num_shards=1, out_dir=tmp_path / "merged1", progress=False, adapter=tmp_path / "adapter.pt")
     split_model.main(["--ckpt_dir", str(STORIES), "--adapter", str(tmp_path / "adapter.pt"), "--num_shards", "2", "--out_dir", str(tmp_path / "merged2")])
     for n in (1, 2):
         out = tmp_path / f"merged{n}"
@@ -174,13 +174,13 @@ def test_bad_input_is_one_clear_error(model, tmp_path):
     with pytest.raises(UserError, match=r"unknown LoRA target \['wz'\]: choose from wq, wk"):
         lora.parse_targets("wq,wz")
     with pytest.raises(UserError, match="--lora_rank 40 exceeds the 32 features 'layers.0.attention.wk' holds"):
-        lora.add_lora(model, ["wk"], 40, 16.0)
+        lora.add_lora(model, ["wk"], r=40, alpha=16.0)
     wide = {"layers.0.attention.wq.lora.A": torch.zeros(4, 128), "layers.0.attention.wq.lora.B": torch.zeros(64, 4)}
     with pytest.raises(UserError, match=r"LoRA for 'layers.0.attention.wq' has A \(4, 128\).*adapter is for another model"):
         lora.load_state(model, wide, 8.0)
     adapters.save_adapter(wide, {"rank": 4, "alpha": 8.0}, tmp_path / "wide.pt")
     with pytest.raises(UserError, match="the adapter's base model does not match"):
-        convert(STORIES, "meta", 1, tmp_path / "merged", progress=False, adapter=tmp_path / "wide.pt")
+        convert(STORIES, out_format="meta", num_shards=1, out_dir=tmp_path / "merged", progress=False, adapter=tmp_path / "wide.pt")
     assert not (tmp_path / "merged").exists()
     (tmp_path / "prompt").mkdir()
     (tmp_path / "prompt" / "adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING"}')

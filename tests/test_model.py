@@ -126,7 +126,7 @@ def test_rope_matches_meta_complex_rotation(device: str, head_dim: int, theta: f
     seq_len = 24
     x = torch.randn(2, seq_len, 3, head_dim, generator=torch.Generator().manual_seed(1))
     expected = meta_apply_rotary_emb(x, meta_freqs_cis(head_dim, start + seq_len, theta)[start:])
-    rope = precompute_rope(head_dim, start + seq_len, theta, device)[start:]
+    rope = precompute_rope(head_dim, start + seq_len, theta=theta, device=device)[start:]
     torch.testing.assert_close(apply_rope(x.to(device), rope).cpu(), expected, rtol=0, atol=1e-5)
     x16 = x.to(device, torch.bfloat16)
     out16 = apply_rope(x16, rope)
@@ -138,7 +138,7 @@ def test_rope_depends_only_on_relative_position():
     """<R_m q, R_n k> = <R_(m+s) q, R_(n+s) k>, and rotation keeps norms."""
     head_dim, gen = 64, torch.Generator().manual_seed(2)
     q, k = torch.randn(1, 1, 1, head_dim, generator=gen), torch.randn(1, 1, 1, head_dim, generator=gen)
-    rope = precompute_rope(head_dim, 600, 10000.0)
+    rope = precompute_rope(head_dim, 600, theta=10000.0)
 
     def dot(m: int, n: int) -> float:
         return (apply_rope(q, rope[m : m + 1]) * apply_rope(k, rope[n : n + 1])).sum().item()
@@ -151,7 +151,7 @@ def test_rope_depends_only_on_relative_position():
 def test_rope_frequencies_match_the_checkpoint():
     """Meta's files carry rope.freqs: the angle at position 1 is exactly that frequency."""
     freqs = torch.load(STORIES / "consolidated.00.pth", weights_only=True, mmap=True)["rope.freqs"]
-    table = precompute_rope(STORIES_ARGS.head_dim, 2, STORIES_ARGS.rope_theta)
+    table = precompute_rope(STORIES_ARGS.head_dim, 2, theta=STORIES_ARGS.rope_theta)
     torch.testing.assert_close(torch.atan2(table[1, :, 1], table[1, :, 0]), freqs.float(), rtol=1e-6, atol=1e-7)
 
 

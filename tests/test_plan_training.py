@@ -55,11 +55,11 @@ def test_lora_terms(world1):
     dtype = torch.bfloat16
     model = build(dtype)
     frozen = list(model.parameters())
-    lora.add_lora(model, list(lora.DEFAULT_TARGETS), 8, 16.0)
+    lora.add_lora(model, list(lora.DEFAULT_TARGETS), r=8, alpha=16.0)
     adapters = list(lora.local_state(model).values())
     assert sum(p.numel() for p in adapters) == plan.lora_parameter_count(ARGS, 1, 8)
     tokens, b = BATCH * SEQ, dtype.itemsize
-    predicted = plan.saved_for_backward_bytes(ARGS, 1, tokens, b) + plan.lora_saved_bytes(ARGS, 1, tokens, b, 8)
+    predicted = plan.saved_for_backward_bytes(ARGS, 1, tokens, b) + plan.lora_saved_bytes(ARGS, 1, tokens=tokens, dtype_bytes=b, r=8)
     assert saved_bytes(model, skip=[*frozen, *adapters]) == pytest.approx(predicted, rel=0.05)
 
 
@@ -98,7 +98,7 @@ def test_lora_checkpointing_keeps_block_inputs(world1, dtype):
     so the bound is the one full fine-tuning meets. The planner's lora estimate drops accordingly."""
     model = build(dtype)
     frozen = list(model.parameters())
-    lora.add_lora(model, list(lora.DEFAULT_TARGETS), 8, 16.0)
+    lora.add_lora(model, list(lora.DEFAULT_TARGETS), r=8, alpha=16.0)
     adapters = list(lora.local_state(model).values())
     tokens, b = BATCH * SEQ, dtype.itemsize
     unchecked = saved_bytes(model, skip=[*frozen, *adapters])

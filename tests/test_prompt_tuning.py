@@ -46,29 +46,29 @@ def full_embeddings(model) -> torch.Tensor:
 
 def test_text_init_is_the_texts_token_embeddings_repeated(model, tokenizer):
     ids = tokenizer.encode("Tell a story.", bos=False, eos=False)
-    prompt = init_prompt(model, tokenizer, 2 * len(ids) + 1, "text", "Tell a story.")
+    prompt = init_prompt(model, tokenizer, n_virtual_tokens=2 * len(ids) + 1, init="text", init_text="Tell a story.")
     expected = full_embeddings(model)[(ids * 3)[: 2 * len(ids) + 1]]
     assert torch.equal(prompt.weight, expected)
     assert prompt.weight.dtype == torch.float32 and prompt.weight.requires_grad
     assert prompt(3).shape == (3, 2 * len(ids) + 1, 64)
-    short = init_prompt(model, tokenizer, 2, "text", "Tell a story.")
+    short = init_prompt(model, tokenizer, n_virtual_tokens=2, init="text", init_text="Tell a story.")
     assert torch.equal(short.weight, full_embeddings(model)[ids[:2]])
 
 
 def test_vocab_and_random_inits(model, tokenizer):
     table = full_embeddings(model)
-    vocab = init_prompt(model, tokenizer, 12, "vocab", seed=3)
+    vocab = init_prompt(model, tokenizer, n_virtual_tokens=12, init="vocab", seed=3)
     is_row = (vocab.weight[:, None, :] == table[None]).all(dim=-1)  # [12, vocab]
     assert is_row.any(dim=1).all()  # every row is exactly a row of the embedding table
-    assert torch.equal(vocab.weight, init_prompt(model, tokenizer, 12, "vocab", seed=3).weight)
-    assert not torch.equal(vocab.weight, init_prompt(model, tokenizer, 12, "vocab", seed=4).weight)
-    noise = init_prompt(model, tokenizer, 64, "random", seed=3)
+    assert torch.equal(vocab.weight, init_prompt(model, tokenizer, n_virtual_tokens=12, init="vocab", seed=3).weight)
+    assert not torch.equal(vocab.weight, init_prompt(model, tokenizer, n_virtual_tokens=12, init="vocab", seed=4).weight)
+    noise = init_prompt(model, tokenizer, n_virtual_tokens=64, init="random", seed=3)
     assert not (noise.weight[:, None, :] == table[None]).all(dim=-1).any()  # not table rows
     assert 0.5 < noise.weight.std() / table.std() < 2  # the scale the first layer expects
     with pytest.raises(UserError, match="unknown prompt init 'zeros'"):
-        init_prompt(model, tokenizer, 4, "zeros")
+        init_prompt(model, tokenizer, n_virtual_tokens=4, init="zeros")
     with pytest.raises(UserError, match="--init_text is empty"):
-        init_prompt(model, tokenizer, 4, "text", "")
+        init_prompt(model, tokenizer, n_virtual_tokens=4, init="text", init_text="")
 
 
 def test_chunked_cross_entropy_equals_full_cross_entropy(model):
@@ -107,7 +107,7 @@ def test_accumulation_equals_one_big_batch(model, tokenizer):
     assert counts[0] != counts[1], counts  # unequal micro-batches: a mean of means would be wrong
     grads, losses = [], []
     for micro_batches in (one, two):
-        prompt = init_prompt(model, tokenizer, 6, "vocab", seed=1)
+        prompt = init_prompt(model, tokenizer, n_virtual_tokens=6, init="vocab", seed=1)
         loss, n_labels = train.accumulate_gradients(model, prompt, micro_batches, chunk_size=50)
         assert n_labels == sum(counts)
         grads.append(prompt.weight.grad)
@@ -116,7 +116,7 @@ def test_accumulation_equals_one_big_batch(model, tokenizer):
     assert abs(losses[0] - losses[1]) < 1e-6
     assert grads[0].abs().max() > 1e-4
     # the loss is the mean token loss of the whole step
-    evaluated, _ = train.estimate_loss(model, init_prompt(model, tokenizer, 6, "vocab", seed=1), two, chunk_size=50)
+    evaluated, _ = train.estimate_loss(model, init_prompt(model, tokenizer, n_virtual_tokens=6, init="vocab", seed=1), two, chunk_size=50)
     assert abs(evaluated - losses[0]) < 1e-6
 
 
@@ -130,12 +130,12 @@ def test_lr_schedule():
 
 
 def test_project_and_peft_round_trips(model, tokenizer, tmp_path):
-    prompt = init_prompt(model, tokenizer, 7, "text", "Answer briefly.")
+    prompt = init_prompt(model, tokenizer, n_virtual_tokens=7, init="text", init_text="Answer briefly.")
     prompt.weight.data += 0.01  # a "trained" prompt
     save_prompt(prompt, tmp_path / "prompt.pt")
     assert torch.equal(load_prompt(tmp_path / "prompt.pt", dim=64).weight, prompt.weight)
 
-    save_peft_prompt(prompt, tmp_path / "peft", "ckpts/stories260K", str(STORIES_TOKENIZER), n_layers=5, n_heads=8)
+    save_peft_prompt(prompt, tmp_path / "peft", base_model="ckpts/stories260K", tokenizer_path=str(STORIES_TOKENIZER), n_layers=5, n_heads=8)
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PROMPT_TUNING" and config["task_type"] == "CAUSAL_LM"
     assert config["num_virtual_tokens"] == 7 and config["token_dim"] == 64 and config["num_transformer_submodules"] == 1
@@ -181,7 +181,7 @@ def test_bad_adapters_are_clear_errors(tmp_path):
 
 def test_training_state_round_trip_restores_everything(model, tokenizer, tmp_path):
     """state.pt (what prompt tuning keeps + schedule, step, data position, RNG) and run_config.json read back as written."""
-    prompt = init_prompt(model, tokenizer, 4, "vocab")
+    prompt = init_prompt(model, tokenizer, n_virtual_tokens=4, init="vocab")
     optimizer = torch.optim.AdamW([prompt.weight], lr=0.1)
     prompt.weight.grad = torch.ones_like(prompt.weight)
     optimizer.step()

@@ -364,7 +364,7 @@ def test_quality_on_the_bundled_model(unquantized, scheme):
 def test_qlora_step0_forward_equals_dequantized_base_and_gradients_reach_adapters_only(world1):
     model = load("nf4", max_seq_len=64)
     reference = dense_from({key: k.dequantize() for key, k in quantized_layers(model).items()})
-    lora.add_lora(model, list(lora.DEFAULT_TARGETS), 8, 16.0, seed=0)  # B = 0: the adapter adds nothing yet
+    lora.add_lora(model, list(lora.DEFAULT_TARGETS), r=8, alpha=16.0, seed=0)  # B = 0: the adapter adds nothing yet
     tokens = LOGIT_TOKENS
     got = model(tokens, 0)
     expected = reference(tokens, 0)

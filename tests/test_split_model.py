@@ -67,7 +67,7 @@ def random_ckpt(tmp_path_factory) -> Path:
 
 
 def split(src: Path, n: int, out: Path, **kwargs) -> Path:
-    return reshard(src, n, out, progress=False, **kwargs)
+    return reshard(src, num_shards=n, out_dir=out, progress=False, **kwargs)
 
 
 def test_split_reproduces_the_providers_two_shard_files(tmp_path):
@@ -97,7 +97,7 @@ def test_dtype_conversion_verify_and_manifest(tmp_path, random_ckpt):
     source = torch.load(random_ckpt / "consolidated.00.pth", weights_only=True)
     for rank, shard in enumerate(shards_of(out)):
         for key, value in source.items():
-            assert same_bits(shard[key], rank_slice(key, [value], rank, 2).to(torch.bfloat16)), key
+            assert same_bits(shard[key], rank_slice(key, [value], rank=rank, n_ranks=2).to(torch.bfloat16)), key
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["source_shards"], manifest["num_shards"], manifest["dtype"], manifest["verified"]) == (1, 2, "bfloat16", True)
     assert [f["name"] for f in manifest["files"]] == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
@@ -112,8 +112,8 @@ def test_verify_catches_a_wrong_tensor(tmp_path, monkeypatch):
 
     real = reshard_module.out_tensor
 
-    def faulty(ckpt, key, rank, n, dtype):
-        tensor = real(ckpt, key, rank, n, dtype)
+    def faulty(ckpt, key, *, rank, num_shards, dtype):
+        tensor = real(ckpt, key, rank=rank, num_shards=num_shards, dtype=dtype)
         if key == "layers.3.feed_forward.w2.weight" and rank == 1:
             tensor[0, 0] = torch.nextafter(tensor[0, 0], torch.tensor(1.0))  # one ulp
         return tensor
@@ -312,7 +312,7 @@ def test_planner_weights_and_kv_cache_are_exact(tmp_path, world1):
         assert plan.weight_bytes(args, n, 4) == loaded
     model = load_model(LoadSpec(STORIES, max_seq_len=40, max_batch_size=3, dtype=torch.float32), vocab_size=None, device=torch.device("cpu"))
     cache = sum(buf.nbytes for layer in model.layers for buf in (layer.attention.cache.k, layer.attention.cache.v))
-    assert plan.kv_cache_bytes(args, 1, 3, 40, 4) == cache
+    assert plan.kv_cache_bytes(args, 1, batch=3, seq_len=40, dtype_bytes=4) == cache
 
 
 def load_model_from_state(args, state: dict[str, torch.Tensor]):

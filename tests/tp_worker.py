@@ -44,11 +44,11 @@ def outputs(ckpt_dir: Path, tokenizer: Tokenizer, parallel: distributed.Parallel
     with torch.inference_mode():
         result = {"logits": model(LOGIT_TOKENS.to(parallel.device), 0).cpu()}
     if generate:
-        result["greedy"] = [c.ids for c in Llama(model, tokenizer, parallel, SEED).generate(PROMPTS, Sampling(max_tokens=GEN_LEN))]
-        sampled = Llama(model, tokenizer, parallel, SEED).generate(PROMPTS, Sampling(max_tokens=GEN_LEN, temperature=1.0, top_p=0.9))
+        result["greedy"] = [c.ids for c in Llama(model, tokenizer, parallel, seed=SEED).generate(PROMPTS, Sampling(max_tokens=GEN_LEN))]
+        sampled = Llama(model, tokenizer, parallel, seed=SEED).generate(PROMPTS, Sampling(max_tokens=GEN_LEN, temperature=1.0, top_p=0.9))
         result["sampled"] = [c.ids for c in sampled]
         model.setup_caches(rows, 64)
-        engine = Llama(model, tokenizer, parallel, SEED).engine
+        engine = Llama(model, tokenizer, parallel, seed=SEED).engine
         requests = [Request(prompt, setting) for setting, prompt in zip(QUEUED, PROMPTS * 2)]
         result["queued"] = [c.ids for c in engine.generate(requests)] if rows > 1 else [engine.generate([r])[0].ids for r in requests]
     return result

@@ -50,6 +50,7 @@ def check_out_dir(out_dir: Path, ckpt: Checkpoint, needed: int, force: bool) -> 
 
 def convert(
     ckpt_dir: Path,
+    *,
     out_format: str = "meta",
     num_shards: int = 1,
     out_dir: Optional[Path] = None,
@@ -84,7 +85,7 @@ def convert(
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(ckpt.path, out_format, num_shards, adapter is not None)
     check_out_dir(out_dir, ckpt, writer.needed_bytes(ckpt, num_shards, prepared), force)
     with Staging(out_dir) as staging:
-        files = writer.write(ckpt, staging, num_shards, prepared, progress)
+        files = writer.write(ckpt, staging, num_shards=num_shards, prepared=prepared, progress=progress)
         if verify_output:
             writer.verify(ckpt, staging, prepared, progress)
         tokenizer = ckpt.tokenizer_file()
@@ -93,17 +94,17 @@ def convert(
         remove_replaced(out_dir, {f["name"] for f in files})
         for f in files:
             staging.publish(f["name"])
-        content = manifest(out_format, str(ckpt.path.resolve()), num_shards, writer.describe(ckpt, prepared), files,
+        content = manifest(out_format, source=str(ckpt.path.resolve()), num_shards=num_shards, dtype=writer.describe(ckpt, prepared), files=files,
                            source_format=ckpt.format, source_shards=ckpt.n_files, verified=verify_output)
         staging.write_text(MANIFEST, json.dumps(content, indent=2) + "\n")
         staging.publish(MANIFEST)
     return out_dir
 
 
-def reshard(ckpt_dir: Path, num_shards: int, out_dir: Optional[Path] = None, dtype: Optional[torch.dtype] = None,
+def reshard(ckpt_dir: Path, *, num_shards: int, out_dir: Optional[Path] = None, dtype: Optional[torch.dtype] = None,
             force: bool = False, verify_output: bool = False, progress: bool = True) -> Path:
     """Meta M shards (or an HF folder) -> Meta N shards; see `convert`."""
-    return convert(ckpt_dir, "meta", num_shards, out_dir, dtype, force, verify_output, progress)
+    return convert(ckpt_dir, out_format="meta", num_shards=num_shards, out_dir=out_dir, dtype=dtype, force=force, verify_output=verify_output, progress=progress)
 
 
 def remove_replaced(out_dir: Path, names: set[str]) -> None:

@@ -149,7 +149,7 @@ def vocabulary(gguf, ckpt: Checkpoint) -> dict:
     return {**vocab, "chat_template": CHAT_TEMPLATES[tok.family]}  # the family's chat format, as llama.cpp reads it
 
 
-def add_metadata(writer, gguf, ckpt: Checkpoint, dtype: str, vocab: dict) -> None:
+def add_metadata(writer, gguf, ckpt: Checkpoint, *, dtype: str, vocab: dict) -> None:
     args = ckpt.args
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(ckpt.path.resolve().name)
@@ -207,7 +207,7 @@ def write_gguf(ckpt: Checkpoint, path: Path, prepared: dict, progress: bool) -> 
     gguf = prepared["gguf"]
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
-        add_metadata(writer, gguf, ckpt, prepared["dtype"], prepared["vocab"])
+        add_metadata(writer, gguf, ckpt, dtype=prepared["dtype"], vocab=prepared["vocab"])
         for _, name, shape, qtype in prepared["tensors"]:
             writer.add_tensor_info(name, shape, np.dtype(np.float32), tensor_bytes(gguf, shape, qtype), raw_dtype=qtype)
         writer.write_header_to_file(path)
@@ -307,7 +307,7 @@ class GGUFWriter:
         return sum(tensor_bytes(gguf, shape, qtype) + 64 for _, _, shape, qtype in prepared["tensors"]) + vocab_bytes + 2**20
 
     @staticmethod
-    def write(ckpt: Checkpoint, staging, num_shards: int, prepared: dict, progress: bool) -> list[dict]:
+    def write(ckpt: Checkpoint, staging, *, num_shards: int, prepared: dict, progress: bool) -> list[dict]:
         return staging.write_files([(GGUF_FILE, lambda path: write_gguf(ckpt, path, prepared, progress))])
 
     @staticmethod

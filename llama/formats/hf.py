@@ -257,7 +257,7 @@ def context_length(ckpt: Checkpoint) -> int:
     return 131072 if ckpt.args.use_scaled_rope else ckpt.args.max_seq_len
 
 
-def config_from_args(args: ModelArgs, tied: bool, dtype: torch.dtype, bos_id: Optional[int], eos_id: Optional[int],
+def config_from_args(args: ModelArgs, *, tied: bool, dtype: torch.dtype, bos_id: Optional[int], eos_id: Optional[int],
                      context: int) -> dict:
     """config.json for transformers' LlamaForCausalLM (the transformers 4 spelling, which 5 reads too)."""
     scaling = None
@@ -351,7 +351,7 @@ class HFWriter:
         return sum(ckpt.shape(k).numel() * (prepared["dtype"] or ckpt.dtype(k)).itemsize for k in hf_keys(ckpt)) + 2**25  # + tokenizer.json (Llama 3: 17 MB)
 
     @staticmethod
-    def write(ckpt: Checkpoint, staging: Staging, num_shards: int, prepared: dict, progress: bool) -> list[dict]:
+    def write(ckpt: Checkpoint, staging: Staging, *, num_shards: int, prepared: dict, progress: bool) -> list[dict]:
         dtype = prepared["dtype"]
         groups = group_files(ckpt, dtype, prepared["max_bytes"])
         names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
@@ -366,7 +366,7 @@ class HFWriter:
         files = staging.write_files(list(zip(names, map(file_writer, groups))))
         bos, eos = tokenizer_ids(ckpt)
         out_dtype = dtype or ckpt.dtype(EMBEDDING)
-        texts = {CONFIG: config_from_args(ckpt.args, ckpt.tied, out_dtype, bos, eos, context_length(ckpt)),
+        texts = {CONFIG: config_from_args(ckpt.args, tied=ckpt.tied, dtype=out_dtype, bos_id=bos, eos_id=eos, context=context_length(ckpt)),
                  GENERATION_CONFIG: {"bos_token_id": bos, "eos_token_id": eos}}
         if len(groups) > 1:
             total = sum(ckpt.shape(k).numel() * (dtype or ckpt.dtype(k)).itemsize for k in hf_keys(ckpt))

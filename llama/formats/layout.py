@@ -122,7 +122,7 @@ def full_shape(key: str, pieces: Sequence[torch.Tensor], vocab_parallel: bool = 
     return torch.Size(shape)
 
 
-def slice_pieces(pieces: Sequence[torch.Tensor], stored_dim: Optional[int], dim: Optional[int], rank: int, n_ranks: int,
+def slice_pieces(pieces: Sequence[torch.Tensor], *, stored_dim: Optional[int], dim: Optional[int], rank: int, n_ranks: int,
                  key: str = "weight") -> torch.Tensor:
     """Rank `rank`'s slice (of n_ranks) along `dim` of a tensor stored as equal `pieces` along `stored_dim`.
 
@@ -147,10 +147,10 @@ def slice_pieces(pieces: Sequence[torch.Tensor], stored_dim: Optional[int], dim:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def rank_slice(key: str, pieces: Sequence[torch.Tensor], rank: int, n_ranks: int, vocab_parallel: bool = False) -> torch.Tensor:
+def rank_slice(key: str, pieces: Sequence[torch.Tensor], *, rank: int, n_ranks: int, vocab_parallel: bool = False) -> torch.Tensor:
     """Rank `rank`'s slice of `key` stored as `pieces` split along its own split dim."""
     dim = split_dim(key, vocab_parallel)
-    return slice_pieces(pieces, dim, dim, rank, n_ranks, key)
+    return slice_pieces(pieces, stored_dim=dim, dim=dim, rank=rank, n_ranks=n_ranks, key=key)
 
 
 def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -192,4 +192,4 @@ def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch
 
 def shard_state_dict(state: Mapping[str, torch.Tensor], rank: int, n_ranks: int, vocab_parallel: bool = False) -> dict[str, torch.Tensor]:
     """Rank `rank` of an n_ranks-way split of a full state dict (copies, ready to save)."""
-    return {k: rank_slice(k, [v], rank, n_ranks, vocab_parallel).clone() for k, v in state.items()}
+    return {k: rank_slice(k, [v], rank=rank, n_ranks=n_ranks, vocab_parallel=vocab_parallel).clone() for k, v in state.items()}

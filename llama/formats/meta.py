@@ -116,7 +116,7 @@ class MetaCheckpoint(Checkpoint):
 
     def read(self, key: str, rank: int = 0, n_ranks: int = 1) -> torch.Tensor:
         source = EMBEDDING if key == OUTPUT and self.tied else key
-        return slice_pieces(self.pieces(source), self.split_dim(source), self.split_dim(key), rank, n_ranks, key)
+        return slice_pieces(self.pieces(source), stored_dim=self.split_dim(source), dim=self.split_dim(key), rank=rank, n_ranks=n_ranks, key=key)
 
     def dtype(self, key: str) -> torch.dtype:
         return self.shards[0][EMBEDDING if key == OUTPUT and self.tied else key].dtype
@@ -153,7 +153,7 @@ class MetaCheckpoint(Checkpoint):
                     raise UserError(f"replicated weight '{key}' differs between {self.paths[0].name} and {path.name}: corrupt shard?")
 
 
-def out_tensor(ckpt: Checkpoint, key: str, rank: int, num_shards: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
+def out_tensor(ckpt: Checkpoint, key: str, *, rank: int, num_shards: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
     """Rank `rank`'s tensor as a compact tensor of its own.
 
     torch.save writes a view's whole storage, so a slice that is a view into a bigger (mapped)
@@ -173,7 +173,7 @@ def output_bytes(ckpt: Checkpoint, num_shards: int, dtype: Optional[torch.dtype]
     return total
 
 
-def write_meta(ckpt: Checkpoint, staging: Staging, num_shards: int, dtype: Optional[torch.dtype], progress: bool) -> list[dict]:
+def write_meta(ckpt: Checkpoint, staging: Staging, *, num_shards: int, dtype: Optional[torch.dtype], progress: bool) -> list[dict]:
     """Build, save and free one Meta shard at a time, then params.json; returns their manifest entries."""
     check_shardable(ckpt.args, num_shards)
     keys = ckpt.meta_keys()
@@ -181,7 +181,7 @@ def write_meta(ckpt: Checkpoint, staging: Staging, num_shards: int, dtype: Optio
     def shard_writer(rank: int) -> Callable[[Path], None]:
         def write(path: Path) -> None:
             bar = tqdm(keys, desc=f"{path.name} ({rank + 1}/{num_shards})", unit="tensor", disable=not progress, leave=False)
-            torch.save({key: out_tensor(ckpt, key, rank, num_shards, dtype) for key in bar}, path)
+            torch.save({key: out_tensor(ckpt, key, rank=rank, num_shards=num_shards, dtype=dtype) for key in bar}, path)
         return write
 
     files = staging.write_files([(shard_name(rank), shard_writer(rank)) for rank in range(num_shards)])
@@ -202,8 +202,8 @@ class MetaWriter:
         return output_bytes(ckpt, num_shards, dtype) + num_shards * 2**20  # + zip headers, generously
 
     @staticmethod
-    def write(ckpt, staging, num_shards, dtype, progress) -> list[dict]:
-        return write_meta(ckpt, staging, num_shards, dtype, progress)
+    def write(ckpt, staging, *, num_shards, prepared, progress) -> list[dict]:
+        return write_meta(ckpt, staging, num_shards=num_shards, dtype=prepared, progress=progress)
 
     @staticmethod
     def verify(ckpt, staging, dtype, progress) -> None:

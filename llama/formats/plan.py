@@ -96,7 +96,7 @@ def weight_bytes(args: ModelArgs, cards: int, dtype_bytes: int, quantize: Option
     return total
 
 
-def kv_cache_bytes(args: ModelArgs, cards: int, batch: int, seq_len: int, dtype_bytes: int) -> int:
+def kv_cache_bytes(args: ModelArgs, cards: int, *, batch: int, seq_len: int, dtype_bytes: int) -> int:
     """2 (k and v) * L * B * S * (K/N) * h * b: the preallocated cache of every layer."""
     return 2 * args.n_layers * batch * seq_len * (args.kv_heads // cards) * args.head_dim * dtype_bytes
 
@@ -140,7 +140,7 @@ def lora_parameter_count(args: ModelArgs, cards: int, r: int, targets=LORA_TARGE
     return total
 
 
-def lora_saved_bytes(args: ModelArgs, cards: int, tokens: int, dtype_bytes: int, r: int, targets=LORA_TARGETS) -> int:
+def lora_saved_bytes(args: ModelArgs, cards: int, *, tokens: int, dtype_bytes: int, r: int, targets=LORA_TARGETS) -> int:
     """L * T * (4*r per adapter + float32 inputs of the adapters): what the adapters add to autograd's store.
 
     Each adapter keeps its float32 input x (for A's gradient) and h = A x [T, r] (for B's). In
@@ -181,7 +181,7 @@ def activation_bytes(args: ModelArgs, cards: int, work: Workload) -> int:
         return working + work.batch * args.vocab_size * (b + 4)
     saved = saved_for_backward_bytes(args, cards, tokens, b)
     if work.mode == "lora":
-        saved += lora_saved_bytes(args, cards, tokens, b, work.lora_rank, work.lora_targets)
+        saved += lora_saved_bytes(args, cards, tokens=tokens, dtype_bytes=b, r=work.lora_rank, targets=work.lora_targets)
     elif work.mode == "full":
         saved += full_saved_bytes(args, cards, tokens, b)
     if work.checkpoint_activations and work.mode in ("lora", "full"):
@@ -218,7 +218,7 @@ def estimate(args: ModelArgs, cards: int, work: Workload, *, overhead: int) -> C
         cards=cards,
         shardable=all(size % cards == 0 for size in split_sizes(args).values()),
         weights=weights,
-        kv_cache=kv_cache_bytes(args, cards, work.batch, work.seq_len, work.dtype_bytes) if work.mode == "infer" else 0,
+        kv_cache=kv_cache_bytes(args, cards, batch=work.batch, seq_len=work.seq_len, dtype_bytes=work.dtype_bytes) if work.mode == "infer" else 0,
         activations=activation_bytes(args, cards, work),
         overhead=overhead,
         train_state=train_state_bytes(args, cards, work),

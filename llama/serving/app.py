@@ -189,7 +189,7 @@ class Server:
         queues = [asyncio.Queue() for _ in prompts]
         jobs = [Job(p.ids, sampling, on_piece=self._deliverer(loop, queue)) for p, sampling, queue in zip(prompts, samplings, queues)]
         self._submit(jobs)
-        reply = Reply(False, self.model_name, self.llm.tokenizer, [], body.return_token_ids)
+        reply = Reply(False, model=self.model_name, tokenizer=self.llm.tokenizer, prompt_ids=[], token_ids=body.return_token_ids)
         try:
             results = await asyncio.gather(*(self._pieces(request, job, queue) for job, queue in zip(jobs, queues)))
         finally:
@@ -244,7 +244,7 @@ class Server:
         pieces = asyncio.Queue()
         job = Job(prompt, sampling, on_piece=self._deliverer(asyncio.get_running_loop(), pieces))
         self._submit([job])
-        reply = Reply(chat, self.model_name, self.llm.tokenizer, prompt, body.return_token_ids)
+        reply = Reply(chat, model=self.model_name, tokenizer=self.llm.tokenizer, prompt_ids=prompt, token_ids=body.return_token_ids)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self._events(job, pieces, reply, usage), media_type="text/event-stream")

@@ -110,7 +110,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 class Reply:
     """One response's id, timestamps and body builders for either endpoint."""
 
-    def __init__(self, chat: bool, model: str, tokenizer: Tokenizer, prompt_ids: list[int], token_ids: bool):
+    def __init__(self, chat: bool, *, model: str, tokenizer: Tokenizer, prompt_ids: list[int], token_ids: bool):
         self.chat, self.model, self.tokenizer = chat, model, tokenizer
         self.prompt_ids, self.token_ids = prompt_ids, token_ids
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex

@@ -17,14 +17,14 @@ from llama.serving.openai_api import ChatRequest, GenerationFields, error_body
 class APIError(Exception):
     """An HTTP error with OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None, type_: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, *, code: Optional[str] = None, type_: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.body = status, error_body(message, type_, param, code)
 
     @staticmethod
     def of(err: RequestError) -> "APIError":
         """The engine's refusal of a prompt as a 400."""
-        return APIError(400, str(err), err.param, err.code)
+        return APIError(400, str(err), err.param, code=err.code)
 
 
 def sampling_for(body: GenerationFields, max_tokens: Optional[int], top_logprobs: Optional[int], echo: bool = False) -> Sampling:
@@ -66,7 +66,7 @@ def check_length(llm: Llama, text: str, param: str = "prompt") -> None:
     longest = llm.model.max_seq_len * llm.tokenizer.max_token_chars
     if len(text) > longest:
         raise APIError(400, f"{param} has {len(text)} characters: more than --max_seq_len {llm.model.max_seq_len} tokens can hold "
-                            f"(at most {llm.tokenizer.max_token_chars} characters each); shorten it", param, "context_length_exceeded")
+                            f"(at most {llm.tokenizer.max_token_chars} characters each); shorten it", param, code="context_length_exceeded")
 
 
 def completion_prompt(llm: Llama, prompt: str | list[int]) -> Prompt:

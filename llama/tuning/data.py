@@ -241,7 +241,7 @@ def build_splits(
 
 
 def batch_indices(
-    lengths: list[int], batch_size: int, seed: int, epoch: int, dp_rank: int = 0, dp_size: int = 1, group_by_length: bool = False
+    lengths: list[int], batch_size: int, *, seed: int, epoch: int, dp_rank: int = 0, dp_size: int = 1, group_by_length: bool = False
 ) -> list[list[int]]:
     """This data-parallel rank's batches (example indices) for one epoch, a pure function of (seed, epoch).
 

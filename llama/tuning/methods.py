@@ -115,7 +115,7 @@ class Method:
         """Positions the method puts before every example (a soft prompt's rows)."""
         return 0 if self.prompt is None else self.prompt.n_virtual_tokens
 
-    def accumulate(self, micro_batches, chunk_size: int, dp_group, autocast, scale) -> tuple[float, int]:
+    def accumulate(self, micro_batches, *, chunk_size: int, dp_group, autocast, scale) -> tuple[float, int]:
         """The loop's hook for a step: gradients of what this method trains over the micro-batches;
         (mean token loss, label tokens). The model (and a soft prompt, if any) stay inside the method."""
         return train.accumulate_gradients(self.model, self.prompt, micro_batches, chunk_size=chunk_size, dp_group=dp_group, autocast=autocast,
@@ -129,7 +129,7 @@ class Method:
     reference_on_the_fly = True
     """The model without what trains is at hand (prompt, LoRA); else (full) DPO precomputes the reference."""
 
-    def evaluate(self, batches, chunk_size: int, dp_group, autocast, tuned: bool = True) -> tuple[float, float]:
+    def evaluate(self, batches, *, chunk_size: int, dp_group, autocast, tuned: bool = True) -> tuple[float, float]:
         """Held-out (mean token loss, perplexity) with what this method trains, or of the model alone (`tuned` False)."""
         return train.estimate_loss(self.model, self.prompt if tuned else None, batches, chunk_size=chunk_size, dp_group=dp_group, autocast=autocast)
 
@@ -157,7 +157,7 @@ class PromptTuning(Method):
     def build(self, tokenizer, resume_dir: Optional[Path]) -> Transformer:
         config = self.config
         model = self.load_model(tokenizer)
-        self.prompt = init_prompt(model, tokenizer, config.n_virtual_tokens, config.init, config.init_text, config.seed).to(self.parallel.device)
+        self.prompt = init_prompt(model, tokenizer, n_virtual_tokens=config.n_virtual_tokens, init=config.init, init_text=config.init_text, seed=config.seed).to(self.parallel.device)
         return model
 
     def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -178,7 +178,7 @@ class PromptTuning(Method):
             config, model_args = self.config, self.model.args
             base = str(config.model.ckpt_dir)
             save_prompt(self.prompt, out_dir / "prompt.pt", {"base_model": base, "template": config.template, "step": step})
-            save_peft_prompt(self.prompt, out_dir / "peft", base, str(config.model.tokenizer_path), model_args.n_layers, model_args.n_heads)
+            save_peft_prompt(self.prompt, out_dir / "peft", base_model=base, tokenizer_path=str(config.model.tokenizer_path), n_layers=model_args.n_layers, n_heads=model_args.n_heads)
 
     def outputs(self, out_dir: Path) -> str:
         return f"prompt in {out_dir / 'prompt.pt'} and {out_dir / 'peft'}"
@@ -194,7 +194,7 @@ class LoRATuning(Method):
         model.activation_checkpointing = config.checkpoint_activations
         targets = lora.parse_targets(list(config.lora_targets))
         if resume_dir is None:
-            lora.add_lora(model, targets, config.lora_rank, config.lora_alpha, config.lora_dropout, config.seed)
+            lora.add_lora(model, targets, r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, seed=config.seed)
         else:
             full, saved = adapters.load_adapter(resume_dir / "adapter.pt")
             lora.load_state(model, full, saved["alpha"], config.lora_dropout)
@@ -281,7 +281,7 @@ class FullTuning(Method):
         atomic_torch_save({"step": step, "optimizer": optimizer.optim.state_dict()}, self._optimizer_file(out_dir))
         dist.barrier()
         if parallel.is_main:
-            write_meta_extras(self.config, self.model, model_dir, step, parallel.tp_size)
+            write_meta_extras(self.config, model=self.model, model_dir=model_dir, step=step, n_shards=parallel.tp_size)
 
     def outputs(self, out_dir: Path) -> str:
         return f"Meta checkpoint in {out_dir / 'model'} (run it with example.py --ckpt_dir {out_dir / 'model'})"
@@ -295,7 +295,7 @@ def make_method(config: TrainConfig, parallel: Parallel) -> Method:
     return METHODS[config.method](config, parallel)
 
 
-def write_meta_extras(config: TrainConfig, model: Transformer, model_dir: Path, step: int, n_shards: int) -> None:
+def write_meta_extras(config: TrainConfig, *, model: Transformer, model_dir: Path, step: int, n_shards: int) -> None:
     """params.json (vocab filled in), the tokenizer and, last, manifest.json beside the shards."""
     base_params = config.model.ckpt_dir / PARAMS
     params = read_params(base_params) if base_params.is_file() else params_from_args(model.args)
@@ -303,7 +303,7 @@ def write_meta_extras(config: TrainConfig, model: Transformer, model_dir: Path, 
     atomic_write_text(json.dumps(params) + "\n", model_dir / PARAMS)
     atomic_copy(config.model.tokenizer_path, model_dir / TOKENIZER)
     names = [shard_name(i) for i in range(n_shards)] + [PARAMS, TOKENIZER]
-    write_manifest(model_dir, manifest("meta", str(config.model.ckpt_dir), n_shards, "float32", [describe_file(model_dir / n) for n in names],
+    write_manifest(model_dir, manifest("meta", source=str(config.model.ckpt_dir), num_shards=n_shards, dtype="float32", files=[describe_file(model_dir / n) for n in names],
                                        method="full", step=step))
 
 

@@ -41,7 +41,7 @@ class SFT:
         self.method, self.chunk_size = method, chunk_size
 
     def accumulate(self, micro_batches, *, dp_group, autocast: Autocast, scale) -> tuple[float, dict]:
-        loss, n_labels = self.method.accumulate(micro_batches, self.chunk_size, dp_group, autocast, scale)
+        loss, n_labels = self.method.accumulate(micro_batches, chunk_size=self.chunk_size, dp_group=dp_group, autocast=autocast, scale=scale)
         return loss, {"label_tokens": n_labels}
 
     def evaluate(self, batches, *, dp_group, autocast: Autocast) -> dict:

@@ -128,7 +128,7 @@ def packed_hidden_states(model, prompt, input_ids: torch.Tensor, layout: Layout)
     return model.hidden_states(input_ids, positions=layout.positions, mask=layout.attention_mask(), embeds=embeds)
 
 
-def epoch_rows(lengths: Sequence[int], capacity: int, batch_size: int, seed: int, epoch: int,
+def epoch_rows(lengths: Sequence[int], capacity: int, batch_size: int, *, seed: int, epoch: int,
                dp_rank: int = 0, dp_size: int = 1) -> list[list[list[int]]]:
     """This data-parallel rank's batches of packed rows (example indices) for one epoch.
 
@@ -156,7 +156,7 @@ class PackedBatches:
                  pad_id: int, n_virtual: int = 0, epoch: int = 0, position: int = 0):
         self.examples, self.pad_id, self.n_virtual, self.capacity = examples, pad_id, n_virtual, capacity
         self.slots = [n_virtual + len(example.input_ids) for example in examples]
-        self.order = lambda epoch: epoch_rows(self.slots, capacity, batch_size, seed, epoch, dp_rank, dp_size)
+        self.order = lambda epoch: epoch_rows(self.slots, capacity, batch_size, seed=seed, epoch=epoch, dp_rank=dp_rank, dp_size=dp_size)
         self.epoch, self.position = epoch, position
         self.batches = self.order(epoch)
 

@@ -315,7 +315,7 @@ class PairBatches:
                  group_by_length: bool = False, epoch: int = 0, position: int = 0):
         self.pairs, self.pad_id = pairs, pad_id
         lengths = [pair.length for pair in pairs]
-        self.order = partial(data.batch_indices, lengths, batch_size, seed, dp_rank=dp_rank, dp_size=dp_size, group_by_length=group_by_length)
+        self.order = partial(data.batch_indices, lengths, batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size, group_by_length=group_by_length)
         self.epoch, self.position = epoch, position
         self.batches = self.order(epoch=epoch)
 

@@ -57,6 +57,7 @@ class SoftPrompt(nn.Module):
 def init_prompt(
     model: Transformer,
     tokenizer: Tokenizer,
+    *,
     n_virtual_tokens: int,
     init: str = "text",
     init_text: str = "",
@@ -99,7 +100,7 @@ def save_prompt(prompt: SoftPrompt, path: str | Path, extra: Optional[dict] = No
     return atomic_torch_save(state, Path(path))
 
 
-def save_peft_prompt(prompt: SoftPrompt, out_dir: str | Path, base_model: str = "", tokenizer_path: str = "", n_layers: int = 0, n_heads: int = 0) -> Path:
+def save_peft_prompt(prompt: SoftPrompt, out_dir: str | Path, *, base_model: str = "", tokenizer_path: str = "", n_layers: int = 0, n_heads: int = 0) -> Path:
     """Write a PEFT prompt-tuning adapter directory (adapter_config.json + adapter_model.bin).
 
     `inference_mode: true` tells PEFT to load the saved embeddings instead of re-initialising.

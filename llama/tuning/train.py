@@ -41,7 +41,7 @@ class TrainBatches:
                  group_by_length: bool, pad_id: int, epoch: int = 0, position: int = 0):
         self.examples, self.pad_id = examples, pad_id
         self.lengths = [len(example.input_ids) for example in examples]
-        self.order = partial(data.batch_indices, self.lengths, batch_size, seed, dp_rank=dp_rank, dp_size=dp_size, group_by_length=group_by_length)
+        self.order = partial(data.batch_indices, self.lengths, batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size, group_by_length=group_by_length)
         self.epoch, self.position = epoch, position
         self.batches = self.order(epoch=epoch)
 
@@ -65,7 +65,7 @@ def eval_batches(examples: Sequence[data.Example], batch_size: int, *, dp_rank: 
     return batches[:limit] if limit else batches
 
 
-def get_lr(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+def get_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
     """Linear warmup to `lr` over warmup_steps, then cosine decay to `min_lr` at decay_steps (step counts from 0)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
