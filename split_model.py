@@ -4,7 +4,7 @@
   python split_model.py --ckpt_dir DIR --adapter ADAPTER --num_shards N   (merge a LoRA adapter: W + alpha/r * B A)
   python split_model.py --ckpt_dir DIR --out_format hf [--dtype bfloat16] [--verify]
   python split_model.py --ckpt_dir DIR --out_format gguf [--dtype float32|float16|q8_0]
-  python split_model.py --plan --ckpt_dir DIR (or --params params.json) --gpu_mem 12GiB --batch_size 8 --seq_len 512
+  python split_model.py --plan --model llama-3-70b (or --ckpt_dir DIR, --params params.json) --gpu_mem 24GiB --batch_size 8 --seq_len 512
                         [--mode infer|prompt-tune|lora|full] [--lora_rank 8] [--data_parallel D] [--checkpoint_activations]
 
 DIR is a Meta directory (params.json, consolidated.NN.pth) or a Hugging Face folder (config.json,
@@ -26,6 +26,7 @@ from llama.files import GiB, parse_size
 from llama.formats import OUT_FORMATS, open_checkpoint, plan
 from llama.formats.convert import convert
 from llama.formats.params import model_args, read_params
+from llama.formats.presets import PRESETS, preset
 from llama.kernels.schemes import parse_scheme
 from llama.tuning.methods import check_training
 
@@ -45,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--verify", action="store_true", help="re-read the output and check it bit for bit against the input")
     planning = parser.add_argument_group("memory planner (--plan)")
     planning.add_argument("--plan", action="store_true", help="print per-card memory for N = 1, 2, 4, 8 instead of resharding")
+    planning.add_argument("--model", help=f"a released model to plan for, before any download: {', '.join(PRESETS)}")
     planning.add_argument("--params", type=Path, help="params.json to plan for (instead of --ckpt_dir)")
     planning.add_argument("--vocab_size", type=int, help="vocabulary size when params.json says -1 and there are no shards")
     planning.add_argument("--gpu_mem", default="12GiB", help="memory of one card, e.g. 12GiB, 24GB")
@@ -66,9 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def plan_model(args: argparse.Namespace) -> str:
     """The planner's table for --params or --ckpt_dir (vocab -1 is read from the shards' shapes)."""
-    if args.params is None and args.ckpt_dir is None:
-        raise UserError("--plan needs --ckpt_dir DIR or --params params.json")
-    if args.params is not None:
+    if sum(x is not None for x in (args.model, args.params, args.ckpt_dir)) != 1:
+        raise UserError(f"--plan needs one of --model NAME (a released model: {', '.join(PRESETS)}), --ckpt_dir DIR or --params params.json")
+    if args.model is not None:
+        model = preset(args.model)
+    elif args.params is not None:
         params = read_params(args.params)
         if params.get("vocab_size", -1) == -1 and args.vocab_size is None:
             raise UserError("params.json says vocab_size -1: pass --vocab_size (32000 for Llama 1/2) or --ckpt_dir")

@@ -51,7 +51,8 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 512, max_batch
     g.add_argument("--rope_scaling_factor", type=float, default=None,
                    help="Llama 3.1+: override the RoPE scaling factor the checkpoint states (Meta's files: 8; HF's 3.2 configs: 32)")
     g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per process (torch.set_num_threads); on a busy or 2-core machine 1 is often 2-3x faster")
+                   help="CPU threads per process; default: the cores idle at start (cores minus the load average) shared by "
+                        "this machine's ranks, at least 1; OMP_NUM_THREADS, if set, is kept (README 'Threads')")
     g.add_argument("--quantize", default="none",
                    help="weight-only quantization of the linears, each rank its own slice: none, int8, int4 (groups of 128; "
                         "int4-g32 / int4-g64 for smaller groups) or nf4 (needs the extra 'qlora'); see README 'Quantization'")
@@ -99,10 +100,28 @@ def sampling(args: argparse.Namespace) -> Sampling:
     return Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens)
 
 
-def use_threads(threads: Optional[int]) -> None:
-    """--threads: this process's CPU threads (None leaves torch's choice)."""
-    if threads:
-        torch.set_num_threads(threads)
+def use_threads(threads: Optional[int]) -> int:
+    """--threads: this process's CPU threads; None: OMP_NUM_THREADS if the environment sets it (torch
+    read it at start), else `default_threads()`. Returns the number in use."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def default_threads() -> int:
+    """The cores nobody else is using, shared by this job's ranks on this machine, at least 1.
+
+    torch's own default (every core) is pathological on a busy or small machine: OpenMP's threads
+    wait for each other at every kernel's end, and a core taken by another process stalls them all
+    (stories260K decode on 2 cores under a load of ~3: 33 tok/s at 2 threads, 255 at 1). So the
+    default takes the cores left idle (the 1-minute load average subtracted), split over the local
+    ranks: all of them on a quiet machine, one thread per rank on a busy one or when ranks >= cores.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    idle = cores - int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else cores
+    return max(1, min(cores, idle) // local_ranks())
 
 
 def local_ranks() -> int:

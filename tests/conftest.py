@@ -11,6 +11,7 @@ import torch
 # The test models are tiny: a second intra-op thread costs more than it saves, and on a shared
 # 2-core machine spinning OpenMP threads slow every test ~10x (torchrun workers set OMP_NUM_THREADS=1).
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"  # and the CLIs called in-process (example.main, ft_main.main) keep it
 
 # torch.compile's C++ kernels and precompiled headers go to a cache of this run's own (inherited by
 # the torchrun workers): a machine-wide cache filled under another ATEN_CPU_CAPABILITY serves

@@ -28,6 +28,7 @@ def copy_tree(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_contracts_hold():
     result = lint(REPO)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -55,6 +55,7 @@ def test_truncated_shard_is_named_by_its_size_on_every_load(split):
     one_error(python("example.py", "--ckpt_dir", split, "--max_tokens", "4"), "consolidated.00.pth", f"says {size}", "truncated")
 
 
+@pytest.mark.slow
 def test_a_folder_without_manifest_or_with_an_edited_config_still_loads(split, tmp_path):
     """Meta's and the Hub's folders have no manifest; a user may edit params.json (not a weight file)."""
     from llama.files import MANIFEST, check_files

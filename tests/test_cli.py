@@ -63,10 +63,12 @@ def check_json_lines(result: subprocess.CompletedProcess) -> list[dict]:
     return lines
 
 
+@pytest.mark.slow
 def test_json_output_matches_golden(runs):
     check_json_lines(runs["json"].result())
 
 
+@pytest.mark.slow
 def test_json_output_on_two_ranks_is_the_same(runs):
     """Only rank 0 prints, and 2 tensor-parallel ranks give the same lines as one process."""
     assert check_json_lines(runs["json tp2"].result()) == check_json_lines(runs["json"].result())
@@ -76,6 +78,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input_is_one_clear_error(runs, name: str):
     result = runs[name].result()
@@ -86,6 +89,7 @@ def test_bad_input_is_one_clear_error(runs, name: str):
     assert re.search(BAD_INPUTS[name][1], line), line
 
 
+@pytest.mark.slow
 def test_tp_size_that_does_not_divide_the_heads(runs):
     """stories260K has 4 kv heads: 3 ranks is one error line (rank 0 only) naming the sizes and
     the rank counts that work. torchrun itself then reports the failed workers (its own traceback)."""

@@ -39,6 +39,7 @@ def compile_unusable() -> str:
     return ""
 
 
+@pytest.mark.slow
 def test_static_step_reproduces_golden_ids(world1):
     """Eager, with a position tensor: whole-cache attention + mask gives llama2.c's 200 greedy ids."""
     case = GOLDEN["greedy_bos_200"]
@@ -62,6 +63,8 @@ def tiny_ckpt(tmp_path_factory):
     return directory
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.skipif(bool(compile_unusable()), reason=compile_unusable() or "compile usable")
 def test_compiled_tp2_equals_eager(world1, tiny_ckpt, tmp_path):
     """Inductor-compiled decoding at TP=2 (all-reduce and all-gather traced into the graph)."""

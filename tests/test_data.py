@@ -115,6 +115,7 @@ def test_train_on_inputs_and_collate(tokenizer: Tokenizer) -> None:
         assert (input_ids[row, n:] == pad_id).all() and (labels[row, n:] == IGNORE_INDEX).all()
 
 
+@pytest.mark.slow
 def test_truncation_and_dropping_counts(tokenizer: Tokenizer, sp: SentencePieceProcessor) -> None:
     """Counts match an independent tally: dropped iff BOS + prompt fills max_seq_len, truncated iff longer."""
     max_seq_len = 160

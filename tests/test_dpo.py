@@ -84,6 +84,7 @@ def pair_slice(tensors, i: int, n_pairs: int):
     return [t[[i, n_pairs + i]] if t.size(0) == 2 * n_pairs else t[i : i + 1] for t in tensors]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type, beta", [("sigmoid", 0.1), ("sigmoid", 0.5), ("ipo", 0.1), ("ipo", 1.0)])
 def test_losses_equal_trl_pair_by_pair(loss_type: str, beta: float) -> None:
     """Bit for bit: each pair alone, and the batch mean (TRL returns only the mean); IPO's per-token normalisation included."""
@@ -97,6 +98,7 @@ def test_losses_equal_trl_pair_by_pair(loss_type: str, beta: float) -> None:
     assert torch.equal(trl_loss(per_token, mask, ref_c, ref_r, loss_type, beta)[0], losses.mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_rewards_and_metrics_equal_trl(loss_type: str) -> None:
     """TRL's train metrics: rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
@@ -254,6 +256,8 @@ def ranks(tmp_path_factory):
     return {kind: [torch.load(out / f"{kind}_rank{r}.pt") for r in range(2)] for kind in ("tp2", "dp2")}
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_two_tensor_parallel_ranks_equal_one(ranks, world1) -> None:
     """TP=2 (each rank its half of the vocabulary, nothing gathered) equals TP=1: values, hidden and head gradients.
 
@@ -285,6 +289,8 @@ def test_two_tensor_parallel_ranks_equal_one(ranks, world1) -> None:
     assert h.grad.abs().max() > 100 * hidden_tol  # the comparison is not vacuous
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_metrics_summed_over_data_parallel_ranks(ranks) -> None:
     """Two data-parallel ranks, each with its share of the pairs, all-reduce the sums: the means are over all pairs."""
     pc, pr, rc, rr = pair_logps()

@@ -120,6 +120,8 @@ def encode_pair(llm: Llama, context: str, continuation: str) -> tuple[list[int],
 
 # ---------------------------------------------------------------- lm-eval through the server
 
+@pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.parametrize("mode", MODES)
 def test_multiple_choice_loglikelihoods_equal_the_score_api(server, llm, mode):
     out = lm_eval_run(server, mode)
@@ -134,6 +136,8 @@ def test_multiple_choice_loglikelihoods_equal_the_score_api(server, llm, mode):
     assert out["results"]["stories_mc"]["acc,none"] == pytest.approx(accuracy)
 
 
+@pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.parametrize("mode", MODES)
 def test_perplexity_equals_a_direct_computation(server, llm, mode):
     """Each story is one window (< 510 tokens): lm-eval scores [BOS] + its ids with the BOS as
@@ -173,6 +177,8 @@ def assert_margins(llm: Llama, prompt_ids: list[int], ids: list[int]) -> None:
     assert (top2[:, 0] - top2[:, 1] > MARGIN).all(), f"near-tie in the greedy continuation of {prompt_ids}"
 
 
+@pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.parametrize("mode", MODES)
 def test_generation_equals_example(server, llm, example_generations, mode):
     """Strings: the server adds BOS, as example.py does. Token ids: lm-eval sends the prompt's ids
@@ -198,6 +204,8 @@ def post(url: str, path: str, body: dict) -> httpx.Response:
     return httpx.post(f"{url}{path}", json=body, timeout=30)
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_echo_scores_the_prompt_with_offsets_into_the_text(server, llm):
     """max_tokens 0 with echo: the prompt's logprobs only, as `Llama.score` gives them; the BOS the
     server adds to a string is not echoed; each token keeps its leading space, so text_offset
@@ -237,6 +245,8 @@ def test_stop_token_keeps_its_logprob_entry(llm):
     assert piece.logprobs[0].logprob == pytest.approx(torch.log_softmax(logits, -1)[llm.tokenizer.eos_id].item())
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_tokenizer_endpoints_speak_vllm_and_lm_eval_finds_them(server, llm):
     from lm_eval.utils import RemoteTokenizer, check_remote_tokenizer_support
 
@@ -274,6 +284,8 @@ BAD_REQUESTS = [  # (name, path, body, param)
 ]
 
 
+@pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.parametrize("name,path,body,param", BAD_REQUESTS, ids=[b[0].split(" (")[0] for b in BAD_REQUESTS])
 def test_bad_request_gets_400_and_server_keeps_serving(server, name, path, body, param):
     response = post(server, path, body)
@@ -286,6 +298,7 @@ def test_bad_request_gets_400_and_server_keeps_serving(server, name, path, body,
 
 # ---------------------------------------------------------------- the score API itself
 
+@pytest.mark.slow
 def test_score_matches_llama2c_logits(llm):
     """Llama.score against llama2.c's own last-position logits (tests/data/golden.json): the logprob
     of every vocabulary entry after each golden prompt. llama2.c's logits agree with ours to 1e-4
@@ -301,6 +314,8 @@ def test_score_matches_llama2c_logits(llm):
             assert abs(row[-1] - want[token].item()) < 2e-4, (case["name"], token)
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_score_on_two_ranks_equals_one(llm):
     """`Llama.score` called on every rank of a torchrun job (TP=2) gives rank 0 the 1-rank scores."""
     seqs = [llm.tokenizer.encode(t, bos=True, eos=False) for t in ("Once upon a time", "The cat sat on the mat. It was", "Hi")]
@@ -311,6 +326,7 @@ def test_score_on_two_ranks_equals_one(llm):
         assert all(abs(g - w) < TOKEN_ATOL for g, w in zip(got[1:], want[1:]))
 
 
+@pytest.mark.slow
 def test_score_rejects_bad_sequences(llm):
     from llama.errors import UserError
 

@@ -61,6 +61,7 @@ def learned(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_it_learns(learned):
     records = evals(learned)
     untuned, first, last = records[0]["eval_loss_untuned"], records[0]["eval_loss"], records[-1]["eval_loss"]
@@ -73,6 +74,7 @@ def test_it_learns(learned):
     assert (learned / "prompt.pt").is_file() and (learned / "peft" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_tuned_prompt_changes_greedy_output(learned, capsys):
     common = ["--json", "--max_tokens", "24", "--template", "plain", "--instruction", "Give three tips for staying healthy."]
     outputs = {}
@@ -109,6 +111,7 @@ def assert_continues_as(out_dir, whole) -> None:
     assert torch.equal(load_prompt(out_dir / "prompt.pt").weight, load_prompt(whole / "prompt.pt").weight)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(whole, tmp_path):
     stopped_after_3(tmp_path)
     ft_main.main(["--resume", "--max_steps", "6", "--out_dir", str(tmp_path)])
@@ -135,6 +138,7 @@ def to_old_layout(out_dir) -> dict:
     return options
 
 
+@pytest.mark.slow
 def test_run_saved_in_the_old_layout_resumes_exactly(whole, tmp_path):
     """A run whose options live in ckpt.pt (no run_config.json, no state.pt) resumes and continues as the
     uninterrupted run; its next checkpoint is written in the new layout, and ckpt.pt goes."""
@@ -150,11 +154,13 @@ def test_run_saved_in_the_old_layout_resumes_exactly(whole, tmp_path):
     assert train.load_training_state(tmp_path)["step"] == 6
 
 
+@pytest.mark.slow
 def test_resume_keeps_options(learned):
     with pytest.raises(UserError, match="--lr 0.03 differs from the saved run's 0.1"):
         ft_main.main(["--resume", "--lr", "0.03", "--out_dir", str(learned)])
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_is_one_clear_error(tmp_path):
     result = python("ft_main.py", "--resume", "--out_dir", tmp_path / "none")
     assert result.returncode == 2
@@ -186,6 +192,7 @@ def test_diverging_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*tmp"))  # no half-written file
 
 
+@pytest.mark.slow
 def test_adapter_of_another_width_is_one_clear_error(tmp_path):
     from llama.tuning.prompt import SoftPrompt, save_prompt
 
@@ -197,6 +204,8 @@ def test_adapter_of_another_width_is_one_clear_error(tmp_path):
     assert result.stdout == ""
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_tensor_and_data_parallel_match_one_rank(tmp_path):
     """5 steps on 1 rank vs TP=2 (model split, same batches) and dp=2 (2 x half batches), 2 processes each."""
     args = [*FAST, "--template", "plain", "--max_steps", "5", "--eval_interval", "5"]  # plain: 10 held-out examples

@@ -102,6 +102,8 @@ def initial_weights() -> dict[str, dict[str, torch.Tensor]]:
     return {"lora": adapter, "full": trained_weights("full", None, STORIES)}
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("method", list(LR))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layouts_match_one_rank(runs, initial_weights, method, layout):
@@ -123,6 +125,8 @@ def test_layouts_match_one_rank(runs, initial_weights, method, layout):
         assert (have[key] - want[key]).abs().max() < 2 * 5 * LR[method]  # no element beyond Adam's reach
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("method", list(LR))
 def test_replicated_tensors_are_bit_identical_across_tp_ranks(runs, method):
     ranks = [torch.load(runs / f"{method}_tp2" / f"rank{r}.pt") for r in range(2)]
@@ -163,6 +167,8 @@ def sure_prefix(margins: list[float]) -> int:
     return next((i for i, m in enumerate(margins) if m < 1e-3), len(margins))
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_full_checkpoint_runs_on_one_two_and_four_ranks(runs, capsys):
     model_dir = runs / "full_tp2" / "model"
     manifest = json.loads((model_dir / "manifest.json").read_text())
@@ -179,6 +185,8 @@ def test_full_checkpoint_runs_on_one_two_and_four_ranks(runs, capsys):
     assert one["ids"][:sure] == ref[:sure] and two["ids"][:sure] == ref[:sure] and four["ids"][:sure] == ref[:sure]
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("method", list(LR))
 def test_resume_continues_exactly(runs, tmp_path, method):
     """Stopped after step 3 and resumed: the same losses, evals and weights as the uninterrupted TP=1 run."""
@@ -192,6 +200,8 @@ def test_resume_continues_exactly(runs, tmp_path, method):
     assert all(torch.equal(want[k], have[k]) for k in want)
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_lora_run_saved_in_the_old_layout_resumes_exactly(runs, tmp_path):
     """A LoRA run stopped after step 3 and rewritten as runs were saved before run_config.json (options
     and state in ckpt.pt; the adapter and per-rank optimizer files as they are) resumes and ends with
@@ -209,11 +219,14 @@ def test_lora_run_saved_in_the_old_layout_resumes_exactly(runs, tmp_path):
     assert (tmp_path / "run_config.json").is_file() and (tmp_path / "state.pt").is_file() and not (tmp_path / "ckpt.pt").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_activation_checkpointing_gives_the_same_run(runs, tmp_path):
     ft_main.main([*run_args("full", tmp_path), "--checkpoint_activations"])
     assert losses(tmp_path) == losses(runs / "full_tp1")  # recomputation repeats the same fp32 ops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_it_learns(tmp_path, method):
     """30 steps with the method's defaults on the bundled data (plain template, 128 tokens)."""
@@ -227,6 +240,8 @@ def test_it_learns(tmp_path, method):
     assert all(math.isfinite(loss) for _, loss in losses(tmp_path))
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_lora_adapter_runs_in_both_formats_on_one_and_two_ranks(runs, capsys):
     outputs = {}
     for name, extra in {"project": ["--adapter", str(runs / "lora_tp1" / "adapter.pt")],
@@ -250,6 +265,8 @@ def test_bad_method_options_are_clear_errors(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_planner_per_card_terms_match_the_runs(runs):
     """lora/full per-card numbers for N=2 and ZeRO's moments for D=2, from what the runs held and wrote."""
     from llama.formats import plan
@@ -282,6 +299,8 @@ def test_diverging_lora_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     ("lora", "tp2", "world size 1 is not a multiple of --tp 2"),  # --tp is kept from the run
     ("full", "dp2", "the run used 1 tensor-parallel x 2 data-parallel ranks, this job has 1 x 1: resume with the same layout"),
 ])
+@pytest.mark.slow
+@pytest.mark.dist
 def test_resume_on_another_layout_is_one_clear_error(runs, method, layout, message):
     """Per-rank optimizer states need the run's layout (ZeRO shards over dp); nothing is written."""
     out_dir = runs / f"{method}_{layout}"

@@ -71,6 +71,7 @@ def numpy_shape(tensor) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(tensor.shape))
 
 
+@pytest.mark.slow
 def test_metadata_says_what_params_json_and_llama2c_say(exports):
     reader = gguf.GGUFReader(str(exports["float32"]))
     params = json.loads((STORIES / "params.json").read_text())
@@ -118,6 +119,7 @@ def assert_vocab_is_sentencepieces(gguf_path: Path, sp_path: Path) -> None:
     assert reader.get_field("tokenizer.ggml.eos_token_id").contents() == sp.eos_id()
 
 
+@pytest.mark.slow
 def test_vocabulary_is_sentencepieces(exports):
     assert_vocab_is_sentencepieces(exports["float32"], STORIES_TOKENIZER)
 
@@ -134,6 +136,7 @@ def random_ckpt(path: Path, params: dict, tokenizer: Path, seed: int = 0, tied: 
     return path
 
 
+@pytest.mark.slow
 def test_llama2_vocabulary_with_bytes_and_controls(tmp_path):
     """Meta's 32000-piece Llama 2 model: 256 byte pieces, <s>/</s> controls, <unk> (a tiny random model carries it)."""
     params = {"dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 32000, "multiple_of": 32}
@@ -145,6 +148,7 @@ def expected_names(weights: dict[str, torch.Tensor]) -> dict[str, str]:
     return {gguf_name(k): k for k in weights if k != "rope.freqs"}
 
 
+@pytest.mark.slow
 def test_float32_tensors_are_the_meta_weights_bit_for_bit(exports, stories_weights):
     """Names, shapes, types and bytes; q/k rows in Meta's order (llama.cpp's converter permutes HF's back to it)."""
     stored = tensors_of(exports["float32"])
@@ -157,6 +161,7 @@ def test_float32_tensors_are_the_meta_weights_bit_for_bit(exports, stories_weigh
         assert stored[name].data.tobytes() == want.tobytes(), name
 
 
+@pytest.mark.slow
 def test_float16_rounds_matrices_and_keeps_norms_float32(exports, stories_weights):
     """2-D weights are float16, rounded to nearest even (torch's cast, the IEEE rounding numpy uses too):
     within half a float16 ulp of the float32 weight; norms stay float32 and exact, as llama.cpp keeps them."""
@@ -179,6 +184,7 @@ Q8_BLOCK = 32
 Q8_BOUND = 0.5 + 127 / 2048
 
 
+@pytest.mark.slow
 def test_q8_0_quantizes_whole_blocks_within_half_a_step(exports, stories_weights):
     stored = tensors_of(exports["q8_0"])
     seen = set()
@@ -201,6 +207,7 @@ def test_q8_0_quantizes_whole_blocks_within_half_a_step(exports, stories_weights
     assert seen == {"f16", "q8_0"}
 
 
+@pytest.mark.slow
 def test_an_hf_folder_exports_the_same_file_contents(exports, tmp_path):
     """Meta -> HF (q/k rows permuted to rotate-half) -> GGUF gives the Meta export's tensors and metadata
     (general.name aside, the folder's name):
@@ -260,6 +267,7 @@ def llama3_vocab(tmp_path_factory) -> dict:
     return {k.removeprefix("tokenizer.ggml."): f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
 
 
+@pytest.mark.slow
 def test_llama3_vocabulary_is_what_the_hub_tokenizer_json_holds(llama3_vocab):
     """llama.cpp's converter reads Llama 3 from the Hub's tokenizer.json, which transformers' TikTokenConverter
     makes from Meta's file: the same byte-level tokens and merges (280147), specials as control tokens."""
@@ -279,6 +287,7 @@ def test_llama3_vocabulary_is_what_the_hub_tokenizer_json_holds(llama3_vocab):
     assert llama3_vocab["add_bos_token"] is True and "scores" not in llama3_vocab
 
 
+@pytest.mark.slow
 def test_llama3_vocabulary_tokenizes_as_metas_tokenizer(llama3_vocab):
     """A BPE engine that is not tiktoken (HF `tokenizers`, with llama.cpp's llama-bpe settings: Meta's split
     pattern, byte-level, whole words taken as they are) given only the exported tokens and merges
@@ -304,6 +313,7 @@ def run_main(capsys, *argv) -> tuple[int, str, str]:
     return exit_info.value.code, out, err
 
 
+@pytest.mark.slow
 def test_cli_writes_model_gguf_and_manifest(capsys, tmp_path):
     code, out, _ = run_main(capsys, "--ckpt_dir", STORIES, "--out_format", "gguf", "--out_dir", tmp_path / "o", "--dtype", "q8_0", "--verify")
     assert code == 0 and "model.gguf, verified" in out

@@ -131,6 +131,7 @@ def random_model(tmp_path_factory) -> dict:
             "reference": reference, "hf_state": hf_state}
 
 
+@pytest.mark.slow
 def test_transformers_saved_a_sharded_folder(random_model):
     names = sorted(p.name for p in random_model["hf"].iterdir())
     assert "model.safetensors.index.json" in names and len([n for n in names if n.endswith(".safetensors")]) > 2, names
@@ -143,6 +144,7 @@ def logits_of(ckpt_dir: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[
         return model(tokens, 0), model.state_dict()
 
 
+@pytest.mark.slow
 def test_hf_folder_and_meta_copy_match_transformers_on_one_rank(world1, random_model):
     tokens, reference = random_model["tokens"], random_model["reference"]
     hf_logits, hf_weights = logits_of(random_model["hf"], tokens)
@@ -154,6 +156,7 @@ def test_hf_folder_and_meta_copy_match_transformers_on_one_rank(world1, random_m
     assert torch.equal(hf_logits, meta_logits)
 
 
+@pytest.mark.slow
 def test_the_comparison_catches_rows_left_in_hf_order(world1, random_model):
     """A Meta copy without the q/k un-permutation is off by far more than the tolerance."""
     wrong = write_meta(random_model["tmp"] / "meta_rotate_half", meta_state(random_model["hf_state"], unpermute_qk=False))
@@ -161,6 +164,8 @@ def test_the_comparison_catches_rows_left_in_hf_order(world1, random_model):
     assert (logits - random_model["reference"]).abs().max() > 1000 * LOGITS_ATOL
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_two_ranks_read_only_their_slices_and_match(random_model):
     """tests/hf_worker.py loads both copies on 2 ranks; every safetensors read is recorded."""
     out = random_model["tmp"] / "tp2"
@@ -246,6 +251,7 @@ def load_with_transformers(folder: Path):
     return model.eval(), info, recorder.messages
 
 
+@pytest.mark.slow
 def test_transformers_loads_the_folder_without_warnings_and_reproduces_llama2c(stories_hf):
     files = sorted(p.name for p in stories_hf.iterdir())
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.model", "manifest.json"} <= set(files)
@@ -272,6 +278,7 @@ def test_transformers_loads_the_folder_without_warnings_and_reproduces_llama2c(s
     assert ids[0, len(case["prompt_ids"]):].tolist() == case["generated_ids"]
 
 
+@pytest.mark.slow
 def test_the_warning_check_sees_a_missing_weight(stories_hf, tmp_path):
     """Control for the test above: a folder without model.norm.weight makes transformers say so."""
     from safetensors.torch import load_file, save_file
@@ -287,6 +294,7 @@ def test_the_warning_check_sees_a_missing_weight(stories_hf, tmp_path):
     assert "model.norm.weight" in info["missing_keys"] and any("model.norm.weight" in w for w in warnings), warnings
 
 
+@pytest.mark.slow
 def test_meta_to_hf_to_meta_is_byte_identical(capsys, stories_hf, tmp_path):
     code, _, err = run_main(capsys, split_model.main, "--ckpt_dir", stories_hf, "--num_shards", 1, "--out_dir", tmp_path / "back", "--verify")
     assert code == 0, err
@@ -303,6 +311,7 @@ def json_ids(stdout: str) -> list[list[int]]:
     return [json.loads(line)["ids"] for line in stdout.splitlines()]
 
 
+@pytest.mark.slow
 def test_hf_folder_runs_example_directly_and_in_the_hub_layout(monkeypatch, capsys, stories_hf, tmp_path):
     # The golden prompts' smallest top1-top2 margins (in golden.json) are far above float32 noise.
     code, out, err = run_example(monkeypatch, capsys, "--ckpt_dir", stories_hf, "--json")
@@ -316,6 +325,8 @@ def test_hf_folder_runs_example_directly_and_in_the_hub_layout(monkeypatch, caps
     assert json_ids(out) == golden_default_ids()
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_hf_to_two_meta_shards_runs_on_two_ranks(capsys, stories_hf, tmp_path):
     out = tmp_path / "mp2"
     code, _, err = run_main(capsys, split_model.main, "--ckpt_dir", stories_hf, "--num_shards", 2, "--out_dir", out, "--verify")
@@ -374,6 +385,7 @@ BAD_INPUTS = ["hf folder without weights", "index names a missing file", "anothe
               "not a tiktoken file", "pickled object in a .pth", "killed conversion"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_error_line_and_nothing_written(monkeypatch, capsys, stories_hf, tmp_path, case):
     (script, *argv), message = make_bad_input(case, tmp_path, stories_hf)
@@ -389,6 +401,7 @@ def test_bad_input_is_one_error_line_and_nothing_written(monkeypatch, capsys, st
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written, nothing removed
 
 
+@pytest.mark.slow
 def test_rerun_replaces_a_killed_conversion_without_force(capsys, stories_hf, tmp_path):
     out = tmp_path / "out"
     (out / PARTIAL).mkdir(parents=True)
@@ -399,6 +412,7 @@ def test_rerun_replaces_a_killed_conversion_without_force(capsys, stories_hf, tm
     assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == {p.name: p.read_bytes() for p in stories_hf.glob("*.safetensors")}
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_conversion_leaves_nothing(tmp_path):
     """`python split_model.py` killed with SIGTERM while writing: no output folder, exit 130."""
     params = {"dim": 512, "n_layers": 6, "n_heads": 8, "vocab_size": 512, "multiple_of": 256}  # ~75 MB in float32

@@ -55,6 +55,7 @@ def ids_of(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama2", "tok512"])
 def test_sentencepiece_export_gives_the_golden_ids_and_bos(hf_tokenizers, name):
     """Every golden string: BOS added as `encode(bos=True)` adds it, then SentencePiece's ids;
@@ -67,6 +68,7 @@ def test_sentencepiece_export_gives_the_golden_ids_and_bos(hf_tokenizers, name):
     assert hf("<s>hi").input_ids[:2] == [1, 1]
 
 
+@pytest.mark.slow
 def test_llama3_export_gives_metas_ids_and_chat_prompts(hf_tokenizers):
     hf = hf_tokenizers["llama3"]
     for case in LLAMA3_CASES["cases"]:
@@ -76,6 +78,7 @@ def test_llama3_export_gives_metas_ids_and_chat_prompts(hf_tokenizers):
         assert ids_of(hf.apply_chat_template(prompt["messages"], add_generation_prompt=True)) == prompt["ids"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,path", [("llama2", LLAMA2_TOKENIZER), ("tok512", STORIES_TOKENIZER), ("llama3", LLAMA3_TOKENIZER)])
 def test_apply_chat_template_gives_the_chat_ids(hf_tokenizers, name, path):
     """transformers renders the exported Jinja template and tokenizes it: the ids `--chat` uses."""
@@ -84,6 +87,7 @@ def test_apply_chat_template_gives_the_chat_ids(hf_tokenizers, name, path):
         assert ids_of(hf_tokenizers[name].apply_chat_template(dialog, add_generation_prompt=True)) == chat.dialog_tokens(tok, dialog)
 
 
+@pytest.mark.slow
 def test_config_names_the_special_tokens_and_template(hf_tokenizers):
     hf = hf_tokenizers["llama3"]
     assert (hf.bos_token, hf.eos_token, hf.bos_token_id, hf.eos_token_id) == ("<|begin_of_text|>", "<|end_of_text|>", 128000, 128001)
@@ -99,6 +103,7 @@ def stories_export(tmp_path_factory) -> Path:
     return convert(STORIES, out_format="hf", out_dir=tmp_path_factory.mktemp("hf") / "stories260K", progress=False)
 
 
+@pytest.mark.slow
 def test_hf_export_loads_whole_and_scores_as_the_score_api(stories_export):
     """split_model.py --out_format hf's folder: AutoTokenizer and AutoModelForCausalLM from it alone
     give the ids and the loglikelihoods of `Llama.score`."""

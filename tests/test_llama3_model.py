@@ -200,6 +200,7 @@ def test_scale_rope_freqs_is_metas_apply_scaling(head_dim: int, factor: float):
 
 # --- Llama 3.1 on one rank ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_llama31_params_read_as_meta_means(ckpts):
     args = formats.open_checkpoint(ckpts["llama31"]).args
     assert (args.kv_heads, args.head_dim, args.hidden_dim, args.vocab_size) == (4, 16, HIDDEN, VOCAB)
@@ -207,10 +208,12 @@ def test_llama31_params_read_as_meta_means(ckpts):
     assert args.vocab_parallel_embedding, "a one-shard Llama 3 file: Meta's vocab-split layout"
 
 
+@pytest.mark.slow
 def test_llama31_logits_match_transformers(world1, ckpts, reference):
     torch.testing.assert_close(logits_of(ckpts["llama31"], world1), reference(), **TOL)
 
 
+@pytest.mark.slow
 def test_switching_rope_scaling_off_moves_logits_far_beyond_tolerance(world1, ckpts, reference):
     """Without scaling the logits leave HF's llama3 ones by > 1000 tolerances (2.9 measured), and
     match HF's plain RoPE instead: the difference is the scaling and nothing else. At position 0
@@ -221,6 +224,7 @@ def test_switching_rope_scaling_off_moves_logits_far_beyond_tolerance(world1, ck
     torch.testing.assert_close(unscaled, reference(scaling=None), **TOL)
 
 
+@pytest.mark.slow
 def test_prefill_then_decode_equals_full_forward(world1, ckpts):
     """256 prompt positions at once, then 64 single-token steps through the KV cache, equal one
     forward of all 320 (float32 in another summation order: the same TOL)."""
@@ -233,6 +237,7 @@ def test_prefill_then_decode_equals_full_forward(world1, ckpts):
 
 # --- Llama 3.2: tied embeddings -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tied_checkpoint_uses_the_embedding_as_output(world1, ckpts, state, reference):
     ckpt = formats.open_checkpoint(ckpts["tied"])
     assert ckpt.tied and "output.weight" in ckpt.keys
@@ -247,6 +252,7 @@ def test_tied_checkpoint_uses_the_embedding_as_output(world1, ckpts, state, refe
 
 # --- params.json variants ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_params_extra_keys_are_noted_unknown_keys_refused(ckpts, capsys):
     args = formats.open_checkpoint(ckpts["extra_keys"]).args
     note = capsys.readouterr().err
@@ -256,6 +262,7 @@ def test_params_extra_keys_are_noted_unknown_keys_refused(ckpts, capsys):
         formats.open_checkpoint(ckpts["unknown_key"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["factor32_meta", "factor32_hf"])
 def test_rope_constants_stated_in_params_are_used(world1, ckpts, reference, name: str):
     """factor 32 in params.json (Meta's `rope_scaling_factor` or HF's `rope_scaling`) gives HF's
@@ -270,6 +277,7 @@ def test_rope_constants_stated_in_params_are_used(world1, ckpts, reference, name
 
 # --- multi-shard files: the embedding's split is read from the files --------------------------------
 
+@pytest.mark.slow
 def test_embedding_split_is_decided_from_the_files(world1, ckpts, state):
     """Two shards of the same weights, embedding split on the vocab (Llama 3) or on dim (Llama 2):
     each is recognised and loads on one rank to the one-shard file's logits, bit for bit."""
@@ -282,6 +290,7 @@ def test_embedding_split_is_decided_from_the_files(world1, ckpts, state):
         assert torch.equal(logits_of(ckpts[name], world1), one_shard), name
 
 
+@pytest.mark.slow
 def test_reshard_keeps_the_vocab_split(ckpts, state, tmp_path):
     """Vocab-split 2 shards -> 1 and 4 shards: the embedding stays split on dim 0 and joins back to
     the original; Llama 2 style files (stories260K_mp2) stay split on dim 1."""
@@ -316,6 +325,8 @@ def tp2_outputs(ckpts, tmp_path_factory) -> dict[tuple[str, int], dict]:
             for name in TP2_CKPTS for rank in range(2)}
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("name", TP2_CKPTS)
 def test_two_ranks_match_transformers(name: str, tp2_outputs, reference):
     """Column-parallel output (for the tied file: the embedding split on the vocab), vocab-split
@@ -328,6 +339,8 @@ def test_two_ranks_match_transformers(name: str, tp2_outputs, reference):
 
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_two_ranks_get_the_same_slices_from_one_or_two_shards(tp2_outputs):
     """On 2 ranks the vocab-split 2-shard file gives each rank the 1-shard file's slices, so the
     same arithmetic: bit-identical logits."""

@@ -5,6 +5,7 @@
 temporary site folder, and imported from a directory that is not the repo.
 """
 
+import pytest
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import zipfile
 from dist_utils import REPO
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_package_and_imports_outside_the_repo(tmp_path):
     source = tmp_path / "src"  # a copy, so setuptools' build/ folder never lands in (or stales) the repo
     shutil.copytree(REPO / "llama", source / "llama", ignore=shutil.ignore_patterns("__pycache__"))

@@ -109,11 +109,14 @@ def two_ranks(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_packed_equals_padded_on_one_rank(one_rank, method):
     assert_packed_equals_padded(torch.load(one_rank / f"{method}_rank0.pt"), method)
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("method", METHODS)
 def test_packed_equals_padded_on_two_tensor_parallel_ranks(two_ranks, one_rank, method):
     for rank in range(2):
@@ -123,6 +126,7 @@ def test_packed_equals_padded_on_two_tensor_parallel_ranks(two_ranks, one_rank, 
         assert abs(result["packed"]["loss"] - one["packed"]["loss"]) <= PACK_TOL * abs(one["packed"]["loss"])
 
 
+@pytest.mark.slow
 def test_packed_run_learns(tmp_path, capsys):
     ft_main.main([*LEARN, "--max_steps", "20", "--eval_interval", "20", "--out_dir", str(tmp_path)])
     printed = capsys.readouterr().out
@@ -135,6 +139,7 @@ def test_packed_run_learns(tmp_path, capsys):
     assert records[-1]["step"] == 20 and last < untuned - 0.4, (untuned, last)
 
 
+@pytest.mark.slow
 def test_packed_resume_continues_exactly(tmp_path):
     args = [*LEARN, "--max_examples", "300", "--eval_interval", "2", "--ckpt_interval", "2"]
     ft_main.main([*args, "--max_steps", "4", "--out_dir", str(tmp_path / "whole")])
@@ -144,6 +149,7 @@ def test_packed_resume_continues_exactly(tmp_path):
     assert losses(tmp_path / "split") == losses(tmp_path / "whole") and evals(tmp_path / "split") == evals(tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_pack_with_group_by_length_is_one_clear_error(tmp_path):
     result = python("ft_main.py", "--pack", "--group_by_length", "--out_dir", tmp_path / "out")
     assert result.returncode == 2

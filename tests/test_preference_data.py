@@ -69,6 +69,7 @@ def test_explicit_prompt_alpaca_from_sentencepiece(lang: str, llama2: Tokenizer,
         assert pair.rejected == sp.encode(row["rejected"]) + [sp.eos_id()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", data.TEMPLATES)
 @pytest.mark.parametrize("family", ["llama2", "llama3"])
 def test_explicit_prompt_is_tokenized_as_sft(template: str, family: str, llama2: Tokenizer, llama3: Tokenizer, tmp_path: Path) -> None:
@@ -131,6 +132,7 @@ def test_collate_pairs_chosen_rows_then_rejected_rows(llama2: Tokenizer) -> None
         assert labels[row, n:].eq(IGNORE_INDEX).all() and labels[row, n - 1] == llama2.eos_id
 
 
+@pytest.mark.slow
 def test_over_long_pairs_keep_the_prompt_and_are_counted(llama2: Tokenizer, sp: SentencePieceProcessor) -> None:
     """Prompt kept whole, responses cut to max_seq_len - prompt; dropped iff the prompt leaves no room; tallied independently."""
     max_seq_len = 120
@@ -227,6 +229,7 @@ def test_llama2_dialog_order_error_names_the_record(llama2: Tokenizer, tmp_path:
         preference.load_pairs(write_jsonl(tmp_path / "p.jsonl", rows), llama2, "chat", 256)
 
 
+@pytest.mark.slow
 def test_split_is_deterministic_and_val_data_replaces_it(llama2: Tokenizer) -> None:
     a = preference.build_pair_splits(DEMOS["en"], llama2, "plain", 128, val_fraction=0.1, seed=3, max_examples=200)
     b = preference.build_pair_splits(DEMOS["en"], llama2, "plain", 128, val_fraction=0.1, seed=3, max_examples=200)

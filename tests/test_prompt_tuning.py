@@ -216,6 +216,7 @@ def test_metrics_log_drops_records_after_the_resumed_step(tmp_path):
     assert train.read_metrics(tmp_path / "m.jsonl") == [{"step": 0, "eval_loss": 5.0}, {"step": 1, "loss": 4.0}, {"step": 2, "loss": 3.0}]
 
 
+@pytest.mark.slow
 def test_plot(tmp_path, monkeypatch):
     from llama.tuning import plot
 

@@ -117,6 +117,7 @@ def torchao_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
     return codes, scales_and_zeros[..., 0].t(), scales_and_zeros[..., 1].t()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group_size", schemes.INT4_GROUP_SIZES)
 @pytest.mark.parametrize("reference", [gpt_fast_int4, torchao_int4], ids=["gpt-fast", "torchao"])
 @pytest.mark.parametrize("key", ["layers.1.attention.wq.weight", "layers.1.feed_forward.w1.weight", "layers.1.feed_forward.w2.weight"])
@@ -182,6 +183,7 @@ def test_loaded_bytes_are_the_planner_count(world1, scheme):
     assert model.tok_embeddings.weight.dtype == model.output.weight.dtype == model.norm.weight.dtype == torch.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_planner_weights_are_what_the_loader_holds(world1, scheme):
     """split_model.py --plan --quantize counts the loaded model's bytes exactly (TP=1)."""
@@ -241,6 +243,8 @@ def gathered(ranks: list[dict]) -> dict[str, torch.Tensor]:
     return {key: torch.cat([r["dequantized"][key] for r in ranks], dim=layout.split_dim(key)) for key in ranks[0]["dequantized"]}
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_tp2_equals_tp1_built_from_the_same_dequantized_slices(world1, tp2, scheme):
     ranks = tp2[scheme]
@@ -267,6 +271,8 @@ def test_tp2_equals_tp1_built_from_the_same_dequantized_slices(world1, tp2, sche
     assert logits.argmax(-1)[checked].tolist() == torch.tensor(generated)[checked].tolist()
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_tp2_quantization_error_is_that_of_tp1(world1, tp2, scheme):
     """Row-parallel slices (wo, w2) take their scales from their own columns (int8), are grouped from
@@ -282,6 +288,8 @@ def test_tp2_quantization_error_is_that_of_tp1(world1, tp2, scheme):
     assert tp2_error <= 1.5 * tp1_error, (tp2_error, tp1_error)
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_tp2_nf4_slices_equal_bitsandbytes_quantization_of_the_slice(tp2):
     """Each rank's NF4 codes and first-level absmax equal bitsandbytes' quantize_4bit of that slice."""
     ckpt = formats.open_checkpoint(STORIES)
@@ -336,6 +344,7 @@ def unquantized(tmp_path_factory):
     distributed.teardown()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_quality_on_the_bundled_model(unquantized, scheme):
     """Golden (llama2.c) greedy ids, teacher-forced: the quantized argmax equals the unquantized one
@@ -386,6 +395,7 @@ def qlora_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_qlora_lowers_held_out_loss_and_records_the_base(qlora_run):
     records = evals(qlora_run)
     # lr 3e-3 (LoRA's default) for 10 steps lowers plain LoRA's held-out loss by ~0.3 nats on this data;
@@ -417,6 +427,7 @@ def linear4bit(kernel: NF4Linear, rows=None):
     return layer
 
 
+@pytest.mark.slow
 def test_peft_on_bitsandbytes_linear4bit_equals_our_qlora_forward(world1, qlora_run):
     """Our QLoRA adapter (PEFT export) on a transformers copy whose linears are bitsandbytes Linear4bit
     with the same NF4 weights: PEFT's forward equals ours."""
@@ -448,6 +459,7 @@ def test_peft_on_bitsandbytes_linear4bit_equals_our_qlora_forward(world1, qlora_
     assert (ours - untuned).abs().max() > 0.1  # the adapter matters
 
 
+@pytest.mark.slow
 def test_adapter_on_a_differently_quantized_base_warns(qlora_run):
     """example_ft.py --adapter: a QLoRA adapter (trained over nf4) applied to an int8 base runs, with one warning."""
     result = python("example_ft.py", "--adapter", qlora_run / "adapter.pt", "--quantize", "int8", "--max_tokens", "4", "--json",
@@ -460,6 +472,7 @@ def test_adapter_on_a_differently_quantized_base_warns(qlora_run):
     assert same.returncode == 0 and "warning:" not in same.stderr
 
 
+@pytest.mark.slow
 def test_qlora_resume_continues_exactly(tmp_path):
     args = [*QLORA, "--eval_interval", "2", "--ckpt_interval", "2"]
     ft_main.main([*args, "--max_steps", "4", "--out_dir", str(tmp_path / "whole")])
@@ -468,6 +481,7 @@ def test_qlora_resume_continues_exactly(tmp_path):
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")  # fp32 CPU, same batches, NF4 base and RNG state
 
 
+@pytest.mark.slow
 def test_qlora_with_activation_checkpointing_repeats_the_same_steps(tmp_path):
     args = [*QLORA, "--max_steps", "2", "--eval_interval", "2"]
     ft_main.main([*args, "--out_dir", str(tmp_path / "plain")])
@@ -475,6 +489,8 @@ def test_qlora_with_activation_checkpointing_repeats_the_same_steps(tmp_path):
     assert losses(tmp_path / "recompute") == losses(tmp_path / "plain")  # recomputation repeats the same fp32 ops
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_qlora_on_two_ranks_matches_one(tmp_path):
     """TP=2 re-blocks only the row-parallel slices (wo, w2), so its losses may differ from TP=1's by at
     most the whole effect of NF4 on the loss (TP=1 NF4 vs unquantized, step 0)."""
@@ -505,6 +521,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BAD)
 def test_bad_input_is_one_clear_error(name, tmp_path):
     argv, pattern = BAD[name]
@@ -515,6 +532,7 @@ def test_bad_input_is_one_clear_error(name, tmp_path):
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_planner_cli_counts_quantized_weights():
     """split_model.py --plan --quantize: the int4 table's weights column is the planner's quantized count."""
     from llama.formats import plan
@@ -527,6 +545,7 @@ def test_planner_cli_counts_quantized_weights():
     assert float(row.split()[1]) == pytest.approx(round(plan.weight_bytes(args, 2, 2, parse_scheme("int4-g32")) / plan.GiB, 2))
 
 
+@pytest.mark.slow
 def test_nf4_without_bitsandbytes_names_the_extra(tmp_path):
     (tmp_path / "block.py").write_text(BLOCK_BNB)
     for script in ("example.py", "example_ft.py"):

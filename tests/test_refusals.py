@@ -77,6 +77,7 @@ def runs(tmp_path_factory):
         yield tmp, {name: future.result() for name, future in futures.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BAD)
 def test_bad_input_is_one_error_line_and_nothing_is_written(runs, name):
     tmp, results = runs
@@ -88,11 +89,13 @@ def test_bad_input_is_one_error_line_and_nothing_is_written(runs, name):
     assert not (tmp / "lr").exists() and not (tmp / "model_mp0").exists()
 
 
+@pytest.mark.slow
 def test_an_earlier_run_is_kept_without_resume_or_force(runs):
     tmp, _ = runs
     assert {p.name: p.read_bytes() for p in (tmp / "earlier").iterdir()} == EARLIER
 
 
+@pytest.mark.slow
 def test_force_starts_over(runs):
     tmp, results = runs
     assert results["forced"].returncode == 0, results["forced"].stderr[-3000:]
@@ -103,6 +106,7 @@ def test_force_starts_over(runs):
     assert not (tmp / "forced" / "ckpt.pt").exists()  # the older run's file went with the rest
 
 
+@pytest.mark.slow
 def test_merged_output_has_its_own_default_folder(runs):
     tmp, results = runs
     for name in ("merge", "split"):
@@ -114,6 +118,7 @@ def test_merged_output_has_its_own_default_folder(runs):
     assert not torch.equal(a, b), "the merged folder holds the adapted weights"
 
 
+@pytest.mark.slow
 def test_exported_master_addr_does_not_make_a_plain_run_distributed(runs):
     _, results = runs
     result = results["master_addr"]
@@ -121,6 +126,7 @@ def test_exported_master_addr_does_not_make_a_plain_run_distributed(runs):
     assert len(result.stdout.splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_help_shows_defaults(runs):
     _, results = runs
     out = results["help"].stdout

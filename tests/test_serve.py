@@ -82,6 +82,7 @@ def in_process_server(llm: Llama, max_queue: int = 8):
         loop.join()
 
 
+@pytest.mark.slow
 def test_server_and_library_return_the_same_ids_and_logprobs(stories_llm):
     """The server is a client of the same engine as Llama.generate: for the same requests (greedy, and
     sampled with a seed) it returns identical ids and logprobs, bit for bit (one process, one rank)."""
@@ -258,6 +259,8 @@ def complete(client: openai.OpenAI, prompt: str, max_tokens: int, **kwargs):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_greedy_completion_equals_example(client, reference):
     prompt = "Once upon a time"
     choice = complete(client, prompt, PROMPTS[prompt]).choices[0]
@@ -269,6 +272,8 @@ def test_greedy_completion_equals_example(client, reference):
     assert choice.finish_reason == "length"
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_stream_concatenates_to_the_same_text(client, reference):
     prompt = "Once upon a time"
     chunks = list(client.completions.create(model="stories260K", prompt=prompt, max_tokens=PROMPTS[prompt], temperature=0, stream=True))
@@ -277,6 +282,8 @@ def test_stream_concatenates_to_the_same_text(client, reference):
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_stop_string_ends_the_text_before_it(client, reference):
     prompt = "Once upon a time"
     full = reference[prompt]["text"]
@@ -284,6 +291,8 @@ def test_stop_string_ends_the_text_before_it(client, reference):
     assert (choice.text, choice.finish_reason) == (full[: full.index(" Lily")], "stop")
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_chat_uses_the_chat_template(client):
     expected = next(iter(example_json("--chat", "--max_tokens", "16", "--prompt", CHAT_USER).values()))
     response = client.chat.completions.create(
@@ -298,6 +307,8 @@ def test_chat_uses_the_chat_template(client):
     assert response.usage.prompt_tokens == len(expected["prompt_ids"])
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_concurrent_clients_get_what_they_get_alone_in_shared_steps(server, client, reference):
     url = server.url
     before = health(url)
@@ -343,6 +354,8 @@ BAD_REQUESTS = [  # (name, path, headers, body, status, param)
 ]
 
 
+@pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.parametrize("name,path,headers,body,status,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_request_gets_4xx_and_server_keeps_serving(server, client, name, path, headers, body, status, param):
     url = server.url
@@ -358,6 +371,8 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(server, client, name, pat
     assert complete(client, "Once upon a time", 2).choices[0].finish_reason == "length"
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_openai_client_raises_its_own_error_classes(server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
@@ -367,6 +382,8 @@ def test_openai_client_raises_its_own_error_classes(server):
     assert [m.id for m in good.models.list()] == ["stories260K"]
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_disconnect_mid_stream_frees_the_row(server, client, reference):
     """A client hangs up after its first chunk of a 250-token stream; another request started
     meanwhile still completes, and the row is freed long before 250 steps would have run."""
@@ -388,6 +405,8 @@ def test_disconnect_mid_stream_frees_the_row(server, client, reference):
     assert now["decoded_tokens"] - before["decoded_tokens"] < 200  # the hung-up stream stopped early
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_full_queue_gets_503_and_a_freed_row_admits_the_next(tmp_path):
     """One row, a queue of one (`python serve.py`, world size 1): a long stream holds the row,
     a second request waits, a third gets 503; when the stream hangs up the waiting one runs."""
@@ -426,6 +445,8 @@ def worker_pids(parent: int) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the torchrun workers through /proc")
 def test_sigterm_stops_every_rank_cleanly(server):
     """SIGTERM to every rank (what torchrun does on its own SIGTERM) with a stream in flight:
@@ -451,6 +472,8 @@ def test_sigterm_stops_every_rank_cleanly(server):
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_lora_adapter_is_served_as_example_ft_runs_it(tmp_path):
     """`serve.py --adapter adapter.pt` (2 ranks, each its LoRA slices) completes a prompt with the
     ids `example_ft.py --adapter` gives on 1 rank, and they differ from the base model's."""
@@ -489,6 +512,8 @@ BAD_OPTIONS = {  # serve.py option -> what its one error line says; all refused 
 }
 
 
+@pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.parametrize("name", BAD_OPTIONS)
 def test_bad_server_option_is_one_clear_error(name):
     args, message = BAD_OPTIONS[name]
@@ -496,6 +521,8 @@ def test_bad_server_option_is_one_clear_error(name):
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_serving_a_soft_prompt_is_one_clear_error(tmp_path):
     from llama.tuning.prompt import SoftPrompt, save_prompt
 

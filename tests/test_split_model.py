@@ -74,6 +74,7 @@ def test_split_reproduces_the_providers_two_shard_files(tmp_path):
     assert_same_checkpoint(split(STORIES, 2, tmp_path / "mp2"), STORIES_MP2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["stories260K", "random_gqa"])
 def test_round_trips_are_bit_identical(tmp_path, random_ckpt, model):
     one = STORIES if model == "stories260K" else random_ckpt
@@ -92,6 +93,7 @@ def test_round_trips_are_bit_identical(tmp_path, random_ckpt, model):
             assert all(same_bits(shard[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_dtype_conversion_verify_and_manifest(tmp_path, random_ckpt):
     out = split(random_ckpt, 2, tmp_path / "bf16", dtype=torch.bfloat16, verify_output=True)
     source = torch.load(random_ckpt / "consolidated.00.pth", weights_only=True)
@@ -263,6 +265,7 @@ def test_default_out_dir_is_dir_mpN(tmp_path, capsys):
     assert_same_checkpoint(tmp_path / "stories260K_mp4", split(STORIES, 4, tmp_path / "ref"))
 
 
+@pytest.mark.slow
 def test_a_bad_input_through_the_real_cli_has_no_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ckpt, n, message = make_bad_input("truncated shard", tmp_path)
@@ -284,6 +287,8 @@ def original_greedy_ids() -> list[list[int]]:
     return [r.ids for r in results]
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("n", [2, 4])
 def test_torchrun_on_the_split_gives_the_original_greedy_ids(tmp_path, original_greedy_ids, n):
     out = split(STORIES, n, tmp_path / f"stories260K_mp{n}", verify_output=True)

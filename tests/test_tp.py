@@ -75,6 +75,8 @@ def worker_outputs(ckpt_dirs, tmp_path_factory) -> dict[tuple[str, int, int, int
     }
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("model", MODELS)
 def test_tp_equals_tp1(world1, model: str, ckpt_dirs, worker_outputs):
     """1-shard checkpoint on 2 and 4 ranks: logits within ATOL, greedy and sampled ids identical; six
@@ -93,6 +95,8 @@ def test_tp_equals_tp1(world1, model: str, ckpt_dirs, worker_outputs):
     assert reference["sampled"] != reference["greedy"], "sampling at temperature 1 should leave the greedy path"
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("model", MODELS)
 def test_m_shards_on_n_ranks(world1, model: str, ckpt_dirs, worker_outputs):
     """1->2, 1->4, 2->1, 2->2, 2->4, 4->1, 4->2, 4->4 all give the logits of the 1-shard checkpoint on 1 rank."""

@@ -143,6 +143,7 @@ def test_a_missing_backend_is_one_clear_error(monkeypatch, tmp_path) -> None:
     assert not (tmp_path / "tensorboard").exists()  # refused before any writer was made
 
 
+@pytest.mark.slow
 def test_check_available_imports_nothing() -> None:
     code = ("import sys; from llama.tuning import tracking; tracking.check_available(('tensorboard', 'wandb')); "
             "assert not {'wandb', 'tensorboard', 'torch.utils.tensorboard'} & set(sys.modules), sorted(sys.modules)")
@@ -168,6 +169,7 @@ def test_logging_dir_overrides(tmp_path) -> None:
     assert tensorboard_scalars(tmp_path / "tb") == {"loss": [(1, 1.0)]} and not (tmp_path / "run" / "tensorboard").exists()
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_history(tmp_path, offline_wandb) -> None:
     logged = records()
     with Tracker(tmp_path, ("wandb",), CONFIG, project="dpo-tests", run_name="lora-beta0.1") as tracker:
@@ -182,6 +184,7 @@ def test_wandb_offline_run_holds_the_history(tmp_path, offline_wandb) -> None:
     assert json.loads((tmp_path / "wandb_run.json").read_text()) == {"id": run["id"], "project": "dpo-tests", "step": 10}
 
 
+@pytest.mark.slow
 def test_resume_duplicates_no_step(tmp_path, offline_wandb) -> None:
     """Log 0..10, resume from the checkpoint at step 5 (metrics.jsonl keeps step 5's training record), log 5's eval and 6..10 again."""
     first = records()
@@ -204,6 +207,7 @@ def test_resume_duplicates_no_step(tmp_path, offline_wandb) -> None:
     assert sorted(steps) == list(range(11)) and len(steps) == len(set(steps))
 
 
+@pytest.mark.slow
 def test_resume_continues_the_wandb_run_after_its_last_step(tmp_path, offline_wandb) -> None:
     """A run killed after step 7 (checkpoint at 5) and resumed to step 12: steps 8.. reach W&B once, under the same id."""
     with Tracker(tmp_path, ("wandb",), CONFIG) as tracker:
@@ -218,6 +222,7 @@ def test_resume_continues_the_wandb_run_after_its_last_step(tmp_path, offline_wa
     assert json.loads((tmp_path / "wandb_run.json").read_text())["step"] == 12
 
 
+@pytest.mark.slow
 def test_a_fresh_run_starts_a_new_wandb_run(tmp_path, offline_wandb) -> None:
     for _ in range(2):
         with Tracker(tmp_path, ("wandb",), CONFIG) as tracker:

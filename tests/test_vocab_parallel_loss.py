@@ -51,12 +51,16 @@ LOSS_TOL = CHUNK * (VOCAB + 2**10) * EPS
 # A weight-gradient element sums N tokens' (p - y) h: <= (N + 2V) eps sum_n |h_n|.
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("tp", [2, 4])
 def test_loss_equals_gathered_cross_entropy(ranks, reference, tp):
     for r, rank in enumerate(ranks[tp]):
         assert (rank["losses"] - reference["losses"]).abs().max() < LOSS_TOL, (tp, r, rank["losses"], reference["losses"])
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("tp", [2, 4])
 def test_chunk_of_ignored_labels_adds_exactly_nothing(ranks, tp):
     for rank in ranks[tp]:
@@ -66,6 +70,8 @@ def test_chunk_of_ignored_labels_adds_exactly_nothing(ranks, tp):
     assert (torch.cat([ranks[tp][0]["losses"][:2], ranks[tp][0]["losses"][3:]]) > 0).all()
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("tp", [2, 4])
 def test_gradients_equal_gathered_cross_entropy(ranks, reference, tp):
     weight, hidden, targets = reference["weight"], reference["hidden"], reference["targets"]
