@@ -15,6 +15,7 @@ setup(
         "hf": ["tokenizers>=0.19"],
         "qlora": ["bitsandbytes"],  # --quantize nf4 (QLoRA); int8 / int4 need nothing beyond torch
         "track": ["tensorboard", "wandb"],  # ft_main.py --report_to tensorboard,wandb
+        "bench": ["llama-cpp-python"],  # bench/decode.py compares with llama.cpp (compiles it from source: ~25 min on 2 cores)
         # transformers/peft/bitsandbytes/trl are reference implementations for the tests only; openai is the client the server is
         # tested with; lm-eval (with its API-model extra) evaluates through the server; import-linter checks the import contract;
         # tensorboard and wandb are read back by the tracking tests (offline).

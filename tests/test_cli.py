@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import pytest
-from dist_utils import python, torchrun
+from dist_utils import REPO, python, torchrun
 from references import GOLDEN, LLAMA2_TOKENIZER, STORIES
 
 DEFAULT_PROMPTS = {GOLDEN[name]["prompt"]: GOLDEN[name] for name in ("greedy_prompt_once_upon_a_time", "greedy_prompt_lily_park")}
@@ -29,6 +29,8 @@ BAD_INPUTS = {
     "vocab mismatch": (("--tokenizer_path", str(LLAMA2_TOKENIZER)), r"tokenizer has 32000 tokens but params\.json says vocab_size 512"),
     "prompt too long": (("--max_seq_len", "16", "--prompt", LONG_PROMPT), r"the prompt has \d+ tokens but --max_seq_len is 16"),
     "unknown dtype": (("--dtype", "float64"), r"unknown dtype 'float64'"),
+    "a file for a folder": (("--ckpt_dir", "ckpts/stories260K/params.json"), r"params\.json is a file, not a model directory"),
+    "system without chat": (("--system", "Be brief."), r"--system is the system prompt of --chat: add --chat"),
 }
 
 
@@ -99,3 +101,22 @@ def test_tp_size_that_does_not_divide_the_heads(runs):
     assert "n_kv_heads=4" in line and "[1, 2, 4]" in line, line
     assert not re.search(r'File ".*(example\.py|/llama/)', result.stderr), "a worker printed a traceback"
     assert result.stdout == ""
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_ends_the_run_quietly():
+    """`python example.py --json | head -1`: the reader goes away after one line; the run ends with
+    exit 0 and no traceback (it used to be a BrokenPipeError traceback and exit 1)."""
+    import os
+    import subprocess
+    import sys
+
+    prompts = [arg for p in ("Once upon a time", "The cat", "A dog", "Lily") for arg in ("--prompt", p)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # one cache row: the prompts run one after another, so the later lines are written after the reader left
+    proc = subprocess.Popen([sys.executable, "example.py", "--json", "--max_tokens", "100", "--max_batch_size", "1", *prompts], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith('{"prompt": "Once upon a time"')
+    proc.stdout.close()  # as `head -1` exits
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr

@@ -161,6 +161,39 @@ def test_resume_keeps_options(learned):
 
 
 @pytest.mark.slow
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(learned, capsys):
+    before = (learned / "metrics.jsonl").read_text()
+    assert ft_main.main(["--resume", "--out_dir", str(learned)]) is None
+    assert f"nothing to do: the run in {learned} finished at step 30 (--max_steps 30)" in capsys.readouterr().out
+    assert (learned / "metrics.jsonl").read_text() == before, "no evaluation was run again"
+
+
+@pytest.mark.slow
+def test_ctrl_c_names_the_last_checkpoint(tmp_path):
+    """SIGINT after the first checkpoint: one line naming state.pt, its step and the command that continues; exit 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [*FAST, "--max_steps", "100000", "--ckpt_interval", "2", "--eval_interval", "100000", "--out_dir", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, "ft_main.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "state.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.5)  # the state is written; let the run go on training
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=60)[1]
+    last = stderr.strip().splitlines()[-1]
+    step = train.load_training_state(tmp_path)["step"]
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert last == (f"interrupted: the last checkpoint is {tmp_path / 'state.pt'} (step {step}); "
+                    f"continue with --resume --out_dir {tmp_path}"), last
+
+
+@pytest.mark.slow
 def test_resume_without_checkpoint_is_one_clear_error(tmp_path):
     result = python("ft_main.py", "--resume", "--out_dir", tmp_path / "none")
     assert result.returncode == 2

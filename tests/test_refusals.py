@@ -132,6 +132,9 @@ def test_help_shows_defaults(runs):
     out = results["help"].stdout
     assert results["help"].returncode == 0
     assert "(default: 64)" in out and "(default: ckpts/stories260K)" in out and "Meta or Hugging Face model directory" in out
+    # a default is said once: not "(default: None)" after a help text that already says it
+    assert "(default: None)" not in out and "(default: False)" not in out
+    assert not re.search(r"default:[^()]*\(default:", out.replace("\n", " "))
 
 
 def test_compile_says_it_is_compiling(world1, capsys):

@@ -143,6 +143,14 @@ def test_large_requests_are_refused_early_and_tokenizing_leaves_the_event_loop(s
         assert ok.status_code == 200 and calls == ["worker thread"]
 
 
+def test_nan_temperature_is_refused_as_not_finite(stories_llm):
+    """`temperature: NaN` (Python's json writes it) is not a number to sample with: 400 saying so, not "should be <= 2"."""
+    with in_process_server(stories_llm) as http:
+        bad = http.post("/v1/completions", content=b'{"prompt": "x", "temperature": NaN}', headers={"Content-Type": "application/json"})
+    error = bad.json()["error"]
+    assert bad.status_code == 400 and error["param"] == "temperature" and "finite" in error["message"], bad.text
+
+
 def test_stop_strings_and_held_back_text():
     assert stop_string_end("a cat. The dog", ("dog", "."), 0) == 5
     assert stop_string_end("a cat", ("dog",), 0) is None
