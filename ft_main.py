@@ -266,44 +266,47 @@ def tune(config: TrainConfig, parallel: distributed.Parallel, state: Optional[di
     metrics = train.MetricsLog(out_dir / "metrics.jsonl", resume_step=step if state else None) if is_main else None
     if metrics is not None:
         metrics.tracker = tracker(config, step, state)  # after the log is cut back to the resumed step
-    evaluate = partial(run.objective.evaluate, dp_group=dp_group, autocast=run.autocast)
-    untuned_loss = untuned(config, run, state)  # SFT: the figure to beat
-    last_saved = step if state else None
-    optimizer, scaler = run.optimizer, run.scaler
-    params, split = method.trainable(), method.split()
-    with tqdm(total=config.max_steps, initial=step, desc=f"{method.name} tuning", disable=not is_main) as progress:  # closed on Ctrl-C too
-        while step < config.max_steps:
-            if step % config.eval_interval == 0 and run.val_batches:
-                log_eval(metrics, progress, step, evaluate(run.val_batches), untuned_loss)
+    try:  # the trackers' files are closed (W&B's run finished) however the loop ends: an error, Ctrl-C
+        evaluate = partial(run.objective.evaluate, dp_group=dp_group, autocast=run.autocast)
+        untuned_loss = untuned(config, run, state)  # SFT: the figure to beat
+        last_saved = step if state else None
+        optimizer, scaler = run.optimizer, run.scaler
+        params, split = method.trainable(), method.split()
+        with tqdm(total=config.max_steps, initial=step, desc=f"{method.name} tuning", disable=not is_main) as progress:  # closed on Ctrl-C too
+            while step < config.max_steps:
+                if step % config.eval_interval == 0 and run.val_batches:
+                    log_eval(metrics, progress, step, evaluate(run.val_batches), untuned_loss)
 
-            micro_batches, n_tokens = zip(*(run.batches.next() for _ in range(config.grad_accum)))
-            lr = train.get_lr(step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps, decay_steps=config.lr_decay_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            start = time.perf_counter()
-            loss, figures = run.objective.accumulate(micro_batches, dp_group=dp_group, autocast=run.autocast, scale=scaler.scale)
-            scaler.unscale_(optimizer)
-            grad_norm = train.clip_gradients(params, split, config.grad_clip, parallel.tp_group)
-            if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm)):
-                raise UserError(diverged_message(step + 1, loss, grad_norm, out_dir, last_saved))
-            scaler.step(optimizer)  # an fp16 step with inf gradients is skipped and the scale lowered
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+                micro_batches, n_tokens = zip(*(run.batches.next() for _ in range(config.grad_accum)))
+                lr = train.get_lr(step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps, decay_steps=config.lr_decay_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                start = time.perf_counter()
+                loss, figures = run.objective.accumulate(micro_batches, dp_group=dp_group, autocast=run.autocast, scale=scaler.scale)
+                scaler.unscale_(optimizer)
+                grad_norm = train.clip_gradients(params, split, config.grad_clip, parallel.tp_group)
+                if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm)):
+                    raise UserError(diverged_message(step + 1, loss, grad_norm, out_dir, last_saved))
+                scaler.step(optimizer)  # an fp16 step with inf gradients is skipped and the scale lowered
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
 
-            if is_main:
-                tokens_per_s = sum(n_tokens) * parallel.dp_size / (time.perf_counter() - start)  # this rank's share x dp ranks
-                metrics.write({"step": step, "loss": loss, **figures, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                               "peak_mem_mb": train.peak_memory_mb(parallel.device)})
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                progress.update()
-            if step % config.ckpt_interval == 0 or step == config.max_steps:
-                save_all(config, run, step, lr, untuned_loss)
-                last_saved = step
-    if run.val_batches:
-        log_eval(metrics, None, step, evaluate(run.val_batches), untuned_loss)
+                if is_main:
+                    tokens_per_s = sum(n_tokens) * parallel.dp_size / (time.perf_counter() - start)  # this rank's share x dp ranks
+                    metrics.write({"step": step, "loss": loss, **figures, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                                   "peak_mem_mb": train.peak_memory_mb(parallel.device)})
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    progress.update()
+                if step % config.ckpt_interval == 0 or step == config.max_steps:
+                    save_all(config, run, step, lr, untuned_loss)
+                    last_saved = step
+        if run.val_batches:
+            log_eval(metrics, None, step, evaluate(run.val_batches), untuned_loss)
+    finally:
+        if metrics is not None:
+            metrics.close()
     if is_main:
-        metrics.close()
         print(f"done: {step} steps; {method.outputs(out_dir)}", flush=True)
     return method
 

@@ -2,17 +2,18 @@
 
     python datasets/make_preferences.py          # rewrites both files; the same bytes every time
 
-Per alpaca record with a non-empty output, in file order, one JSON line {prompt, chosen, rejected}:
+The alpaca records with a non-empty output are shuffled with random.Random(SEED) and taken two by
+two; each couple (a, b) gives one JSON line {prompt, chosen, rejected}:
 
-- prompt: the record's instruction, and its input after a blank line when the input is not empty
-  (the text the `chat` template puts in the user turn);
-- chosen: the record's own output;
-- rejected: the output of another record whose instruction is different, picked by a seeded
-  derangement: the records are shuffled with random.Random(SEED) and each takes the output of the
-  next one in that cycle (the last takes the first's), so no record gets its own output. Where the
-  next record has the same instruction (the demos hold a few duplicates) or the same output, the
-  partner is moved further along the cycle; on the bundled demos that never happens, so every
-  output is rejected exactly once.
+- prompt: a's instruction, and its input after a blank line when the input is not empty (the text
+  the `chat` template puts in the user turn);
+- chosen: a's own output;
+- rejected: b's output (an answer to another instruction; b is skipped for the next record when its
+  instruction or output equals a's: the demos hold a few duplicates).
+
+So every output appears in one pair only, chosen or rejected. (Pairing each record with the next
+one's output would use every output twice, once chosen and once rejected, and a held-out pair would
+then hold two training responses with their preferences reversed: nothing could be learned.)
 
 The pairs are easy on purpose: an answer to another question is plainly worse, so a short DPO run
 on a tiny model can learn to prefer the chosen answers (the reward accuracy rises). They test the
@@ -34,25 +35,24 @@ def prompt_of(record: dict) -> str:
     return f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
 
 
-def partners(records: list[dict], seed: int) -> list[int]:
-    """For each record, the index of the record whose output it is given as rejected (a derangement)."""
-    cycle = list(range(len(records)))
-    random.Random(seed).shuffle(cycle)
-    partner = [0] * len(records)
-    for k, i in enumerate(cycle):
-        step = 1
-        while (records[cycle[(k + step) % len(cycle)]]["instruction"] == records[i]["instruction"]
-               or records[cycle[(k + step) % len(cycle)]]["output"] == records[i]["output"]):
-            step += 1
-        partner[i] = cycle[(k + step) % len(cycle)]
-    return partner
+def couples(records: list[dict], seed: int) -> list[tuple[dict, dict]]:
+    """(a, b) couples of distinct records, each record in one couple at most, in a seeded order."""
+    order = list(records)
+    random.Random(seed).shuffle(order)
+    out = []
+    while len(order) >= 2:
+        a = order.pop(0)
+        k = next((k for k, b in enumerate(order) if b["instruction"] != a["instruction"] and b["output"] != a["output"]), None)
+        if k is None:
+            break
+        out.append((a, order.pop(k)))
+    return out
 
 
 def build(source: Path, seed: int = SEED) -> list[dict]:
     """The preference records of one alpaca file."""
     records = [r for r in json.loads(source.read_text(encoding="utf-8")) if r["output"].strip()]
-    return [{"prompt": prompt_of(r), "chosen": r["output"], "rejected": records[j]["output"]}
-            for r, j in zip(records, partners(records, seed))]
+    return [{"prompt": prompt_of(a), "chosen": a["output"], "rejected": b["output"]} for a, b in couples(records, seed)]
 
 
 def main() -> None:

