@@ -264,7 +264,8 @@ class Transformer(nn.Module):
     activation_checkpointing: bool
     """Training: keep only each block's input and recompute the block in backward."""
     quantization: Optional[str]
-    """The scheme the block linears were quantized with while loading (llama/kernels), or None."""
+    """The --quantize scheme the linears were quantized with while loading (llama/kernels; the output
+    head's own is `schemes.head_scheme` of it), or None."""
 
     def __init__(self, args: ModelArgs, tp: int = 1):
         super().__init__()

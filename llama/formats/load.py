@@ -16,6 +16,7 @@ from llama.config import LoadSpec, resolve_dtype
 from llama.formats import open_checkpoint
 from llama.formats.layout import check_shardable
 from llama.kernels.linear import quantized_linear
+from llama.kernels.schemes import Scheme, head_scheme
 from llama.model import Transformer
 from llama.parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -33,7 +34,7 @@ def load_model(spec: LoadSpec, *, vocab_size: Optional[int], device: torch.devic
     check_shardable(ckpt.args, tp_size, unit="tensor-parallel ranks")
     with torch.device("meta"):
         model = Transformer(ckpt.args, tp_size)
-    targets = quantize_targets(model) if spec.quantize is not None else set()
+    targets = quantize_targets(model, spec.quantize)
     weights = {}
     keys = ckpt.keys
     quiet = tp_rank != 0 or (len(keys) < 50 and spec.quantize is None)  # quantizing takes seconds even for small models
@@ -42,7 +43,7 @@ def load_model(spec: LoadSpec, *, vocab_size: Optional[int], device: torch.devic
         stored = ckpt.read(key, tp_rank, tp_size)
         if key in targets:
             layer = model.get_submodule(key.removesuffix(".weight"))
-            layer.weight, layer.kernel = None, quantized_linear(stored, spec.quantize, device, dtype)
+            layer.weight, layer.kernel = None, quantized_linear(stored, targets[key], device, dtype)
         else:
             tensor = stored.to(device=device, dtype=dtype).contiguous()
             # quantizing, the float weights left are copied out of the mapped file, so that its mapping (and the
@@ -55,8 +56,13 @@ def load_model(spec: LoadSpec, *, vocab_size: Optional[int], device: torch.devic
     return model.eval()
 
 
-def quantize_targets(model: Transformer) -> set[str]:
-    """Weight names of the linears `--quantize` covers: every parallel linear inside the blocks
-    (the embeddings, norms and output head keep the model dtype)."""
-    return {f"layers.{name}.weight" for name, module in model.layers.named_modules()
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear))}
+def quantize_targets(model: Transformer, scheme: Optional[Scheme]) -> dict[str, Scheme]:
+    """Weight name -> its scheme under --quantize `scheme`: every parallel linear inside the blocks
+    takes `scheme`, the output head `schemes.head_scheme(scheme)` (int8 under int8 and int4, none
+    under nf4); the embeddings and norms keep the model dtype."""
+    if scheme is None:
+        return {}
+    targets = {f"layers.{name}.weight": scheme for name, module in model.layers.named_modules()
+               if isinstance(module, (ColumnParallelLinear, RowParallelLinear))}
+    head = head_scheme(scheme)
+    return targets if head is None else {**targets, "output.weight": head}
