@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llama.parallel import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
+from llama.parallel import ColumnParallelLinear, FusedColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
 
 
 @dataclass
@@ -192,8 +192,12 @@ def causal_mask(n_queries: int, n_keys: int, device) -> Optional[torch.Tensor]:
 class Attention(nn.Module):
     """Grouped-query attention over this rank's heads; wo all-reduces the partial outputs."""
 
+    FUSED = {"wqkv": ("wq", "wk", "wv")}
+    """Layers reading the same input that inference may run as one product (llama.formats.load, fuse=True)."""
     cache: Optional[KVCache]
     """Keys/values of earlier positions (generation), or None (training, scoring)."""
+    wqkv: Optional[FusedColumnParallelLinear]
+    """wq|wk|wv as one product (inference), or None: three."""
 
     def __init__(self, args: ModelArgs, tp: int = 1):
         super().__init__()
@@ -205,14 +209,16 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, tp)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, tp)
         self.cache = None
+        self.wqkv = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None, span: Optional[CacheSpan] = None) -> torch.Tensor:
         """x [B, T, dim]; mask None means causal (over the cache with a span); without a span
         nothing is cached and the batch attends to itself."""
         batch, seq_len, _ = x.shape
-        q = self.wq(x).view(batch, seq_len, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(batch, seq_len, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seq_len, self.n_local_kv_heads, self.head_dim)
+        q, k, v = (self.wq(x), self.wk(x), self.wv(x)) if self.wqkv is None else self.wqkv(x, (self.wq, self.wk, self.wv))
+        q = q.view(batch, seq_len, self.n_local_heads, self.head_dim)
+        k = k.view(batch, seq_len, self.n_local_kv_heads, self.head_dim)
+        v = v.view(batch, seq_len, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         if span is not None:
@@ -226,14 +232,20 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); w1/w3 split the hidden features, w2 all-reduces."""
 
+    FUSED = {"w13": ("w1", "w3")}
+    w13: Optional[FusedColumnParallelLinear]
+    """w1|w3 as one product (inference), or None: two."""
+
     def __init__(self, dim: int, hidden_dim: int, tp: int = 1):
         super().__init__()
         self.w1 = ColumnParallelLinear(dim, hidden_dim, tp)
         self.w2 = RowParallelLinear(hidden_dim, dim, tp)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, tp)
+        self.w13 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x, (self.w1, self.w3))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
