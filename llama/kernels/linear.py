@@ -110,6 +110,8 @@ class Int8Linear(QuantizedLinear):
         return schemes.dequantize_int8(self.q, self.scales, self.in_features)
 
 
+# the overload itself (its packet checks every call's arguments for script objects); None in builds without it
+FBGEMM_LINEAR = getattr(getattr(torch.ops.quantized, "linear_dynamic", None), "default", None)
 # fbgemm's packed weights by handle, for the custom op torch.compile traces (an entry goes with its kernel)
 _FBGEMM_PACKED: dict[int, torch.ScriptObject] = {}
 _handles = itertools.count()
@@ -137,8 +139,8 @@ def fbgemm_reduce_range() -> Optional[bool]:
     try:
         packed = fbgemm_prepack(torch.full((16, 64), 127, dtype=torch.int8), torch.ones(16))
         x = torch.ones(1, 64)
-        seven_bits, eight_bits = (torch.ops.quantized.linear_dynamic(x, packed, reduce_range) for reduce_range in (True, False))
-    except (RuntimeError, AttributeError, NotImplementedError):
+        seven_bits, eight_bits = (FBGEMM_LINEAR(x, packed, reduce_range) for reduce_range in (True, False))
+    except (RuntimeError, AttributeError, NotImplementedError, TypeError):
         return None
     if not torch.allclose(seven_bits, torch.full_like(seven_bits, expected), rtol=1e-5):
         return None
@@ -148,7 +150,7 @@ def fbgemm_reduce_range() -> Optional[bool]:
 @torch.library.custom_op("llama::fbgemm_linear", mutates_args=())
 def fbgemm_linear(x: torch.Tensor, handle: int, out_features: int, reduce_range: bool) -> torch.Tensor:
     """quantized.linear_dynamic on the packed weight `handle` names: what torch.compile sees of the kernel."""
-    return torch.ops.quantized.linear_dynamic(x, _FBGEMM_PACKED[handle], reduce_range)
+    return FBGEMM_LINEAR(x, _FBGEMM_PACKED[handle], reduce_range)
 
 
 @fbgemm_linear.register_fake
@@ -171,12 +173,14 @@ class FbgemmInt8Linear(QuantizedLinear):
         weakref.finalize(self, _FBGEMM_PACKED.pop, self.handle, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float()
+        flat = x.reshape(-1, self.in_features)
+        flat = flat if flat.dtype == torch.float32 else flat.float()
         if torch.compiler.is_compiling():
             out = fbgemm_linear(flat, self.handle, self.out_features, self.reduce_range)
         else:
-            out = torch.ops.quantized.linear_dynamic(flat, self.packed, self.reduce_range)
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            out = FBGEMM_LINEAR(flat, self.packed, self.reduce_range)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         weight, _ = torch.ops.quantized.linear_unpack(self.packed)
@@ -190,6 +194,9 @@ class FbgemmInt8Linear(QuantizedLinear):
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
+
+
+INT4_MM_CPU, INT4_MM_CUDA = torch.ops.aten._weight_int4pack_mm_for_cpu.default, torch.ops.aten._weight_int4pack_mm.default
 
 
 class Int4Linear(QuantizedLinear):
@@ -208,16 +215,18 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = pad_columns(x.reshape(-1, x.size(-1)).to(self.scales_and_zeros.dtype), self.padded_in)
-        mm = torch.ops.aten._weight_int4pack_mm_for_cpu if flat.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
-        out = mm(flat, self.packed, self.scheme.group_size, self.scales_and_zeros)[:, : self.out_features]
-        return out.reshape(*x.shape[:-1], -1).to(x.dtype).contiguous()
+        mm = INT4_MM_CPU if flat.device.type == "cpu" else INT4_MM_CUDA
+        out = mm(flat, self.packed, self.scheme.group_size, self.scales_and_zeros)
+        if out.size(1) != self.out_features:  # padded rows
+            out = out[:, : self.out_features].contiguous()
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """W from the packed codes as the kernel reads them: the kernel applied to the identity
         with scale 1 and zero 8 returns each code exactly, then the stored scales and zeros."""
         eye = torch.eye(self.padded_in, dtype=self.scales_and_zeros.dtype, device=self.device)
         unit = torch.stack([torch.ones_like(self.scales_and_zeros[..., 0]), torch.full_like(self.scales_and_zeros[..., 0], 8)], dim=-1)
-        mm = torch.ops.aten._weight_int4pack_mm_for_cpu if self.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
+        mm = INT4_MM_CPU if self.device.type == "cpu" else INT4_MM_CUDA
         codes = mm(eye, self.packed, self.scheme.group_size, unit).t().round().to(torch.int32)
         return schemes.dequantize_int4(codes, self.scales_and_zeros, self.out_features, self.in_features)
 
