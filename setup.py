@@ -15,6 +15,8 @@ setup(
         "hf": ["tokenizers>=0.19"],
         "qlora": ["bitsandbytes"],  # --quantize nf4 (QLoRA); int8 / int4 need nothing beyond torch
         "track": ["tensorboard", "wandb"],  # ft_main.py --report_to tensorboard,wandb
+        # bench/decode.py compares with llama.cpp through its binding (compiles llama.cpp: ~25 minutes on 2 cores); bench only
+        "bench": ["llama-cpp-python"],
         # transformers/peft/bitsandbytes/trl are reference implementations for the tests only; openai is the client the server is
         # tested with; lm-eval (with its API-model extra) evaluates through the server; import-linter checks the import contract;
         # tensorboard and wandb are read back by the tracking tests (offline).

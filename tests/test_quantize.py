@@ -337,6 +337,8 @@ def test_tp2_equals_tp1_built_from_the_same_dequantized_slices(world1, tp2, sche
     assert logits.argmax(-1)[checked].tolist() == torch.tensor(generated)[checked].tolist()
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("scheme", INT_SCHEMES)
 def test_tp2_kernels_are_within_their_bounds_on_each_rank(tp2, scheme):
     """Every quantized layer of each rank (its slice: column-parallel rows, row-parallel columns) against
