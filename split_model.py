@@ -27,7 +27,7 @@ from llama.formats import OUT_FORMATS, open_checkpoint, plan
 from llama.formats.convert import convert
 from llama.formats.params import model_args, read_params
 from llama.formats.presets import PRESETS, preset
-from llama.kernels.schemes import parse_scheme
+from llama.kernels.schemes import head_scheme, parse_scheme
 from llama.tuning.methods import check_training
 
 
@@ -92,7 +92,8 @@ def plan_model(args: argparse.Namespace) -> str:
     batch = f"{args.batch_size} pairs (x2 sequences, DPO)" if args.objective == "dpo" else args.batch_size
     header = f"{args.mode}, {str(dtype).removeprefix('torch.')}, batch {batch} x seq {args.seq_len}, {gpu_mem / GiB:.1f} GiB cards"
     if scheme is not None:
-        header += f", {scheme} block linears"
+        head = head_scheme(scheme)
+        header += f", {scheme} block linears" + (f", {head} output head" if head else "")
     if args.mode == "lora":
         header += f", LoRA r={args.lora_rank}"
     elif args.mode == "full":

@@ -37,6 +37,24 @@ def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 5, 
     return min(times)
 
 
+def rotated(items: Sequence, round_index: int) -> list:
+    """`items` starting at round_index (mod len): interleaved candidates take turns at going first, so whatever
+    the first timing of a round pays (a machine shared with other jobs showed up to 1.5x on it) is shared."""
+    shift = round_index % len(items) if items else 0
+    return list(items[shift:]) + list(items[:shift])
+
+
+def read_bandwidth(buffer: torch.Tensor) -> float:
+    """Bytes/s of reading `buffer` once (what a decode step does to its weights): the better of a sum and of a
+    matrix-vector product over it (either alone varies by ~20% from round to round on a shared machine)."""
+    seconds = []
+    for read in (lambda: buffer.sum(), lambda: torch.mv(buffer.view(-1, 8192), buffer[:8192])):
+        begin = time.perf_counter()
+        read()
+        seconds.append(time.perf_counter() - begin)
+    return buffer.numel() * buffer.element_size() / min(seconds)
+
+
 def copy_bandwidth(device: torch.device, n_bytes: int = 256 << 20, repeats: int = 10) -> float:
     """Memory-copy bandwidth in bytes/s, counting bytes read + written (the STREAM-copy convention).
 

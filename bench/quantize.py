@@ -84,36 +84,37 @@ def memory(workdir: Path, layers: int) -> None:
     ckpt = write_checkpoint(workdir / "7b_shaped", {**PARAMS_7B, "n_layers": layers}, torch.float32)
     args = model_args({**PARAMS_7B, "n_layers": layers})
     print(f"## per-rank RssAnon growth while loading a {layers}-layer Llama-2-7B-shaped checkpoint as bfloat16")
-    print("| ranks | quantize | RssAnon growth MB | after malloc_trim MB | block linears MB (derived, trimmed) | their bf16 MB | ratio | planner linears MB |")
+    print("| ranks | quantize | RssAnon growth MB | after malloc_trim MB | quantized linears MB (derived, trimmed) | their bf16 MB | ratio | planner linears MB |")
     print("|---|---|---|---|---|---|---|---|")
     for ranks in (1, 2):
-        bf16_linears = linear_bytes(args, ranks, None)
         base = None
         for scheme in SCHEMES:
+            bf16_linears = linear_bytes(args, ranks, scheme, bf16=True)
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(29700 + ranks),
                    __file__, "--load_worker", str(ckpt), "--quantize", scheme]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
             record = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
             if scheme == "none":
-                base = record["rss_anon_trimmed"] - bf16_linears
-            derived = record["rss_anon_trimmed"] - base
+                base = record["rss_anon_trimmed"]
+                continue
+            derived = record["rss_anon_trimmed"] - (base - bf16_linears)
             print(f"| {ranks} | {scheme} | {record['rss_anon'] / MB:.0f} | {record['rss_anon_trimmed'] / MB:.0f} | {derived / MB:.0f} | {bf16_linears / MB:.0f} | "
                   f"{derived / bf16_linears:.3f} | {linear_bytes(args, ranks, scheme) / MB:.0f} |", flush=True)
 
 
-def linear_bytes(args, ranks: int, scheme) -> int:
-    """Bytes of the block linears on one of `ranks` ranks (the planner's count)."""
+def linear_bytes(args, ranks: int, scheme: str, bf16: bool = False) -> int:
+    """Bytes of the linears `scheme` quantizes (the block linears; under int8/int4 the head too) on one of
+    `ranks` ranks: the planner's count, or (bf16) what they hold unquantized."""
     from llama.formats.layout import full_shapes, meta_model, split_dim
     from llama.formats.load import quantize_targets
     from llama.kernels.schemes import parse_scheme, weight_nbytes
 
-    parsed = parse_scheme(scheme or "none")
-    targets = quantize_targets(meta_model(args))
+    targets = quantize_targets(meta_model(args), parse_scheme(scheme))
     total = 0
     for key, (out_f, in_f) in ((k, s) for k, s in full_shapes(args).items() if k in targets):
         local = (out_f // ranks, in_f) if split_dim(key) == 0 else (out_f, in_f // ranks)
-        total += weight_nbytes(parsed, *local, 2)
+        total += weight_nbytes(None if bf16 else targets[key], *local, 2)
     return total
 
 

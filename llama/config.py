@@ -54,7 +54,8 @@ class LoadSpec:
     dtype: Optional[torch.dtype] = None
     """Weights and compute; None: float32 on CPU, bfloat16 on a CUDA card that supports it."""
     quantize: Optional[Scheme] = None
-    """Weight-only quantization of the block linears while loading (llama/kernels), None: none."""
+    """Weight-only quantization of the block linears (and, under int8/int4, the output head in int8) while
+    loading (llama/kernels), None: none."""
     rope_scaling_factor: Optional[float] = None
     """Llama 3.1+: override the RoPE scaling factor the checkpoint states."""
     verify: bool = False

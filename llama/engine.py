@@ -173,20 +173,31 @@ class Step:
 
 
 class Runner:
-    """Runs steps on this rank's shard: prefill a row, decode rows (eager, or one compiled
-    static-shape step as in gpt-fast: all rows, the whole cache, positions as data)."""
+    """Runs steps on this rank's shard: prefill a row, decode rows.
+
+    Decoding runs `decode_rows` (rows in step at one int position attend over the filled positions;
+    rows at their own positions over the longest), eagerly or, with `compile`, compiled:
+    - on CUDA, as gpt-fast: one static-shape step (`decode_step`: all rows, the whole cache,
+      positions as data) replayed as a CUDA graph, which removes the per-kernel launch cost;
+    - on CPU there is no graph to replay, and attending over the whole cache costs more than the
+      compiled small ops save (bench/RESULTS.md), so `decode_rows` itself is compiled with dynamic
+      shapes: one graph for every position and row count (batch 1 and the two position forms get
+      their own), which fuses the norms, RoPE, SwiGLU and cache writes between the linears.
+    """
 
     def __init__(self, model: Transformer, device: torch.device, compile: bool = False):
         self.model, self.device = model, device
         self.compiled = None
-        if compile:  # one specialisation; CUDA graphs remove the per-kernel launch cost
-            mode = "reduce-overhead" if device.type == "cuda" else None
-            self.compiled = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+        self.static = compile and device.type == "cuda"
+        if self.static:
+            self.compiled = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        elif compile:
+            self.compiled = torch.compile(decode_rows, fullgraph=True, dynamic=True)
 
     @property
     def fixed_rows(self) -> bool:
-        """A compiled step keeps one shape: every step decodes all cache rows."""
-        return self.compiled is not None
+        """A static compiled step (CUDA) keeps one shape: every step decodes all cache rows."""
+        return self.static
 
     @torch.inference_mode()
     def run(self, step: Step) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
@@ -204,14 +215,21 @@ class Runner:
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        if self.compiled is not None:
+        if self.static:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
             return self.compiled(self.model, ids, pos)
+        step = self.compiled or decode_rows
         if len(set(positions)) == 1:  # rows in step: the plain causal path over the filled positions
-            span = CacheSpan(slice(0, len(tokens)), positions[0])
-        else:
-            span = CacheSpan(slice(0, len(tokens)), pos, max(positions) + 1)
-        return self.model.output(self.model.hidden_states(ids, span)[:, -1]).float()
+            return step(self.model, ids, positions[0], None)
+        return step(self.model, ids, pos, max(positions) + 1)
+
+
+def decode_rows(model: Transformer, tokens: torch.Tensor, start: int | torch.Tensor, length: Optional[int]) -> torch.Tensor:
+    """Logits [rows, V] of one token per cache row: every row at position `start` (an int; attending
+    over the filled positions), or each at its own (`start` a [rows] tensor; attending over the first
+    `length` positions, a row's later ones masked)."""
+    span = CacheSpan(slice(0, tokens.size(0)), start, length)
+    return model.output(model.hidden_states(tokens, span)[:, -1]).float()
 
 
 def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -123,11 +123,13 @@ def add_lora(model: Transformer, targets: list[str], *, r: int, alpha: float, dr
     for name, layer in target_layers(model, targets):
         A = torch.empty(r, layer.in_features)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)
-        put_adapter(name, layer, A, torch.zeros(layer.out_features, r), alpha=alpha, dropout=dropout)
+        put_adapter(name, layer, A, torch.zeros(layer.out_features, r), alpha=alpha, dropout=dropout, device=model.norm.weight.device)
 
 
-def put_adapter(name: str, layer: ParallelLinear, A: torch.Tensor, B: torch.Tensor, *, alpha: float, dropout: float = 0.0) -> None:
-    """Put the adapter with full factors A [r, in], B [out, r] into `layer`, keeping this rank's slices."""
+def put_adapter(name: str, layer: ParallelLinear, A: torch.Tensor, B: torch.Tensor, *, alpha: float, dropout: float = 0.0,
+                device: torch.device) -> None:
+    """Put the adapter with full factors A [r, in], B [out, r] into `layer`, keeping this rank's slices on
+    `device` (the model's: a layer fused for inference holds no weight of its own)."""
     tp_rank, tp = group_rank(), layer.tp
     r = A.size(0)
     if A.shape != (r, layer.in_features) or B.shape != (layer.out_features, r):
@@ -138,7 +140,6 @@ def put_adapter(name: str, layer: ParallelLinear, A: torch.Tensor, B: torch.Tens
     if r > split_width:
         raise UserError(f"--lora_rank {r} exceeds the {split_width} features '{name}' holds on each of {tp} "
                         f"tensor-parallel ranks: use a rank of at most {split_width}")
-    device = (layer.weight if layer.kernel is None else layer.kernel).device
     layer.lora = LoRA(local_slice(A, a_dim, tp_rank, tp).to(device), local_slice(B, b_dim, tp_rank, tp).to(device), alpha=alpha, dropout=dropout,
                       replicated="A" if a_dim is None else "B", tp=tp)
 
@@ -188,7 +189,8 @@ def load_state(model: Transformer, full: Mapping[str, torch.Tensor], alpha: floa
             raise UserError(f"adapter has weights for '{name}', which is not a linear layer of this model: the adapter is for another model")
         if f"{name}.lora.A" not in full or f"{name}.lora.B" not in full:
             raise UserError(f"adapter has only one of {name}.lora.A / {name}.lora.B")
-        put_adapter(name, layer, full[f"{name}.lora.A"].float(), full[f"{name}.lora.B"].float(), alpha=alpha, dropout=dropout)
+        put_adapter(name, layer, full[f"{name}.lora.A"].float(), full[f"{name}.lora.B"].float(), alpha=alpha, dropout=dropout,
+                    device=model.norm.weight.device)
 
 
 def targets_of(full: Mapping[str, torch.Tensor]) -> list[str]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llama.parallel import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
+from llama.parallel import ColumnParallelLinear, FusedColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
 
 
 @dataclass
@@ -90,7 +90,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one op instead of six, and on CPU the same float32 arithmetic as below, bit for bit (test_model.py)
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        x32 = x.float()  # 16-bit: Meta rounds the normed value to x's dtype before the weight multiplies it
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
@@ -113,28 +116,34 @@ def scale_rope_freqs(freqs: torch.Tensor, *, factor: float, low_freq_factor: flo
 
 
 def precompute_rope(head_dim: int, end: int, *, theta: float, device=None, scaling: Optional[dict] = None) -> torch.Tensor:
-    """cos/sin of position * frequency, shape [end, head_dim // 2, 2], computed once.
+    """The rotation of every position, [end, head_dim // 2, 2, 2], computed once: for pair i at position
+    m, with a = m * theta^(-2i/head_dim), the rows (cos a, cos a) and (-sin a, sin a).
 
     Meta rotates each consecutive pair (x[2i], x[2i+1]) as the complex number x[2i] + j*x[2i+1]
-    multiplied by exp(j * pos * theta^(-2i/head_dim)). Keeping cos and sin as real tables gives
-    bit-for-bit the same arithmetic in every dtype and compiles without complex-number support.
-    `scaling` (Llama 3.1+) rescales the frequencies first, see `scale_rope_freqs`.
+    multiplied by exp(j a). Keeping cos and sin as real tables gives bit-for-bit the same arithmetic
+    in every dtype and compiles without complex-number support; laying them out per pair as above lets
+    `apply_rope` rotate with two products and a sum. `scaling` (Llama 3.1+) rescales the frequencies
+    first, see `scale_rope_freqs`.
     """
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
     if scaling is not None:
         freqs = scale_rope_freqs(freqs, **scaling)
     angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), freqs)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([torch.stack([cos, cos], dim=-1), torch.stack([-sin, sin], dim=-1)], dim=-2)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of x [B, T, H, D] by the angles in rope [T, D/2, 2], or [B, T, D/2, 2] when
-    each row sits at its own positions (a server's batch); float32 arithmetic."""
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    rope = rope.view(-1, pairs.size(1), 1, pairs.size(3), 2)
-    real = pairs[..., 0] * rope[..., 0] - pairs[..., 1] * rope[..., 1]
-    imag = pairs[..., 1] * rope[..., 0] + pairs[..., 0] * rope[..., 1]
-    return torch.stack([real, imag], dim=-1).flatten(3).type_as(x)
+    """Rotate pairs of x [B, T, H, D] by the rotations in rope [T, D/2, 2, 2] (`precompute_rope`), or
+    [B, T, D/2, 2, 2] when each row sits at its own positions (a server's batch); float32 arithmetic.
+
+    (x0, x1) -> (x0, x1) * (cos, cos) + (x1, x0) * (-sin, sin) = (x0 cos - x1 sin, x1 cos + x0 sin):
+    the products and sums of Meta's complex rotation, rounded alike (x1 * -sin is -(x1 sin) exactly),
+    in four ops on the whole tensor instead of seven.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    rope = rope.view(-1, pairs.size(1), 1, pairs.size(3), 2, 2)
+    return (pairs * rope[..., 0, :] + pairs.flip(-1) * rope[..., 1, :]).flatten(3).type_as(x)
 
 
 class CacheSpan(NamedTuple):
@@ -192,8 +201,12 @@ def causal_mask(n_queries: int, n_keys: int, device) -> Optional[torch.Tensor]:
 class Attention(nn.Module):
     """Grouped-query attention over this rank's heads; wo all-reduces the partial outputs."""
 
+    FUSED = {"wqkv": ("wq", "wk", "wv")}
+    """Layers reading the same input that inference may run as one product (llama.formats.load, fuse=True)."""
     cache: Optional[KVCache]
     """Keys/values of earlier positions (generation), or None (training, scoring)."""
+    wqkv: Optional[FusedColumnParallelLinear]
+    """wq|wk|wv as one product (inference), or None: three."""
 
     def __init__(self, args: ModelArgs, tp: int = 1):
         super().__init__()
@@ -205,14 +218,16 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, tp)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, tp)
         self.cache = None
+        self.wqkv = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None, span: Optional[CacheSpan] = None) -> torch.Tensor:
         """x [B, T, dim]; mask None means causal (over the cache with a span); without a span
         nothing is cached and the batch attends to itself."""
         batch, seq_len, _ = x.shape
-        q = self.wq(x).view(batch, seq_len, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(batch, seq_len, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seq_len, self.n_local_kv_heads, self.head_dim)
+        q, k, v = (self.wq(x), self.wk(x), self.wv(x)) if self.wqkv is None else self.wqkv(x, (self.wq, self.wk, self.wv))
+        q = q.view(batch, seq_len, self.n_local_heads, self.head_dim)
+        k = k.view(batch, seq_len, self.n_local_kv_heads, self.head_dim)
+        v = v.view(batch, seq_len, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         if span is not None:
@@ -226,14 +241,20 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); w1/w3 split the hidden features, w2 all-reduces."""
 
+    FUSED = {"w13": ("w1", "w3")}
+    w13: Optional[FusedColumnParallelLinear]
+    """w1|w3 as one product (inference), or None: two."""
+
     def __init__(self, dim: int, hidden_dim: int, tp: int = 1):
         super().__init__()
         self.w1 = ColumnParallelLinear(dim, hidden_dim, tp)
         self.w2 = RowParallelLinear(hidden_dim, dim, tp)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, tp)
+        self.w13 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x, (self.w1, self.w3))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -260,11 +281,12 @@ class Transformer(nn.Module):
     """
 
     rope: Optional[torch.Tensor]
-    """cos/sin of every position (`precompute_rope`), made by `setup_caches`."""
+    """The rotation of every position (`precompute_rope`), made by `setup_caches`."""
     activation_checkpointing: bool
     """Training: keep only each block's input and recompute the block in backward."""
     quantization: Optional[str]
-    """The scheme the block linears were quantized with while loading (llama/kernels), or None."""
+    """The --quantize scheme the linears were quantized with while loading (llama/kernels; the output
+    head's own is `schemes.head_scheme` of it), or None."""
 
     def __init__(self, args: ModelArgs, tp: int = 1):
         super().__init__()

@@ -29,6 +29,9 @@ A linear's local product is `local(x)`: the dense slice, or a quantized kernel
 (llama/kernels/linear.py) holding this rank's slice with its own scales, plus a LoRA adapter
 (llama/lora.py) if the layer holds one; a row-parallel layer's partial output, adapter included,
 is complete before its one all-reduce.
+
+For inference, column-parallel layers that read the same input (wq|wk|wv, w1|w3) can run as one
+product, `FusedColumnParallelLinear`: fewer, larger calls per token.
 """
 
 from typing import Optional
@@ -142,6 +145,34 @@ class RowParallelLinear(nn.Module):
 
 
 ParallelLinear = ColumnParallelLinear | RowParallelLinear
+
+
+class FusedColumnParallelLinear(nn.Module):
+    """Column-parallel layers that read the same input (wq|wk|wv, w1|w3) run as one product: inference only.
+
+    Each rank stacks its own rows of the parts, [W1_local; W2_local; ...], so one product gives this
+    rank's outputs of every part side by side, and they split back exactly (`sizes`: the parts' local
+    rows). Per-row int8 and per-group int4 scales belong to rows, so quantizing the stack gives each
+    part's own codes and scales. The loader builds it (llama.formats.load, `fuse=True`): dense parts
+    become views of the stacked weight (no memory added, the state dict unchanged); quantized parts
+    give their rows to the one `kernel` and hold neither weight nor kernel themselves. A part's LoRA
+    adapter, put on the part at any time, is added to the part's share of the output. Training never
+    fuses (the parts' collectives and gradients are theirs): this module refuses to run in training mode.
+    """
+
+    def __init__(self, sizes: list[int], weight: Optional[torch.Tensor] = None, kernel: Optional[nn.Module] = None):
+        super().__init__()
+        self.sizes = sizes
+        self.register_buffer("weight", weight, persistent=False)  # the parts' weights are views of it
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor, parts: tuple[ColumnParallelLinear, ...]) -> list[torch.Tensor]:
+        """Each part's local output, adapters included; `parts` are the layers fused, in order."""
+        if self.training:
+            raise RuntimeError("fused projections are for inference: load the model without fuse=True to train it")
+        out = F.linear(x, self.weight) if self.kernel is None else self.kernel(x)
+        outs = out.split(self.sizes, dim=-1)
+        return [o if p.lora is None or not p.lora.enabled else o + p.lora(x) for o, p in zip(outs, parts)]
 
 
 class ParallelEmbedding(nn.Module):

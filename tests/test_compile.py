@@ -1,11 +1,12 @@
-"""The static-shape decode step (`llama.engine.decode_step`) and its torch.compile'd use in generation.
+"""torch.compile'd decoding (`--compile`, llama.engine.Runner) gives eager's tokens.
 
-The static step attends over the whole preallocated cache with a position mask instead of a
-slice, so it must give the eager step's tokens: it reproduces llama2.c's golden ids eagerly,
-and, compiled by inductor under torchrun at TP=2, gives the same greedy ids and log-probs as
-eager decoding at TP=2 and at TP=1. One compiled model (1 layer, GQA 8:4) keeps this fast:
-inductor compiles C++ kernels, about 30-70 s on 2 shared cores. With CUDA, the compiled step
-(CUDA graphs) also reproduces the golden ids on stories260K.
+On CPU the runner compiles `decode_rows` with dynamic shapes: under torchrun at TP=2 (1 layer, GQA
+8:4, wq|wk|wv and w1|w3 fused as Llama.build loads) it gives the same greedy ids and log-probs as
+eager decoding at TP=2 and at TP=1, and with --quantize int8 (fbgemm's kernel through its custom op,
+the int8 head) the bundled model's ids equal eager's. On CUDA it compiles the static-shape
+step (`llama.engine.decode_step`), which attends over the whole preallocated cache with a position
+mask: eagerly it reproduces llama2.c's golden ids, and compiled (CUDA graphs) too. Inductor compiles
+C++ kernels: 20-50 s a graph on 2 shared cores.
 """
 
 import json
@@ -16,12 +17,13 @@ import pytest
 import torch
 from compile_worker import GEN_LEN, PROMPTS
 from dist_utils import torchrun
-from references import GOLDEN, REPO, STORIES_TOKENIZER, load_stories, needs_cuda
+from references import GOLDEN, REPO, STORIES, STORIES_TOKENIZER, load_stories, needs_cuda
 
 from llama.config import LoadSpec
 from llama.engine import decode_step
 from llama.formats import layout, load, params
 from llama.generation import Llama
+from llama.kernels.schemes import parse_scheme
 from llama.sampling import Sampling
 from llama.tokenizer import load_tokenizer
 
@@ -74,7 +76,7 @@ def test_compiled_tp2_equals_eager(world1, tiny_ckpt, tmp_path):
     got = torch.load(out, weights_only=True)
     tokenizer = load_tokenizer(STORIES_TOKENIZER)
     model = load.load_model(LoadSpec(tiny_ckpt, max_seq_len=32, max_batch_size=len(PROMPTS), dtype=torch.float32),
-                            vocab_size=tokenizer.n_words, device=world1.device)
+                            vocab_size=tokenizer.n_words, device=world1.device, fuse=True)
     done = Llama(model, tokenizer, world1).generate(PROMPTS, Sampling(max_tokens=GEN_LEN, top_logprobs=0))
     tp1_ids, tp1_lps = [c.ids for c in done], [[lp.logprob for lp in c.logprobs] for c in done]
     assert all(len(ids) == GEN_LEN for ids in tp1_ids), "EOS cut the comparison short"
@@ -82,6 +84,25 @@ def test_compiled_tp2_equals_eager(world1, tiny_ckpt, tmp_path):
     assert got["eager"] == tp1_ids, "TP=2 eager differs from TP=1"
     assert got["compiled"] == tp1_ids, "TP=2 compiled differs from eager"
     torch.testing.assert_close(torch.tensor(got["compiled_logprobs"]), torch.tensor(tp1_lps), rtol=0, atol=LOGPROB_ATOL)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(compile_unusable()), reason=compile_unusable() or "compile usable")
+def test_compiled_quantized_cpu_decoding_equals_eager(world1):
+    """--quantize int8 (fbgemm's kernel through its custom op where the probe passes, the int8 head; int4's
+    kernel is an aten op inductor calls like any other): two prompts of different lengths (rows at their
+    own positions: the tensor-position graph), then one alone (the int-position graph), compiled with
+    dynamic shapes, give eager's ids; one graph per form, not one per position."""
+    scheme = "int8"
+    tokenizer = load_tokenizer(STORIES_TOKENIZER)
+    spec = LoadSpec(STORIES, max_seq_len=64, max_batch_size=2, dtype=torch.float32, quantize=parse_scheme(scheme))
+    model = load.load_model(spec, vocab_size=tokenizer.n_words, device=world1.device, fuse=True)
+    sampling = Sampling(max_tokens=12)
+    eager, compiled = Llama(model, tokenizer, world1), Llama(model, tokenizer, world1, compile=True)
+    torch._dynamo.utils.counters.clear()
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        assert [c.ids for c in compiled.generate(prompts, sampling)] == [c.ids for c in eager.generate(prompts, sampling)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 @needs_cuda

@@ -12,11 +12,13 @@ from references import GOLDEN, GREEDY_CASES, LAST_LOGITS_CASES, PRECISIONS, STOR
 from llama.tokenizer import load_tokenizer
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("name", GREEDY_CASES)
-def test_greedy_ids_match_llama2c(world1, precision: Precision, name: str):
+def test_greedy_ids_match_llama2c(world1, precision: Precision, name: str, fuse: bool):
+    """Also with wq|wk|wv and w1|w3 each one product, as Llama.build loads for inference."""
     case = GOLDEN[name]
-    model = load_stories(precision.device, precision.dtype, max_batch_size=1)
+    model = load_stories(precision.device, precision.dtype, max_batch_size=1, fuse=fuse)
     n_new = min(case["n_generated"], precision.exact_ids)
     ids = greedy_ids(model, case["prompt_ids"], n_new)
     expected = case["generated_ids"][:n_new]

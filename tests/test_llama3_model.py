@@ -195,7 +195,7 @@ def test_scale_rope_freqs_is_metas_apply_scaling(head_dim: int, factor: float):
     assert (got == freqs).any() and (got == freqs / factor).any(), "kept and divided frequencies"
     assert ((got != freqs) & (got != freqs / factor)).any(), "a frequency in the smooth band"
     table = precompute_rope(head_dim, 2, theta=500000.0, scaling=scaling)
-    torch.testing.assert_close(torch.atan2(table[1, :, 1], table[1, :, 0]), want.float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.atan2(table[1, :, 1, 1], table[1, :, 0, 0]), want.float(), rtol=1e-6, atol=1e-7)
 
 
 # --- Llama 3.1 on one rank ------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def test_rope_frequencies_match_the_checkpoint():
     """Meta's files carry rope.freqs: the angle at position 1 is exactly that frequency."""
     freqs = torch.load(STORIES / "consolidated.00.pth", weights_only=True, mmap=True)["rope.freqs"]
     table = precompute_rope(STORIES_ARGS.head_dim, 2, theta=STORIES_ARGS.rope_theta)
-    torch.testing.assert_close(torch.atan2(table[1, :, 1], table[1, :, 0]), freqs.float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.atan2(table[1, :, 1, 1], table[1, :, 0, 0]), freqs.float(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -169,6 +169,31 @@ def test_rmsnorm(device: str):
     out = norm.half()(big)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.cpu().double(), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_norm_and_rope_keep_metas_float32_arithmetic_bit_for_bit():
+    """RMSNorm (one fused op in float32) and RoPE (two products and a sum over a per-pair table) round as
+    Meta's written-out formulas do: x * rsqrt(mean(x^2) + eps) * w, and (x0 c - x1 s, x1 c + x0 s) with
+    real cos/sin (the form this project used before, and Meta's complex product's arithmetic). On CPU
+    they are equal bit for bit; golden ids depend on it only through near ties, but exactness keeps the
+    comparison simple."""
+    gen = torch.Generator().manual_seed(4)
+    for dim in (64, 768, 4096):
+        x, weight = torch.randn(2, 9, dim, generator=gen), 1 + 0.1 * torch.randn(dim, generator=gen)
+        norm = RMSNorm(dim, eps=1e-5)
+        norm.weight.data.copy_(weight)
+        assert torch.equal(norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight)
+    head_dim = 128
+    table = precompute_rope(head_dim, 40, theta=10000.0)
+    cos, sin = table[..., 0, 0], table[..., 1, 1]
+    assert torch.equal(table[..., 0, 1], cos) and torch.equal(table[..., 1, 0], -sin)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 40, 3, head_dim, generator=gen).to(dtype)
+        pairs = x.float().reshape(2, 40, 3, -1, 2)
+        c, s = cos.view(1, 40, 1, -1), sin.view(1, 40, 1, -1)
+        real = pairs[..., 0] * c - pairs[..., 1] * s
+        imag = pairs[..., 1] * c + pairs[..., 0] * s
+        assert torch.equal(apply_rope(x, table), torch.stack([real, imag], dim=-1).flatten(3).type_as(x))
 
 
 # --- the whole forward -------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from references import GOLDEN, REPO, STORIES
 from test_ft_main import FAST, evals, losses
 
 sys.path.insert(0, str(REPO))
-from quant_worker import GEN_LEN, LOGIT_TOKENS, PROMPT  # noqa: E402
+from quant_worker import GEN_LEN, LOGIT_TOKENS, PROMPT, activation_errors, kernel_check, scheme_dequantized  # noqa: E402
 
 import ft_main  # noqa: E402
 from llama import formats  # noqa: E402
@@ -33,7 +33,8 @@ from llama.errors import UserError  # noqa: E402
 from llama.formats import adapters, layout  # noqa: E402
 from llama.formats.load import load_model  # noqa: E402
 from llama.kernels import schemes  # noqa: E402
-from llama.kernels.linear import NF4Linear, QuantizedLinear  # noqa: E402
+from llama.kernels import linear  # noqa: E402
+from llama.kernels.linear import FbgemmInt8Linear, Int8Linear, NF4Linear, QuantizedLinear  # noqa: E402
 from llama.kernels.schemes import parse_scheme  # noqa: E402
 
 bnb_f = pytest.importorskip("bitsandbytes.functional")
@@ -46,7 +47,7 @@ SCHEMES = [*INT_SCHEMES, "nf4"]
 # (K * 2^-24 relative, < 2^-16). A wrong nibble order, tile or group in the packed layout moves an
 # output by a whole quantization step of its weights, far beyond 2^-7 relative.
 KERNEL_REL = 3 * 2**-8 + 192 * 2**-24
-N_LINEARS = 35  # 7 quantized linears x 5 layers
+N_LINEARS = 35  # 7 block linears x 5 layers; under int8 and int4 the output head is quantized too (int8)
 HELD_OUT = 16  # alpaca outputs (records the tuning tests never train on: they are not in any run here)
 
 
@@ -72,29 +73,86 @@ def dense_from(weights: dict[str, torch.Tensor]):
 
 # --- kernels ---------------------------------------------------------------------------------------------
 
-def scheme_dequantized(weight: torch.Tensor, scheme: str) -> torch.Tensor:
-    """The float32 weight the pure scheme functions make of `weight` (quantize, then dequantize; no kernel, no packing)."""
-    parsed = parse_scheme(scheme)
-    if parsed.name == "int8":
-        return schemes.dequantize_int8(*schemes.quantize_int8(weight, torch.bfloat16), weight.size(1))
-    return schemes.dequantize_int4(*schemes.quantize_int4(weight, parsed.group_size, torch.bfloat16), *weight.shape)
+@pytest.fixture
+def portable_int8(monkeypatch):
+    """int8 through _weight_int8pack_mm (CUDA's kernel, and CPU's where fbgemm is missing) on this CPU too."""
+    monkeypatch.setattr(linear, "fbgemm_reduce_range", lambda: None)
 
 
-@pytest.mark.parametrize("scheme", INT_SCHEMES)
-@pytest.mark.parametrize("layer", ["layers.1.attention.wq", "layers.1.feed_forward.w1", "layers.1.attention.wo", "layers.1.feed_forward.w2"])
-def test_int_kernels_equal_float_reference_of_the_schemes_dequantized_weights(world1, scheme, layer):
-    """Column- (wq, w1: 172 rows) and row-parallel (wo, w2: 172 columns, padded) layers at TP=1: the
-    kernel's product against F.linear with the checkpoint's weight quantized and dequantized by the
-    pure scheme functions (KERNEL_REL: bfloat16 activations); the weight the kernel reports it
-    multiplies by (int4: read back through the kernel itself) is that one exactly."""
+def inputs(in_features: int, kind: str) -> torch.Tensor:
+    """x [2, 7, in]: normal, with 4 outlier channels x30 (they stretch a per-call activation scale), or one row x100."""
+    x = torch.randn(2, 7, in_features, generator=torch.Generator().manual_seed(1))
+    if kind == "outliers":
+        x[..., :4] *= 30
+    elif kind == "large row":
+        x[1, 3] *= 100
+    return x
+
+
+KERNELS = {"int8": ("int8", False), "int8 portable": ("int8", True), "int4-g32": ("int4-g32", False), "int4-g128": ("int4-g128", False)}
+
+
+@pytest.mark.parametrize("kernel_name", KERNELS)
+@pytest.mark.parametrize("layer", ["layers.1.attention.wq", "layers.1.feed_forward.w1", "layers.1.attention.wo", "layers.1.feed_forward.w2", "output"])
+def test_int_kernels_equal_float_reference_of_the_schemes_dequantized_weights(world1, monkeypatch, kernel_name, layer):
+    """Column- (wq, w1: 172 rows, output: 512) and row-parallel (wo, w2: 172 columns, padded) layers at TP=1,
+    with the kernel the loader picks on this machine ("int8": fbgemm on a CPU where its probe passes) and
+    the portable int8 one: the kernel's product against F.linear with the checkpoint's weight quantized
+    and dequantized by the pure scheme functions, within the bound derived from the kernel's arithmetic
+    (quant_worker.kernel_error_bound), for normal inputs, outlier channels and one large row; the weight
+    the kernel reports it multiplies by (int4: read back through the kernel itself) is that one exactly.
+    The output head is int8 under every int scheme (schemes.head_scheme)."""
+    scheme, portable = KERNELS[kernel_name]
+    if portable:
+        monkeypatch.setattr(linear, "fbgemm_reduce_range", lambda: None)
     kernel = quantized_layers(load(scheme))[layer + ".weight"]
-    W = scheme_dequantized(formats.open_checkpoint(STORIES).read(layer + ".weight").float(), scheme)
-    x = torch.randn(2, 7, kernel.in_features, generator=torch.Generator().manual_seed(1))
-    bound = KERNEL_REL * (x.abs() @ W.abs().t())
-    err = (kernel(x) - F.linear(x, W)).abs()
-    assert (err <= bound + 1e-30).all(), (err - bound).max()
-    assert kernel(x).dtype == torch.float32 and W.shape == (kernel.out_features, kernel.in_features)
+    if portable:
+        assert isinstance(kernel, Int8Linear)
+    elif kernel.scheme.name == "int8" and linear.fbgemm_reduce_range() is not None:
+        assert isinstance(kernel, FbgemmInt8Linear)
+    W = scheme_dequantized(formats.open_checkpoint(STORIES).read(layer + ".weight").float(), str(kernel.scheme), kernel.scale_dtype)
+    for kind in ("normal", "outliers", "large row"):
+        assert kernel_check(kernel, W, inputs(kernel.in_features, kind)) <= 1, kind
+    assert kernel(inputs(kernel.in_features, "normal")).dtype == torch.float32 and W.shape == (kernel.out_features, kernel.in_features)
     assert torch.equal(kernel.dequantize(), W)  # int4: the codes the kernel unpacks are the scheme's
+
+
+def test_fbgemm_activation_bits_are_what_this_cpu_adds_without_saturating():
+    """The load-time probe: 7-bit activations where fbgemm adds u8 x s8 pairs in int16 (no VNNI: 2 * 255 * 127
+    overflows it), 8 bits where it adds in int32. On a CPU without VNNI the 8-bit call is visibly wrong."""
+    reduce_range = linear.fbgemm_reduce_range()
+    if reduce_range is None:
+        pytest.skip("fbgemm's dynamic int8 linear is not available here: int8 runs _weight_int8pack_mm")
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    vnni = caps.get("avx512_vnni") or caps.get("avx_vnni")
+    packed = linear.fbgemm_prepack(torch.full((16, 64), 127, dtype=torch.int8), torch.ones(16))
+    eight_bits = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), packed, False)
+    if not vnni:
+        assert reduce_range and eight_bits.max() < 8000  # saturated: 4111.9 on AVX2
+    assert reduce_range == (eight_bits.max().item() != pytest.approx(8128.0, rel=1e-5))
+    # whichever it is, a kernel made with it satisfies its bound (the kernel test) on a random weight
+    kernel = FbgemmInt8Linear(torch.randn(48, 100, generator=torch.Generator().manual_seed(0)), reduce_range)
+    W = kernel.dequantize()
+    assert kernel_check(kernel, W, inputs(100, "normal")) <= 1
+
+
+def test_fbgemm_kernel_compiles_and_frees_its_packed_weight():
+    """Under torch.compile the call goes through the custom op with the weight's handle (fullgraph, dynamic
+    rows) and gives eager's result; dropping the kernel drops its packed weight from the registry."""
+    import gc
+
+    if linear.fbgemm_reduce_range() is None:
+        pytest.skip("fbgemm's dynamic int8 linear is not available here")
+    kernel = FbgemmInt8Linear(torch.randn(40, 64, generator=torch.Generator().manual_seed(0)), True)
+    compiled = torch.compile(kernel, fullgraph=True, dynamic=True, backend="eager")
+    for rows in (3, 5):
+        x = torch.randn(rows, 64)
+        assert torch.equal(compiled(x), kernel(x))
+    handle = kernel.handle
+    assert handle in linear._FBGEMM_PACKED
+    del kernel, compiled
+    gc.collect()
+    assert handle not in linear._FBGEMM_PACKED
 
 
 def gpt_fast_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,20 +230,23 @@ def test_nf4_kernel_equals_float_reference_of_bitsandbytes_dequantization(shape)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_loaded_bytes_are_the_planner_count(world1, scheme):
-    """What the loader holds per layer is `weight_nbytes`, the count split_model.py --plan uses."""
+def test_loaded_bytes_are_the_planner_count(world1, portable_int8, scheme):
+    """What the loader holds per layer is `weight_nbytes`, the count split_model.py --plan uses (for the
+    portable kernels: fbgemm's int8 layout on a CPU pads in-features to 512, `FbgemmInt8Linear.nbytes`)."""
     parsed = parse_scheme(scheme)
     for key, kernel in quantized_layers(load(scheme)).items():
-        assert kernel.nbytes() == schemes.weight_nbytes(parsed, kernel.out_features, kernel.in_features, 4), key
+        assert kernel.nbytes() == schemes.weight_nbytes(kernel.scheme, kernel.out_features, kernel.in_features, 4), key
     model = load(scheme)
-    assert model.quantization == scheme and len(quantized_layers(model)) == N_LINEARS
+    head = schemes.head_scheme(parsed)
+    assert model.quantization == scheme and len(quantized_layers(model)) == N_LINEARS + (head is not None)
     assert all(model.get_submodule(k.removesuffix(".weight")).weight is None for k in quantized_layers(model))
-    assert model.tok_embeddings.weight.dtype == model.output.weight.dtype == model.norm.weight.dtype == torch.float32
+    assert model.tok_embeddings.weight.dtype == model.norm.weight.dtype == torch.float32
+    assert (model.output.weight is None and model.output.kernel.scheme == head) if head else model.output.weight.dtype == torch.float32
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_planner_weights_are_what_the_loader_holds(world1, scheme):
+def test_planner_weights_are_what_the_loader_holds(world1, portable_int8, scheme):
     """split_model.py --plan --quantize counts the loaded model's bytes exactly (TP=1)."""
     from llama.formats import plan
 
@@ -253,14 +314,23 @@ def test_tp2_equals_tp1_built_from_the_same_dequantized_slices(world1, tp2, sche
         expected = reference(LOGIT_TOKENS, 0)
     got = ranks[0]["logits"]
     assert torch.equal(got, ranks[1]["logits"])  # every rank ends with the same all-reduced logits
-    # int: each of the 35 linears in series adds at most KERNEL_REL relative error; independent
-    # roundings add in quadrature, and residual/norm layers pass relative error through unchanged.
-    # nf4 (bitsandbytes dequantizes to float32 then F.linear): float32 reordering only, ~1e-6.
-    rel = math.sqrt(N_LINEARS) * KERNEL_REL if scheme != "nf4" else 1e-5
-    diff = (got - expected).norm() / expected.norm()
+    # int: each of the linears in series adds at most KERNEL_REL relative error (bfloat16 activations);
+    # independent roundings add in quadrature, and residual/norm layers pass relative error through
+    # unchanged. int8 activations (fbgemm) are a coarser rounding: each call's own relative output error
+    # (measured on rank 0 against its float product with the same weight; 0.5-4% here), in quadrature,
+    # x2 for a tail. nf4 (bitsandbytes dequantizes to float32 then F.linear): float32 reordering only, ~1e-6.
+    activations = torch.tensor(ranks[0]["activation_errors"])  # one per call of an int8-activation kernel
+    bf16_kernels = len(ranks[0]["dequantized"]) - len(activations)
+    rel = math.sqrt(bf16_kernels * KERNEL_REL**2 + 4 * activations.pow(2).sum().item()) if scheme != "nf4" else 1e-5
+    diff = ((got - expected).norm() / expected.norm()).item()
     assert diff <= rel, diff
     # Greedy ids (generated at TP=2), teacher-forced through the reference: equal wherever the
     # reference's top1-top2 margin exceeds 4x the logit error bound (twice the bound on each logit).
+    # With int8 activations that sum over-counts: the residual stream carries each linear's error as a
+    # small part of itself (bundled model: measured 0.022 against a bound of 0.24, which would leave no
+    # step to check), so the check takes twice the measured logit error there.
+    if len(activations):
+        rel = 2 * diff
     generated = ranks[0]["greedy"][0]
     all_ids = torch.tensor([PROMPT + generated])
     with torch.inference_mode():
@@ -269,6 +339,19 @@ def test_tp2_equals_tp1_built_from_the_same_dequantized_slices(world1, tp2, sche
     checked = (top2[:, 0] - top2[:, 1]) > 4 * rel * logits.abs().max()
     assert len(generated) == GEN_LEN and checked.sum() >= 3, checked  # not vacuous: some steps are far from a tie
     assert logits.argmax(-1)[checked].tolist() == torch.tensor(generated)[checked].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("scheme", INT_SCHEMES)
+def test_tp2_kernels_are_within_their_bounds_on_each_rank(tp2, scheme):
+    """Every quantized layer of each rank (its slice: column-parallel rows, row-parallel columns) against
+    F.linear with the pure scheme functions' weight of that slice, within the kernel's derived bound."""
+    for rank, result in enumerate(tp2[scheme]):
+        checks = result["kernel_check"]
+        assert len(checks) == len(result["dequantized"]), rank
+        for key, (kernel, ratio, same_weight) in checks.items():
+            assert ratio <= 1 and same_weight, (rank, key, kernel, ratio)
 
 
 @pytest.mark.slow
@@ -328,8 +411,14 @@ def held_out_nll(model, tokenizer) -> float:
 # within 0.1%): 1.02. 4-bit steps are 1/15 of a group's range (or NF4's 16 levels over a block's
 # absmax): relative rms weight error 5-10%, which costs Llama-2-7B ~2-4% perplexity at g128 / NF4
 # (gpt-fast, QLoRA papers) and more on a model this small: g32 1.10, g128 1.15, nf4 1.20. A wrong
-# slice, scale or padding column gives perplexities in the hundreds.
+# slice, scale or padding column gives perplexities in the hundreds. The output head (int8 under int8
+# and int4, schemes.head_scheme) keeps the same bounds: its per-row int8 error is that of the int8
+# block linears (< 1% relative), one linear more, and it adds 0.5-0.6% on this model (int8 x0.996 ->
+# x1.001, int4-g32 x1.067 -> x1.072, int4-g128 x1.053 -> x1.059); nf4 leaves it unquantized.
 PPL_BOUND = {"int8": 1.02, "int4-g32": 1.10, "int4-g128": 1.15, "nf4": 1.20}
+# Below 1 only by noise: weight rounding alone moves it by < 0.1%, but int8 activations (fbgemm, one
+# scale per prompt) are noise of either sign on every linear: x0.996 for the block linears alone.
+PPL_FLOOR = 0.99
 
 
 @pytest.fixture(scope="module")
@@ -356,8 +445,9 @@ def test_quality_on_the_bundled_model(unquantized, scheme):
         expected, got = reference(ids, 0)[0], model(ids, 0)[0]
     assert expected[:-1].argmax(-1).tolist() == ids[0, 1:].tolist()  # the reference follows the golden path
     # tau: to first order each linear's relative weight error eps_l moves the logits by eps_l times
-    # their spread; independent errors add in quadrature; x2 for a tail bound.
-    eps = relative_weight_errors(model, reference.state_dict())
+    # their spread, and so does each int8-activation call's relative output error (fbgemm: measured
+    # in the same forward); independent errors add in quadrature; x2 for a tail bound.
+    eps = torch.cat([relative_weight_errors(model, reference.state_dict()), torch.tensor(activation_errors(model, ids))])
     spread = (expected - expected.mean(-1, keepdim=True)).pow(2).mean().sqrt()
     tau = 2 * eps.pow(2).sum().sqrt() * spread
     top2 = expected.topk(2, dim=-1).values
@@ -365,7 +455,7 @@ def test_quality_on_the_bundled_model(unquantized, scheme):
     assert checked.sum() >= 20, (scheme, tau, checked.sum())  # the check is not vacuous
     assert torch.equal(got.argmax(-1)[checked], expected.argmax(-1)[checked]), scheme
     ratio = math.exp(held_out_nll(model, tokenizer) - reference_nll)
-    assert 1 - 1e-3 < ratio <= PPL_BOUND[scheme], (scheme, ratio)
+    assert PPL_FLOOR < ratio <= PPL_BOUND[scheme], (scheme, ratio)
 
 
 # --- QLoRA ------------------------------------------------------------------------------------------------

@@ -91,11 +91,15 @@ def test_lora_targets_are_the_parallel_linears_and_peft_finds_them():
     assert layout.lora_split_dims("layers.3.feed_forward.w2.weight") == (1, None)
 
 
-def test_quantized_targets_are_the_block_linears_and_the_planner_counts_them():
+@pytest.mark.parametrize("scheme", [Scheme("int8"), Scheme("int4", 32), Scheme("nf4")])
+def test_quantized_targets_are_the_block_linears_and_the_head_and_the_planner_counts_them(scheme):
+    """--quantize covers the seven block linears in its scheme and the output head in int8 (int8, int4;
+    nf4 leaves it in the model dtype, as QLoRA does); the planner counts each in its own scheme."""
     args = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4)
-    targets = quantize_targets(layout.meta_model(args))
-    assert targets == {f"layers.{i}.{lora.TARGETS[t]}.weight" for i in range(2) for t in lora.DEFAULT_TARGETS}
-    scheme = Scheme("int8")
+    targets = quantize_targets(layout.meta_model(args), scheme)
+    blocks = {f"layers.{i}.{lora.TARGETS[t]}.weight": scheme for i in range(2) for t in lora.DEFAULT_TARGETS}
+    assert targets == (blocks if scheme.name == "nf4" else {**blocks, "output.weight": Scheme("int8")})
+    assert quantize_targets(layout.meta_model(args), None) == {}
     shapes = layout.full_shapes(args)
-    expected = sum(weight_nbytes(scheme, *shapes[k], 4) if k in targets else torch.Size(shapes[k]).numel() * 4 for k in shapes)
+    expected = sum(weight_nbytes(targets[k], *shapes[k], 4) if k in targets else torch.Size(shapes[k]).numel() * 4 for k in shapes)
     assert plan.weight_bytes(args, 1, 4, scheme) == expected

@@ -38,12 +38,16 @@ QUEUED = [Sampling(max_tokens=GEN_LEN, seed=SEED + i) for i in range(len(PROMPTS
 
 def outputs(ckpt_dir: Path, tokenizer: Tokenizer, parallel: distributed.Parallel, generate: bool = True, rows: int = len(PROMPTS)) -> dict:
     """All-position logits and, if `generate`, greedy and top-p sampled ids of one checkpoint on this rank;
-    "queued": the QUEUED requests generated together on `rows` cache rows (each alone when rows is 1)."""
+    "queued": the QUEUED requests generated together on `rows` cache rows (each alone when rows is 1).
+    Generation runs on the model as Llama.build loads it (wq|wk|wv and w1|w3 fused), the logits on the
+    separate layers (fusing changes the summation order of those products)."""
     spec = LoadSpec(ckpt_dir, max_seq_len=64, max_batch_size=len(PROMPTS), dtype=torch.float32)
     model = load.load_model(spec, vocab_size=tokenizer.n_words, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size)
     with torch.inference_mode():
         result = {"logits": model(LOGIT_TOKENS.to(parallel.device), 0).cpu()}
     if generate:
+        model = load.load_model(spec, vocab_size=tokenizer.n_words, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size,
+                                fuse=True)
         result["greedy"] = [c.ids for c in Llama(model, tokenizer, parallel, seed=SEED).generate(PROMPTS, Sampling(max_tokens=GEN_LEN))]
         sampled = Llama(model, tokenizer, parallel, seed=SEED).generate(PROMPTS, Sampling(max_tokens=GEN_LEN, temperature=1.0, top_p=0.9))
         result["sampled"] = [c.ids for c in sampled]

@@ -5,6 +5,10 @@ replaced by this rank's slice read from the checkpoint (`load_state_dict(assign=
 allocates, initialises or reads the other ranks' parts. With `spec.quantize`, each block linear's
 slice is quantized as soon as it is read, so a rank holds its quantized slices plus one
 unquantized tensor at a time; the layer then keeps the quantized kernel and no float weight.
+
+For inference (`fuse=True`), the layers a module declares fusable (`FUSED`: wq|wk|wv, w1|w3) are read
+as a group and stacked, each rank its own rows, into one `FusedColumnParallelLinear`: quantized as
+one stack, or dense with the parts' weights as views of it.
 """
 
 from typing import Optional
@@ -16,15 +20,18 @@ from llama.config import LoadSpec, resolve_dtype
 from llama.formats import open_checkpoint
 from llama.formats.layout import check_shardable
 from llama.kernels.linear import quantized_linear
+from llama.kernels.schemes import Scheme, head_scheme
 from llama.model import Transformer
-from llama.parallel import ColumnParallelLinear, RowParallelLinear
+from llama.parallel import ColumnParallelLinear, FusedColumnParallelLinear, RowParallelLinear
 
 
-def load_model(spec: LoadSpec, *, vocab_size: Optional[int], device: torch.device, tp_rank: int = 0, tp_size: int = 1) -> Transformer:
+def load_model(spec: LoadSpec, *, vocab_size: Optional[int], device: torch.device, tp_rank: int = 0, tp_size: int = 1,
+               fuse: bool = False) -> Transformer:
     """Load this rank's slice of a checkpoint (any format, any shard count) into a model split over tp_size ranks.
 
     `vocab_size` is the tokenizer's (a params.json that says -1 takes it). The KV caches get
     `spec.max_batch_size` rows (0: none, as training needs; the RoPE table is always made).
+    `fuse`: stack wq|wk|wv and w1|w3 into one product each (inference only; see the module doc).
     """
     dtype = resolve_dtype(spec.dtype, torch.device(device))
     overrides = {"rope_scaling": {"factor": spec.rope_scaling_factor}} if spec.rope_scaling_factor is not None else {}
@@ -33,16 +40,22 @@ def load_model(spec: LoadSpec, *, vocab_size: Optional[int], device: torch.devic
     check_shardable(ckpt.args, tp_size, unit="tensor-parallel ranks")
     with torch.device("meta"):
         model = Transformer(ckpt.args, tp_size)
-    targets = quantize_targets(model) if spec.quantize is not None else set()
-    weights = {}
+    targets = quantize_targets(model, spec.quantize)
+    groups = fusion_groups(model) if fuse else {}
+    weights, pending = {}, {}
     keys = ckpt.keys
     quiet = tp_rank != 0 or (len(keys) < 50 and spec.quantize is None)  # quantizing takes seconds even for small models
     desc = f"loading {ckpt.path.name}" + (f", quantizing to {spec.quantize}" if spec.quantize else "")
     for key in tqdm(keys, desc=desc, disable=quiet, leave=False):
         stored = ckpt.read(key, tp_rank, tp_size)
-        if key in targets:
+        if key in groups:
+            pending[key] = stored
+            fused, keys = groups[key]
+            if all(k in pending for k in keys):
+                fuse_group(model, fused, keys, [pending.pop(k) for k in keys], scheme=targets.get(key), weights=weights, device=device, dtype=dtype)
+        elif key in targets:
             layer = model.get_submodule(key.removesuffix(".weight"))
-            layer.weight, layer.kernel = None, quantized_linear(stored, spec.quantize, device, dtype)
+            layer.weight, layer.kernel = None, quantized_linear(stored, targets[key], device, dtype)
         else:
             tensor = stored.to(device=device, dtype=dtype).contiguous()
             # quantizing, the float weights left are copied out of the mapped file, so that its mapping (and the
@@ -55,8 +68,41 @@ def load_model(spec: LoadSpec, *, vocab_size: Optional[int], device: torch.devic
     return model.eval()
 
 
-def quantize_targets(model: Transformer) -> set[str]:
-    """Weight names of the linears `--quantize` covers: every parallel linear inside the blocks
-    (the embeddings, norms and output head keep the model dtype)."""
-    return {f"layers.{name}.weight" for name, module in model.layers.named_modules()
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear))}
+def fusion_groups(model: Transformer) -> dict[str, tuple[str, list[str]]]:
+    """Weight name -> (the fused module's name, the weight names of its group), for every group a
+    module declares (`FUSED`, e.g. Attention's wqkv = wq|wk|wv)."""
+    groups = {}
+    for name, module in model.named_modules():
+        for fused, parts in getattr(type(module), "FUSED", {}).items():
+            keys = [f"{name}.{part}.weight" for part in parts]
+            groups.update({key: (f"{name}.{fused}", keys) for key in keys})
+    return groups
+
+
+def fuse_group(model: Transformer, fused: str, keys: list[str], slices: list[torch.Tensor], *, scheme: Optional[Scheme],
+               weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
+    """This rank's slices of one group stacked into the FusedColumnParallelLinear `fused`: quantized as one
+    stack by `scheme`, or dense, the parts' weights (into `weights`) then views of the stack."""
+    stacked = torch.cat([s.to(device=device, dtype=dtype) for s in slices])
+    sizes = [s.size(0) for s in slices]
+    if scheme is None:
+        weights.update(zip(keys, stacked.split(sizes)))
+        module = FusedColumnParallelLinear(sizes, weight=stacked)
+    else:
+        for key in keys:
+            model.get_submodule(key.removesuffix(".weight")).weight = None
+        module = FusedColumnParallelLinear(sizes, kernel=quantized_linear(stacked, scheme, device, dtype))
+    parent, name = fused.rsplit(".", 1)
+    setattr(model.get_submodule(parent), name, module)
+
+
+def quantize_targets(model: Transformer, scheme: Optional[Scheme]) -> dict[str, Scheme]:
+    """Weight name -> its scheme under --quantize `scheme`: every parallel linear inside the blocks
+    takes `scheme`, the output head `schemes.head_scheme(scheme)` (int8 under int8 and int4, none
+    under nf4); the embeddings and norms keep the model dtype."""
+    if scheme is None:
+        return {}
+    targets = {f"layers.{name}.weight": scheme for name, module in model.layers.named_modules()
+               if isinstance(module, (ColumnParallelLinear, RowParallelLinear))}
+    head = head_scheme(scheme)
+    return targets if head is None else {**targets, "output.weight": head}

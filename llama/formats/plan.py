@@ -45,7 +45,8 @@ class Workload:
     checkpoint_activations: bool = False
     """lora, full: keep only each block's input and recompute the block in backward."""
     quantize: Optional[Scheme] = None
-    """The block linears' weight-only quantization (QLoRA: lora with nf4)."""
+    """The weight-only quantization of the block linears and the head as the loader applies it
+    (`load.quantize_targets`; QLoRA: lora with nf4)."""
     objective: str = "sft"
     """dpo: `batch` counts preference pairs, each two sequences (chosen and rejected) in one forward. The
     reference costs no memory of its own: LoRA and prompt run the same model without what trains, under
@@ -77,17 +78,19 @@ class CardMemory:
 def weight_bytes(args: ModelArgs, cards: int, dtype_bytes: int, quantize: Optional[Scheme] = None) -> int:
     """b * (split weights / N + replicated norms), from the same table the loader uses.
 
-    `quantize`: the linears the loader quantizes take what it holds for each card's slice
-    (llama.kernels.schemes.weight_nbytes: codes, scales, padding), the rest b bytes each.
+    `quantize`: the linears the loader quantizes (`quantize_targets`: the block linears in `quantize`,
+    the output head in its own scheme) take what it holds for each card's slice
+    (llama.kernels.schemes.weight_nbytes: codes, scales, padding), the rest b bytes each. (On a CPU
+    the int8 kernel is fbgemm's, which pads in-features to 512: `FbgemmInt8Linear.nbytes`.)
     """
-    quantized = quantize_targets(meta_model(args)) if quantize is not None else set()
+    quantized = quantize_targets(meta_model(args), quantize)
     total = 0
     for key, shape in full_shapes(args).items():
         dim = split_dim(key)
         if key in quantized:
             out_features, in_features = shape
             local = (out_features // cards, in_features) if dim == 0 else (out_features, in_features // cards)
-            total += weight_nbytes(quantize, *local, dtype_bytes)
+            total += weight_nbytes(quantized[key], *local, dtype_bytes)
             continue
         numel = 1
         for size in shape:

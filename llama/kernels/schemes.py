@@ -70,6 +70,18 @@ def scheme_name(scheme: Optional[Scheme]) -> str:
     return "none" if scheme is None else str(scheme)
 
 
+def head_scheme(scheme: Scheme) -> Optional[Scheme]:
+    """The output head's scheme under --quantize `scheme` (None: it keeps the model dtype).
+
+    Per layer, as llama.cpp does (its q4_0 files keep the head at q6_K, its q8_0 at q8_0): the head
+    is the largest single matrix of a small model (32000 x 768 is a fifth of a 110M model's bytes
+    at int8) and is read whole every token, but it maps straight to the logits, so it takes int8
+    under int8 and int4. nf4 is QLoRA's scheme, which leaves the head in the model dtype (it trains
+    adapters over a frozen base, the head included as an optional target).
+    """
+    return Scheme("int8") if scheme.name in ("int8", "int4") else None
+
+
 def bitsandbytes():
     """The bitsandbytes package, imported when an nf4 weight is made or read.
 
