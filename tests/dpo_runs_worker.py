@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts live at the repo root
 
 import torch  # noqa: E402
-from fairscale.nn.model_parallel import initialize as fs_init  # noqa: E402
 
 import ft_main  # noqa: E402
+from ft_worker import drop_model_parallel_groups  # noqa: E402
 from llama import distributed  # noqa: E402
 from llama.tokenizer import load_tokenizer  # noqa: E402
 from llama.tuning import config as run_config  # noqa: E402
@@ -67,11 +67,6 @@ def pair_values(run_dir: Path, parallel: distributed.Parallel) -> dict[str, torc
     values["input_ids"] = torch.cat([ids for ids, _ in chosen_rows + rejected_rows])
     values["labels"] = torch.cat([lab for _, lab in chosen_rows + rejected_rows])
     return values
-
-
-def drop_model_parallel_groups() -> None:
-    if fs_init.model_parallel_is_initialized():
-        fs_init.destroy_model_parallel()
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from dist_utils import REPO, torchrun
 from dpo_runs_worker import pair_values
 from references import STORIES
-from test_plan_training import ARGS, build
+from test_plan_training import ARGS, build, saved_bytes_of
 from test_tracking import expected_scalars, tensorboard_scalars, wandb_runs
 
 sys.path.insert(0, str(REPO))  # the scripts at the repo root
@@ -581,19 +581,3 @@ def test_planner_dpo_activations_match_autograd(world1):
     assert dpo_bytes == pytest.approx(sft_bytes, rel=0.05) and dpo_bytes == pytest.approx(predicted, rel=0.05), (dpo_bytes, sft_bytes, predicted)
     sft_work = plan.Workload(mode="lora", batch=2 * batch, seq_len=seq, dtype_bytes=b)
     assert plan.activation_bytes(ARGS, 1, work) == plan.activation_bytes(ARGS, 1, sft_work)
-
-
-def saved_bytes_of(forward, skip) -> int:
-    """Bytes of the distinct storages autograd keeps while `forward` runs (tests/test_plan_training.py's count)."""
-    skip = {t.untyped_storage().data_ptr() for t in skip}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in skip:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(saved.values())

@@ -33,9 +33,9 @@ def build(dtype: torch.dtype):
     return model.train()
 
 
-def saved_bytes(model, skip=()) -> int:
-    """Bytes of the distinct storages autograd keeps for a forward to the final norm."""
-    skip = {t.untyped_storage().data_ptr() for t in [*skip, model.rope]}
+def saved_bytes_of(forward, skip) -> int:
+    """Bytes of the distinct storages autograd keeps while `forward` runs (tensors in `skip` not counted)."""
+    skip = {t.untyped_storage().data_ptr() for t in skip}
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -44,10 +44,15 @@ def saved_bytes(model, skip=()) -> int:
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    tokens = torch.randint(0, ARGS.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.hidden_states(tokens)
+        forward()
     return sum(saved.values())
+
+
+def saved_bytes(model, skip=()) -> int:
+    """Bytes of the distinct storages autograd keeps for a forward to the final norm."""
+    tokens = torch.randint(0, ARGS.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    return saved_bytes_of(lambda: model.hidden_states(tokens), [*skip, model.rope])
 
 
 def test_lora_terms(world1):

@@ -199,6 +199,22 @@ def _tokenize_all(records: list[dict[str, str]], tokenizer: Tokenizer, template:
     return examples, n_truncated, n_dropped
 
 
+def split_records(records: list, path: str | Path, *, val_fraction: float, seed: int, max_examples: Optional[int], explicit_val: bool,
+                  unit: str = "record") -> tuple[list, list]:
+    """(held-out, train) records: shuffled by seed, the first max_examples kept, the first round(n x val_fraction)
+    (at least one) held out; none held out when the held-out set comes from its own file (explicit_val).
+    SFT examples and preference pairs are split alike, on records, so a split does not move with max_seq_len."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction {val_fraction} must be in [0, 1)")
+    random.Random(f"split-{seed}").shuffle(records)
+    records = records[:max_examples] if max_examples else records
+    n_val = max(1, round(len(records) * val_fraction)) if val_fraction > 0 and not explicit_val else 0
+    if n_val >= len(records):
+        held = f"{len(records)} {unit}{'s' * (len(records) != 1)}"
+        raise UserError(f"{path}: {held} leave{'s' * (len(records) == 1)} none for training with val_fraction {val_fraction}; lower it or add data")
+    return records[:n_val], records[n_val:]
+
+
 def build_splits(
     path: str | Path,
     tokenizer: Tokenizer,
@@ -221,19 +237,13 @@ def build_splits(
     check_template(template)
     if max_seq_len < 2:
         raise UserError(f"max_seq_len {max_seq_len} is too small: an example needs at least BOS and one label token")
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"val_fraction {val_fraction} must be in [0, 1)")
-    records = load_records(path, field_map)
-    random.Random(f"split-{seed}").shuffle(records)
-    records = records[:max_examples] if max_examples else records
-    n_val = max(1, round(len(records) * val_fraction)) if val_fraction > 0 and val_path is None else 0
-    if n_val >= len(records):
-        held = f"{len(records)} record{'s' * (len(records) != 1)}"
-        raise UserError(f"{path}: {held} leave{'s' * (len(records) == 1)} none for training with val_fraction {val_fraction}; lower it or add data")
-    held_out = records[:n_val] if val_path is None else load_records(val_path, field_map)
-    with tqdm(total=len(records) + (len(held_out) if val_path else 0), desc="tokenizing", disable=not show_progress) as progress:
+    held_out, kept = split_records(load_records(path, field_map), path, val_fraction=val_fraction, seed=seed, max_examples=max_examples,
+                                   explicit_val=val_path is not None)
+    if val_path is not None:
+        held_out = load_records(val_path, field_map)
+    with tqdm(total=len(kept) + len(held_out), desc="tokenizing", disable=not show_progress) as progress:
         val, val_cut, val_drop = _tokenize_all(held_out, tokenizer, template, max_seq_len, train_on_inputs, progress)
-        train, train_cut, train_drop = _tokenize_all(records[n_val:], tokenizer, template, max_seq_len, train_on_inputs, progress)
+        train, train_cut, train_drop = _tokenize_all(kept, tokenizer, template, max_seq_len, train_on_inputs, progress)
     if not train:
         raise UserError(f"{path}: every training example is longer than max_seq_len {max_seq_len} before its response "
                         f"starts, so no label token is left; raise --max_seq_len")

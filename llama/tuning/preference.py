@@ -24,7 +24,6 @@ builds the same split and the same batches without communicating. `collate_pairs
 chosen rows over the rejected rows, so both responses of every pair go through one forward.
 """
 
-import random
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -270,17 +269,11 @@ def build_pair_splits(
     With val_path the held-out pairs are that file's, in its order, and val_fraction is not used.
     """
     _check_settings(template, max_seq_len)
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"val_fraction {val_fraction} must be in [0, 1)")
-    records = load_records(path, field_map)
-    random.Random(f"split-{seed}").shuffle(records)
-    records = records[:max_examples] if max_examples else records
-    n_val = max(1, round(len(records) * val_fraction)) if val_fraction > 0 and val_path is None else 0
-    if n_val >= len(records):
-        raise UserError(f"{path}: {len(records)} pairs leave none for training with val_fraction {val_fraction}; lower it or add data")
-    with tqdm(total=len(records), desc="tokenizing pairs", disable=not show_progress) as progress:
-        val = tokenize_records(records[:n_val], tokenizer, template, max_seq_len, Path(path), progress)
-        train = tokenize_records(records[n_val:], tokenizer, template, max_seq_len, Path(path), progress)
+    held_out, kept = data.split_records(load_records(path, field_map), path, val_fraction=val_fraction, seed=seed,
+                                        max_examples=max_examples, explicit_val=val_path is not None, unit="pair")
+    with tqdm(total=len(held_out) + len(kept), desc="tokenizing pairs", disable=not show_progress) as progress:
+        val = tokenize_records(held_out, tokenizer, template, max_seq_len, Path(path), progress)
+        train = tokenize_records(kept, tokenizer, template, max_seq_len, Path(path), progress)
     if val_path is not None:
         val = load_pairs(val_path, tokenizer, template, max_seq_len, field_map, show_progress=show_progress)
     if not train.pairs:
