@@ -18,8 +18,8 @@ setup(
         "bench": ["llama-cpp-python"],  # bench/decode.py compares with llama.cpp (compiles it from source: ~25 min on 2 cores)
         # transformers/peft/bitsandbytes/trl are reference implementations for the tests only; openai is the client the server is
         # tested with; lm-eval (with its API-model extra) evaluates through the server; import-linter checks the import contract;
-        # tensorboard and wandb are read back by the tracking tests (offline).
-        "test": ["pytest", "import-linter", "transformers>=4.45", "peft", "gguf>=0.10", "fastapi", "uvicorn", "openai", "httpx",
+        # tensorboard and wandb are read back by the tracking tests (offline); pytest-xdist runs the test files on two workers.
+        "test": ["pytest", "pytest-xdist", "import-linter", "transformers>=4.45", "peft", "gguf>=0.10", "fastapi", "uvicorn", "openai", "httpx",
                  "tokenizers>=0.19", "lm-eval[api]>=0.4.9", "bitsandbytes", "trl", "tensorboard", "wandb"],
     },
 )

@@ -1,5 +1,8 @@
-"""Launch torchrun jobs from tests: a free port each time, output captured, a time limit."""
+"""Launch torchrun jobs from tests: a free port each time, output captured, a time limit; or a script in this process."""
 
+import contextlib
+import importlib
+import io
 import os
 import socket
 import subprocess
@@ -31,3 +34,22 @@ def python(script: str | Path, *args: str, timeout: float = 300) -> subprocess.C
     """Run `python script args` (world size 1) from the repo root."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def in_process(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python script args` as run_cli ends it (exit code, stdout, stderr), run in this process from the repo root.
+
+    For bad input refused before any work: a fresh interpreter would spend ~3 s of CPU on imports to print one line.
+    (Each script's real process is still run elsewhere: test_cli.py, test_split_model.py, test_refusals.py.)"""
+    from llama.errors import run_cli
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    module = importlib.import_module(Path(script).stem)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(lambda: module.main([str(arg) for arg in args]))
+        except SystemExit as exit:
+            code = exit.code or 0
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from dist_utils import REPO, python, torchrun
+from dist_utils import REPO, in_process, python, torchrun
 
 sys.path.insert(0, str(REPO))  # the scripts at the repo root
 import example_ft  # noqa: E402
@@ -195,7 +195,7 @@ def test_ctrl_c_names_the_last_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_resume_without_checkpoint_is_one_clear_error(tmp_path):
-    result = python("ft_main.py", "--resume", "--out_dir", tmp_path / "none")
+    result = in_process("ft_main.py", "--resume", "--out_dir", tmp_path / "none")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: --resume: no training state at {tmp_path / 'none' / 'state.pt'}; "
                                                   "start without --resume, or pass the --out_dir of the run to continue"]

@@ -20,7 +20,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from references import DATA, GOLDEN, LLAMA2_TOKENIZER, REPO, STORIES, STORIES_TOKENIZER  # noqa: E402
+from references import DATA, LLAMA2_TOKENIZER, REPO, STORIES, STORIES_TOKENIZER  # noqa: E402
 
 from llama.errors import run_cli  # noqa: E402
 from llama.formats.convert import convert  # noqa: E402

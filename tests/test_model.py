@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from references import DEVICES, STORIES
 
 from llama.errors import UserError
-from llama.formats import layout, load, params
+from llama.formats import layout, params
 from llama.model import CacheSpan, ModelArgs, RMSNorm, Transformer, apply_rope, precompute_rope
 
 LLAMA2_STYLE = ModelArgs(

@@ -8,7 +8,7 @@ params.json rule, so a wrong multiple_of or ffn_dim_multiplier shows up here.
 """
 
 import pytest
-from dist_utils import python
+from dist_utils import in_process
 
 from llama.formats import plan
 from llama.formats.presets import PRESETS, preset
@@ -47,9 +47,9 @@ def test_every_preset_is_checked():
 
 @pytest.mark.slow
 def test_plan_a_released_model_before_any_download():
-    result = python("split_model.py", "--plan", "--model", "llama-3-70b", "--gpu_mem", "24GiB", "--batch_size", "1", "--seq_len", "2048",
+    result = in_process("split_model.py", "--plan", "--model", "llama-3-70b", "--gpu_mem", "24GiB", "--batch_size", "1", "--seq_len", "2048",
                     "--dtype", "bfloat16")
     assert result.returncode == 0, result.stderr
     assert "70.55 B parameters" in result.stdout and "smallest N that fits 24.0 GiB cards: 8" in result.stdout
-    unknown = python("split_model.py", "--plan", "--model", "llama-9")
+    unknown = in_process("split_model.py", "--plan", "--model", "llama-9")
     assert unknown.returncode == 2 and "unknown --model 'llama-9'" in unknown.stderr

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_utils import python, torchrun
+from dist_utils import in_process, python, torchrun
 from references import GOLDEN, REPO, STORIES
 from test_ft_main import FAST, evals, losses
 
@@ -615,7 +615,7 @@ BAD = {
 @pytest.mark.parametrize("name", BAD)
 def test_bad_input_is_one_clear_error(name, tmp_path):
     argv, pattern = BAD[name]
-    result = python(*argv, *(["--out_dir", tmp_path] if argv[0] == "ft_main.py" else []))
+    result = in_process(*argv, *(["--out_dir", tmp_path] if argv[0] == "ft_main.py" else []))  # refused before any work
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines
@@ -627,7 +627,7 @@ def test_planner_cli_counts_quantized_weights():
     """split_model.py --plan --quantize: the int4 table's weights column is the planner's quantized count."""
     from llama.formats import plan
 
-    result = python("split_model.py", "--plan", "--ckpt_dir", STORIES, "--quantize", "int4-g32", "--batch_size", "1")
+    result = in_process("split_model.py", "--plan", "--ckpt_dir", STORIES, "--quantize", "int4-g32", "--batch_size", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "int4-g32 block linears" in result.stdout
     args = formats.open_checkpoint(STORIES).args

@@ -1,7 +1,8 @@
 """The CLIs refuse what would lose work and validate what is nonsense, as a new user meets them.
 
 Each bad case is one `error:` line (no traceback), exit code 2, and nothing written or replaced.
-The runs are fresh interpreters started together on a 2-thread pool (as in test_cli.py).
+The runs that do work are fresh interpreters started together on a 2-thread pool (as in test_cli.py);
+the bad cases, refused before any work, run in this process through each script's run_cli.
 """
 
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import REPO, free_port, python
+from dist_utils import REPO, free_port, in_process, python
 from references import STORIES
 
 # name -> (script, arguments, regex of the one error line); {tmp} is the module's scratch folder.
@@ -66,7 +67,7 @@ def runs(tmp_path_factory):
     adapter = random_adapter(tmp / "adapter.pt")
     port = str(free_port())
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(python, script, *(a.format(tmp=tmp) for a in args)) for name, (script, args, _) in BAD.items()}
+        futures = {}
         futures["master_addr"] = pool.submit(with_env, "example.py", "--json", "--max_tokens", "4", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         futures["help"] = pool.submit(python, "example.py", "--help")
         # a merged split and a plain split of the same model on a fresh folder: two default names
@@ -74,7 +75,9 @@ def runs(tmp_path_factory):
         futures["split"] = pool.submit(python, "split_model.py", "--ckpt_dir", tmp / "model", "--num_shards", "2")
         futures["forced"] = pool.submit(python, "ft_main.py", "--method", "lora", "--out_dir", tmp / "forced", "--force", "--max_steps", "1",
                                         "--max_examples", "40", "--batch_size", "2", "--eval_batches", "1", "--max_seq_len", "128")
-        yield tmp, {name: future.result() for name, future in futures.items()}
+        # the bad cases are refused before any work: in this process (through each script's run_cli), while the runs above go on
+        refused = {name: in_process(script, *(a.format(tmp=tmp) for a in args)) for name, (script, args, _) in BAD.items()}
+        yield tmp, {**refused, **{name: future.result() for name, future in futures.items()}}
 
 
 @pytest.mark.slow
