@@ -135,7 +135,7 @@ def run_ours(kind: str, work: Path, cli: argparse.Namespace) -> dict:
     try:
         tokenizer = load_tokenizer(work / "meta" / "tokenizer.model")
         pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
-        pairs = preference.load_pairs(work / "pairs.jsonl", tokenizer, "plain", cli.seq_len).pairs
+        pairs = preference.load_pairs(work / "pairs.jsonl", tokenizer, template="plain", max_seq_len=cli.seq_len).pairs
         base = reset_and_read(parallel.device)
         config = TrainConfig(model=LoadSpec(work / "meta", tokenizer_path=work / "meta" / "tokenizer.model", max_seq_len=cli.seq_len,
                                             max_batch_size=0, dtype=torch.float32),

@@ -53,8 +53,8 @@ def pair_values(run_dir: Path, parallel: distributed.Parallel) -> dict[str, torc
             input_ids, labels, _ = batch
             chosen, rejected = goal.logps(input_ids, labels)
             ref_chosen, ref_rejected = goal.reference_logps(batch, "val")
-            losses, rewards_chosen, rewards_rejected = dpo.preference_losses(chosen, rejected, ref_chosen, ref_rejected, s.loss, s.beta,
-                                                                             s.label_smoothing)
+            losses, rewards_chosen, rewards_rejected = dpo.preference_losses(
+                chosen, rejected, ref_chosen, ref_rejected, loss_type=s.loss, beta=s.beta, label_smoothing=s.label_smoothing)
             for name, value in [("policy_chosen", chosen), ("policy_rejected", rejected), ("reference_chosen", ref_chosen),
                                 ("reference_rejected", ref_rejected), ("losses", losses), ("rewards_chosen", rewards_chosen),
                                 ("rewards_rejected", rewards_rejected)]:

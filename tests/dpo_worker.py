@@ -66,7 +66,7 @@ def sequence_phase(out_dir: Path) -> None:
 def metrics_phase(out_dir: Path) -> None:
     parallel = distributed.setup(1)
     mine = [t[parallel.dp_rank :: parallel.dp_size] for t in pair_logps()]
-    losses, chosen_rewards, rejected_rewards = dpo.preference_losses(*mine, "sigmoid", 0.1)
+    losses, chosen_rewards, rejected_rewards = dpo.preference_losses(*mine, loss_type="sigmoid", beta=0.1)
     sums = dpo.metric_sums(losses, chosen_rewards, rejected_rewards, mine[0], mine[1])
     torch.save({"sums": train.all_reduce_sum(sums, parallel.dp_group)}, out_dir / f"dp2_rank{parallel.rank}.pt")
     fs_init.destroy_model_parallel()

@@ -75,7 +75,8 @@ def ours(per_token, labels, ref_chosen, ref_rejected, loss_type, beta, label_smo
     logps = per_token.sum(dim=1)  # TRL's own reduction: the same tensor, the same sum
     chosen, rejected = logps.chunk(2)
     n_chosen, n_rejected = dpo.response_lengths(labels).chunk(2)
-    out = dpo.preference_losses(chosen, rejected, ref_chosen, ref_rejected, loss_type, beta, label_smoothing, n_chosen, n_rejected)
+    out = dpo.preference_losses(chosen, rejected, ref_chosen, ref_rejected, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+                                chosen_lengths=n_chosen, rejected_lengths=n_rejected)
     return out, chosen, rejected
 
 
@@ -144,14 +145,14 @@ def test_policy_equal_to_reference() -> None:
     cDPO ln 2 within its (1 - e) + e rounding (2 ulps); IPO (0 - 1 / (2 beta))^2 = 25 at beta 0.1, exactly."""
     logps = -torch.rand(5) * 30
     other = -torch.rand(5) * 30
-    losses, rc, rr = dpo.preference_losses(logps, other, logps, other, "sigmoid", 0.1)
+    losses, rc, rr = dpo.preference_losses(logps, other, logps, other, loss_type="sigmoid", beta=0.1)
     assert torch.equal(losses, LN2.expand(5)) and not rc.any() and not rr.any()
     metrics = dpo.pair_metrics(losses, rc, rr, logps, other)
     assert metrics["loss"] == LN2.item() and metrics["rewards/accuracies"] == 0 and metrics["rewards/margins"] == 0
-    smoothed, _, _ = dpo.preference_losses(logps, other, logps, other, "sigmoid", 0.1, 0.3)
+    smoothed, _, _ = dpo.preference_losses(logps, other, logps, other, loss_type="sigmoid", beta=0.1, label_smoothing=0.3)
     assert (smoothed - LN2).abs().max() <= 2 * EPS * LN2
     lengths = torch.tensor([3, 1, 7, 2, 9])
-    ipo, _, _ = dpo.preference_losses(logps, other, logps, other, "ipo", 0.1, 0.0, lengths, lengths)
+    ipo, _, _ = dpo.preference_losses(logps, other, logps, other, loss_type="ipo", beta=0.1, chosen_lengths=lengths, rejected_lengths=lengths)
     assert torch.equal(ipo, torch.full((5,), 25.0))
 
 
@@ -180,7 +181,7 @@ def test_config_is_checked_and_frozen() -> None:
         with pytest.raises(UserError, match=message):
             dpo.DPOConfig(**kwargs)
     with pytest.raises(ValueError, match="chosen_lengths"):
-        dpo.preference_losses(*pair_logps(), "ipo")
+        dpo.preference_losses(*pair_logps(), loss_type="ipo")
 
 
 # ---- sequence_logps ---------------------------------------------------------------------------

@@ -453,7 +453,7 @@ def test_val_data_is_the_held_out_set_for_dpo(hf_base, tmp_path, capsys):
     out = capsys.readouterr().out
     # all 24 records of --data train (--val_fraction 0.2 would have held 5 out), but 4 of their prompts leave no room within 80 tokens
     assert "data: 20 train / 6 val preference pairs" in out and "4 dropped" in out, out
-    pairs = preference.load_pairs(tmp_path / "val.json", load_tokenizer(STORIES / "tokenizer.model"), "plain", 80).pairs
+    pairs = preference.load_pairs(tmp_path / "val.json", load_tokenizer(STORIES / "tokenizer.model"), template="plain", max_seq_len=80).pairs
     input_ids, labels = preference.collate_pairs(pairs, 0)
     logps, max_logit = base_hf_sequence_losses(hf_base, input_ids, labels)
     chosen, rejected = logps.chunk(2)

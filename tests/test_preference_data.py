@@ -59,7 +59,7 @@ def demo_rows(lang: str, n: int = 12) -> list[dict]:
 def test_explicit_prompt_alpaca_from_sentencepiece(lang: str, llama2: Tokenizer, sp: SentencePieceProcessor, tmp_path: Path) -> None:
     """BOS + Alpaca's no-input prompt, then each response + EOS, ids straight from SentencePiece."""
     rows = demo_rows(lang)
-    pairs = preference.load_pairs(write_jsonl(tmp_path / "p.jsonl", rows), llama2, "alpaca", 4096)
+    pairs = preference.load_pairs(write_jsonl(tmp_path / "p.jsonl", rows), llama2, template="alpaca", max_seq_len=4096)
     assert (len(pairs.pairs), pairs.n_truncated, pairs.n_dropped) == (len(rows), 0, 0)
     assert pairs.summary() == (f"data: {len(rows)} preference pairs, 0 with a response truncated to max_seq_len, "
                                f"0 dropped (no room for a response, or no difference left)")
@@ -76,7 +76,7 @@ def test_explicit_prompt_is_tokenized_as_sft(template: str, family: str, llama2:
     """Every template, both families: the ids of the SFT record {instruction: prompt, input: "", output: response}."""
     tokenizer = llama2 if family == "llama2" else llama3
     rows = demo_rows("en", 4) + demo_rows("zh", 4)
-    pairs = preference.load_pairs(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer, template, 4096).pairs
+    pairs = preference.load_pairs(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer, template=template, max_seq_len=4096).pairs
     for row, pair in zip(rows, pairs):
         for response, ids in ((row["chosen"], pair.chosen), (row["rejected"], pair.rejected)):
             assert (pair.prompt, ids) == data.encode({"instruction": row["prompt"], "input": "", "output": response}, tokenizer, template)
@@ -97,7 +97,7 @@ def meta_llama2_prompt(sp: SentencePieceProcessor, dialog: list[dict]) -> list[i
 def test_message_lists_llama2(llama2: Tokenizer, sp: SentencePieceProcessor) -> None:
     """UltraFeedback style: the shared turns in Meta's format, each final answer + EOS; a prompt list goes in front."""
     rows = [json.loads(line) for line in MESSAGES.read_text().splitlines()]
-    pairs = preference.load_pairs(MESSAGES, llama2, "chat", 4096).pairs
+    pairs = preference.load_pairs(MESSAGES, llama2, template="chat", max_seq_len=4096).pairs
     assert len(pairs) == len(rows) == 3
     for row, pair in zip(rows, pairs):
         prefix = row["prompt"] if isinstance(row["prompt"] if "prompt" in row else None, list) else []
@@ -109,7 +109,7 @@ def test_message_lists_llama2(llama2: Tokenizer, sp: SentencePieceProcessor) -> 
 def test_message_lists_llama3(llama3: Tokenizer) -> None:
     """Llama 3: the prompt is chat.dialog_tokens (ending with the assistant header), each answer its content + <|eot_id|>."""
     rows = [json.loads(line) for line in MESSAGES.read_text().splitlines()]
-    pairs = preference.load_pairs(MESSAGES, llama3, "chat", 4096).pairs
+    pairs = preference.load_pairs(MESSAGES, llama3, template="chat", max_seq_len=4096).pairs
     header = chat.llama3_header(llama3, "assistant")
     for row, pair in zip(rows, pairs):
         prefix = row["prompt"] if isinstance(row.get("prompt"), list) else []
@@ -121,7 +121,7 @@ def test_message_lists_llama3(llama3: Tokenizer) -> None:
 
 def test_collate_pairs_chosen_rows_then_rejected_rows(llama2: Tokenizer) -> None:
     """Rows 0..B-1: prompt + chosen; rows B..2B-1: prompt + rejected; labels only on responses; right padding."""
-    pairs = preference.load_pairs(DEMOS["en"], llama2, "alpaca", 4096, max_examples=3).pairs
+    pairs = preference.load_pairs(DEMOS["en"], llama2, template="alpaca", max_seq_len=4096, max_examples=3).pairs
     input_ids, labels = preference.collate_pairs(pairs, pad_id=0)
     rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     assert input_ids.shape == labels.shape == (6, max(len(a) + len(b) for a, b in rows))
@@ -141,7 +141,7 @@ def test_over_long_pairs_keep_the_prompt_and_are_counted(llama2: Tokenizer, sp: 
     n_resp = [(len(sp.encode(r["chosen"])) + 1, len(sp.encode(r["rejected"])) + 1) for r in rows]
     dropped = sum(p >= max_seq_len for p in n_prompt)
     truncated = sum(p < max_seq_len and p + max(c, r) > max_seq_len for p, (c, r) in zip(n_prompt, n_resp))
-    pairs = preference.load_pairs(DEMOS["en"], llama2, "alpaca", max_seq_len)
+    pairs = preference.load_pairs(DEMOS["en"], llama2, template="alpaca", max_seq_len=max_seq_len)
     assert dropped > 0 and truncated > 0
     assert (pairs.n_dropped, pairs.n_truncated, len(pairs.pairs)) == (dropped, truncated, len(rows) - dropped)
     kept = [(r, p) for r, p in zip(rows, n_prompt) if p < max_seq_len]
@@ -199,7 +199,7 @@ def test_bad_records_name_file_line_and_fix(case: str, tmp_path: Path, llama2: T
     rows, message = BAD[case]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     with pytest.raises(UserError, match=message) as err:
-        preference.load_pairs(path, llama2, "chat", 256)
+        preference.load_pairs(path, llama2, template="chat", max_seq_len=256)
     assert "\n" not in str(err.value) and str(err.value).startswith(str(path))
 
 
@@ -220,24 +220,24 @@ def test_sft_data_is_refused_naming_the_missing_fields(llama2: Tokenizer) -> Non
 
 def test_message_lists_need_the_chat_template(llama2: Tokenizer) -> None:
     with pytest.raises(UserError, match="line 1 holds chat messages.*pass --template chat"):
-        preference.load_pairs(MESSAGES, llama2, "alpaca", 256)
+        preference.load_pairs(MESSAGES, llama2, template="alpaca", max_seq_len=256)
 
 
 def test_llama2_dialog_order_error_names_the_record(llama2: Tokenizer, tmp_path: Path) -> None:
     rows = [{"chosen": [USER, USER, {"role": "assistant", "content": "a"}], "rejected": [USER, USER, {"role": "assistant", "content": "b"}]}]
     with pytest.raises(UserError, match="line 1: a dialog must be .*alternating"):
-        preference.load_pairs(write_jsonl(tmp_path / "p.jsonl", rows), llama2, "chat", 256)
+        preference.load_pairs(write_jsonl(tmp_path / "p.jsonl", rows), llama2, template="chat", max_seq_len=256)
 
 
 @pytest.mark.slow
 def test_split_is_deterministic_and_val_data_replaces_it(llama2: Tokenizer) -> None:
-    a = preference.build_pair_splits(DEMOS["en"], llama2, "plain", 128, val_fraction=0.1, seed=3, max_examples=200)
-    b = preference.build_pair_splits(DEMOS["en"], llama2, "plain", 128, val_fraction=0.1, seed=3, max_examples=200)
-    c = preference.build_pair_splits(DEMOS["en"], llama2, "plain", 128, val_fraction=0.1, seed=4, max_examples=200)
+    a = preference.build_pair_splits(DEMOS["en"], llama2, template="plain", max_seq_len=128, val_fraction=0.1, seed=3, max_examples=200)
+    b = preference.build_pair_splits(DEMOS["en"], llama2, template="plain", max_seq_len=128, val_fraction=0.1, seed=3, max_examples=200)
+    c = preference.build_pair_splits(DEMOS["en"], llama2, template="plain", max_seq_len=128, val_fraction=0.1, seed=4, max_examples=200)
     assert a == b and a.val != c.val and (len(a.train), len(a.val)) == (179, 20)  # 200 pairs, one with no room left at 128 tokens
     assert "1 dropped" in a.summary()
-    held_out = preference.build_pair_splits(DEMOS["en"], llama2, "plain", 4096, val_fraction=0.1, seed=3, val_path=DEMOS["zh"])
-    assert len(held_out.train) == 499 and held_out.val == preference.load_pairs(DEMOS["zh"], llama2, "plain", 4096).pairs
+    held_out = preference.build_pair_splits(DEMOS["en"], llama2, template="plain", max_seq_len=4096, val_fraction=0.1, seed=3, val_path=DEMOS["zh"])
+    assert len(held_out.train) == 499 and held_out.val == preference.load_pairs(DEMOS["zh"], llama2, template="plain", max_seq_len=4096).pairs
     assert "499 train / 500 val preference pairs" in held_out.summary()
 
 

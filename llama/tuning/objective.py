@@ -90,8 +90,9 @@ class DPO:
         chosen, rejected = self.logps(batch[0], batch[1])
         s = self.settings
         lengths = dpo.response_lengths(batch[1]).chunk(2) if s.loss == "ipo" else (None, None)
-        losses, chosen_rewards, rejected_rewards = dpo.preference_losses(chosen, rejected, ref_chosen, ref_rejected, s.loss, s.beta,
-                                                                        s.label_smoothing, *lengths)
+        losses, chosen_rewards, rejected_rewards = dpo.preference_losses(
+            chosen, rejected, ref_chosen, ref_rejected, loss_type=s.loss, beta=s.beta, label_smoothing=s.label_smoothing,
+            chosen_lengths=lengths[0], rejected_lengths=lengths[1])
         return losses, dpo.metric_sums(losses, chosen_rewards, rejected_rewards, chosen, rejected)
 
     def accumulate(self, micro_batches, *, dp_group, autocast: Autocast, scale) -> tuple[float, dict]:

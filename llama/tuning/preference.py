@@ -220,7 +220,7 @@ def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_seq_
     return Pair(prompt, chosen, rejected), truncated
 
 
-def tokenize_records(records: Sequence[Record], tokenizer: Tokenizer, template: str, max_seq_len: int, path: Path,
+def tokenize_records(records: Sequence[Record], tokenizer: Tokenizer, *, template: str, max_seq_len: int, path: Path,
                      progress: Optional[tqdm] = None) -> Pairs:
     """Pairs of the records in order, with the truncated and dropped counts."""
     pairs, n_truncated, n_dropped = [], 0, 0
@@ -242,18 +242,19 @@ def _check_settings(template: str, max_seq_len: int) -> None:
         raise UserError(f"max_seq_len {max_seq_len} is too small: a pair needs at least BOS and one response token")
 
 
-def load_pairs(path: str | Path, tokenizer: Tokenizer, template: str, max_seq_len: int, field_map: Optional[dict[str, str]] = None,
+def load_pairs(path: str | Path, tokenizer: Tokenizer, *, template: str, max_seq_len: int, field_map: Optional[dict[str, str]] = None,
                max_examples: Optional[int] = None, show_progress: bool = False) -> Pairs:
     """The pairs of one file in file order (the first max_examples records): an explicit held-out set."""
     _check_settings(template, max_seq_len)
     records = load_records(path, field_map)[:max_examples or None]
     with tqdm(total=len(records), desc="tokenizing pairs", disable=not show_progress) as progress:
-        return tokenize_records(records, tokenizer, template, max_seq_len, Path(path), progress)
+        return tokenize_records(records, tokenizer, template=template, max_seq_len=max_seq_len, path=Path(path), progress=progress)
 
 
 def build_pair_splits(
     path: str | Path,
     tokenizer: Tokenizer,
+    *,
     template: str = "alpaca",
     max_seq_len: int = 256,
     val_fraction: float = 0.05,
@@ -272,10 +273,10 @@ def build_pair_splits(
     held_out, kept = data.split_records(load_records(path, field_map), path, val_fraction=val_fraction, seed=seed,
                                         max_examples=max_examples, explicit_val=val_path is not None, unit="pair")
     with tqdm(total=len(held_out) + len(kept), desc="tokenizing pairs", disable=not show_progress) as progress:
-        val = tokenize_records(held_out, tokenizer, template, max_seq_len, Path(path), progress)
-        train = tokenize_records(kept, tokenizer, template, max_seq_len, Path(path), progress)
+        val = tokenize_records(held_out, tokenizer, template=template, max_seq_len=max_seq_len, path=Path(path), progress=progress)
+        train = tokenize_records(kept, tokenizer, template=template, max_seq_len=max_seq_len, path=Path(path), progress=progress)
     if val_path is not None:
-        val = load_pairs(val_path, tokenizer, template, max_seq_len, field_map, show_progress=show_progress)
+        val = load_pairs(val_path, tokenizer, template=template, max_seq_len=max_seq_len, field_map=field_map, show_progress=show_progress)
     if not train.pairs:
         raise UserError(f"{path}: every training pair's prompt fills max_seq_len {max_seq_len}, so no response token is left; "
                         f"raise --max_seq_len")
