@@ -4,7 +4,6 @@ Serves /v1/completions and /v1/chat/completions (streaming or not), /v1/models a
 rank 0 while all N ranks decode the batch together; see README "Serving" and llama/serving/.
 """
 
-import argparse
 import importlib.util
 import math
 from pathlib import Path

@@ -51,7 +51,6 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from bench.common import device_name, emit_json, format_table, read_bandwidth, rotated  # noqa: E402
 from bench.quantize import PARAMS_7B, PARAMS_110M, write_checkpoint  # noqa: E402

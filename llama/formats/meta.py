@@ -7,7 +7,6 @@ checkpoint holds. Memory stays bounded: one shard is built (its tensors copied o
 inputs), saved, and freed before the next.
 """
 
-import json
 import re
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -31,7 +30,7 @@ from llama.formats.layout import (
     shard_name,
     slice_pieces,
 )
-from llama.formats.params import PARAMS, model_args, params_from_args, read_params
+from llama.formats.params import PARAMS, model_args, read_params
 from llama.model import ModelArgs
 
 _SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
