@@ -104,8 +104,7 @@ class ColumnParallelLinear(nn.Module):
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's product: dense or through its kernel, + LoRA if any."""
-        out = F.linear(x, self.weight) if self.kernel is None else self.kernel(x)
-        return out if self.lora is None or not self.lora.enabled else out + self.lora(x)
+        return plus_lora(self, x, F.linear(x, self.weight) if self.kernel is None else self.kernel(x))
 
     def split_forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the outputs, never gathered (the vocabulary-parallel loss reads the
@@ -136,8 +135,7 @@ class RowParallelLinear(nn.Module):
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial output (its columns' share), + LoRA, before the all-reduce."""
-        out = F.linear(x, self.weight) if self.kernel is None else self.kernel(x)
-        return out if self.lora is None or not self.lora.enabled else out + self.lora(x)
+        return plus_lora(self, x, F.linear(x, self.weight) if self.kernel is None else self.kernel(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.local(x)
@@ -145,6 +143,11 @@ class RowParallelLinear(nn.Module):
 
 
 ParallelLinear = ColumnParallelLinear | RowParallelLinear
+
+
+def plus_lora(layer: ParallelLinear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out`, a layer's local product of x, with the layer's LoRA adapter added when it has one switched on."""
+    return out if layer.lora is None or not layer.lora.enabled else out + layer.lora(x)
 
 
 class FusedColumnParallelLinear(nn.Module):
@@ -172,7 +175,7 @@ class FusedColumnParallelLinear(nn.Module):
             raise RuntimeError("fused projections are for inference: load the model without fuse=True to train it")
         out = F.linear(x, self.weight) if self.kernel is None else self.kernel(x)
         outs = out.split(self.sizes, dim=-1)
-        return [o if p.lora is None or not p.lora.enabled else o + p.lora(x) for o, p in zip(outs, parts)]
+        return [plus_lora(p, x, o) for o, p in zip(outs, parts)]
 
 
 class ParallelEmbedding(nn.Module):
