@@ -7,7 +7,7 @@
 
 A random Llama-2-shaped Meta checkpoint per shape (110M: dim 768, 12 layers, vocab 32000; 7B: dim
 4096, hidden 11008, 2 layers) is written once, float32. llama-mp loads it as `Llama.build` does
-(wq|wk|wv and w1|w3 fused) with --dtype float32 (fp32), --dtype bfloat16 (bf16), --quantize int8 and
+(wq|wk|wv and w1|w3 fused, --prepack auto) with --dtype float32 (fp32), --dtype bfloat16 (bf16), --quantize int8 and
 int4 (float32 model; the head in int8), and decodes through the engine's runner (`Runner.decode`,
 eager and with --compile), greedy: each row's 16-token prompt prefilled, then --steps steps, timed.
 llama.cpp (through llama-cpp-python, a bench-only extra: `pip install -e ".[bench]"`; without it the
@@ -29,7 +29,7 @@ is the measured rate over it. llama.cpp's bytes are its GGUF tensors but the tok
 engine of the row above): int8 with _weight_int8pack_mm, an fp32 head, separate projections, the
 former RoPE/RMSNorm ops, eager -> + fbgemm -> + int8 head -> + fusion -> + fewer ops -> + --compile
 (dynamic shapes); int4 and fp32 likewise with the levers that apply, plus fp32 with the former
---compile (the static whole-cache step). The former code paths are switched back in for those
+--compile (the static whole-cache step), then fp32 + --prepack auto (oneDNN or MKL by thread count). The former code paths are switched back in for those
 engines only (bench-only patches: `Levers.context`).
 """
 
@@ -54,6 +54,7 @@ import torch  # noqa: E402
 
 from bench.common import device_name, emit_json, format_table, read_bandwidth, rotated  # noqa: E402
 from bench.quantize import PARAMS_7B, PARAMS_110M, write_checkpoint  # noqa: E402
+from llama.kernels.linear import PACKINGS  # noqa: E402
 
 PROMPT_LEN = 16
 SHAPES = {"110M": PARAMS_110M, "7B": {**PARAMS_7B, "n_layers": 2}}
@@ -100,6 +101,7 @@ class Levers:
     fuse: bool = True  # wq|wk|wv and w1|w3 as one product each
     ops: bool = True  # RMSNorm as one op, RoPE as two products and a sum
     compile: Optional[str] = None  # None (eager), "dynamic" (--compile on CPU now), "static" (--compile before)
+    prepack: str = "auto"  # --prepack: fp32 linears pre-packed for oneDNN / MKL by thread count ("none": F.linear)
 
     @contextlib.contextmanager
     def context(self):
@@ -133,15 +135,17 @@ def _patched(obj, name, value):
         setattr(obj, name, saved)
 
 
-TODAY = Levers(fbgemm=False, head=False, fuse=False, ops=False)
+TODAY = Levers(fbgemm=False, head=False, fuse=False, ops=False, prepack="none")
+UNPACKED = replace(Levers(), prepack="none")
 LEVER_STEPS = {  # scheme -> [(name, levers)], each adding one change to the one before
     "int8": [("int8 before", TODAY), ("+ fbgemm int8", replace(TODAY, fbgemm=True)), ("+ int8 head", replace(TODAY, fbgemm=True, head=True)),
              ("+ fusion", replace(TODAY, fbgemm=True, head=True, fuse=True)), ("+ fewer ops", Levers()), ("+ compile dynamic", Levers(compile="dynamic"))],
     "int4": [("int4 before", TODAY), ("+ int8 head (fbgemm)", replace(TODAY, fbgemm=True, head=True)),
              ("+ fusion", replace(TODAY, fbgemm=True, head=True, fuse=True)),
              ("+ fewer ops", Levers()), ("+ compile dynamic", Levers(compile="dynamic"))],
-    "fp32": [("fp32 before", TODAY), ("+ fusion", replace(TODAY, fuse=True)), ("+ fewer ops", Levers()),
-             ("+ compile static (former --compile)", Levers(compile="static")), ("+ compile dynamic", Levers(compile="dynamic"))],
+    "fp32": [("fp32 before", TODAY), ("+ fusion", replace(TODAY, fuse=True)), ("+ fewer ops", UNPACKED),
+             ("+ compile static (former --compile)", replace(UNPACKED, compile="static")),
+             ("+ compile dynamic", replace(UNPACKED, compile="dynamic")), ("+ --prepack auto", Levers(compile="dynamic"))],
 }
 
 
@@ -154,9 +158,9 @@ def load(ckpt: Path, scheme: str, levers: Levers, rows: int, max_seq_len: int):
     from llama.kernels.schemes import parse_scheme
 
     dtype, quantize = SCHEMES[scheme]
-    spec = LoadSpec(ckpt, max_seq_len=max_seq_len, max_batch_size=rows, dtype=dtype, quantize=parse_scheme(quantize))
+    spec = LoadSpec(ckpt, max_seq_len=max_seq_len, max_batch_size=rows, dtype=dtype, quantize=parse_scheme(quantize), prepack=levers.prepack)
     with levers.context():
-        return load_model(spec, vocab_size=SHAPES_VOCAB, device=torch.device("cpu"), fuse=levers.fuse)
+        return load_model(spec, vocab_size=SHAPES_VOCAB, device=torch.device("cpu"), inference=levers.fuse)
 
 
 class Ours:
@@ -315,6 +319,7 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     parser.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"], help="llama-mp without and with --compile")
+    parser.add_argument("--prepack", default="auto", choices=PACKINGS, help="llama-mp's --prepack for the fp32 linears (README 'Threads')")
     parser.add_argument("--levers", action="store_true", help="before/after per change instead (first shape, batch and thread count given)")
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed per run")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each engine's best is kept")
@@ -365,7 +370,7 @@ def main() -> None:
                                 engines[name if "before" in name else f"{scheme} {name}"] = ours(scheme, levers, batch)
                             continue
                         for mode in args.modes:
-                            engines[f"{scheme} {mode} b{batch}"] = ours(scheme, Levers(compile="dynamic" if mode == "compile" else None), batch)
+                            engines[f"{scheme} {mode} b{batch}"] = ours(scheme, Levers(compile="dynamic" if mode == "compile" else None, prepack=args.prepack), batch)
                 print(f"# {shape}, {threads} thread(s): {len(engines)} engines, {args.repeats} rounds", flush=True)
                 best, best_cpu, bandwidth = run_group(engines, steps=args.steps, repeats=args.repeats, bandwidth_buffer=buffer)
                 for name, engine in engines.items():

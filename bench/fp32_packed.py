@@ -73,9 +73,13 @@ def main() -> None:
     files = decode.make_files(Path(args.keep), "110M", True)
     engines = {"llama.cpp f32": decode.LlamaCpp(files["f32"], args.threads, 512)}
     for name, kind, head_only in [("fp32 F.linear", None, False), ("fp32 head mkl", "mkl", True), ("fp32 head onednn", "onednn", True),
-                                  ("fp32 all mkl", "mkl", False), ("fp32 all onednn", "onednn", False)]:
+                                  ("fp32 all mkl", "mkl", False), ("fp32 all onednn", "onednn", False),
+                                  ("fp32 onednn, head mkl", "both", False)]:
         model = decode.load(files["ckpt"], "fp32", decode.Levers(), 1, 512)
-        if kind:
+        if kind == "both":
+            swap(model, "onednn", False)
+            swap(model, "mkl", True)
+        elif kind:
             swap(model, kind, head_only)
         engines[name] = decode.Ours(model, "fp32", decode.Levers(compile="dynamic"), 1, args.steps)
     best, _, bandwidth = decode.run_group(engines, steps=args.steps, repeats=args.repeats, bandwidth_buffer=torch.empty(2**27))

@@ -58,7 +58,11 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 512, max_batch
                         "int4-g32 / int4-g64 for smaller groups) or nf4 (needs the extra 'qlora'); see README 'Quantization'")
     g.add_argument("--verify", action="store_true",
                    help="check every model file's sha256 against the folder's manifest.json before loading (~1 s per GB; sizes are always checked)")
-    if compile:
+    if compile:  # the inference scripts
+        g.add_argument("--prepack", default="auto",
+                       help="CPU, float32: pre-pack the dense linears' weights for a GEMM library: auto (oneDNN at 2+ threads, MKL for the "
+                            "output head at 1), none (F.linear), onednn (no memory added), mkl (fastest at 1 thread; twice the "
+                            "linears' memory); see README 'Threads'")
         g.add_argument("--compile", action="store_true", help="torch.compile the decoding step (CUDA graphs on GPU); compiling takes minutes on CPU")
 
 
@@ -90,7 +94,7 @@ def load_spec(args: argparse.Namespace, max_batch_size: Optional[int] = None) ->
         ckpt_dir=args.ckpt_dir, tokenizer_path=args.tokenizer_path, max_seq_len=args.max_seq_len,
         max_batch_size=args.max_batch_size if max_batch_size is None else max_batch_size,
         dtype=None if args.dtype == "auto" else parse_dtype(args.dtype), quantize=parse_scheme(args.quantize), rope_scaling_factor=factor,
-        verify=args.verify,
+        verify=args.verify, prepack=getattr(args, "prepack", "auto"),
     )
 
 

@@ -44,7 +44,7 @@ class Llama:
     @staticmethod
     def build(spec: LoadSpec | str | Path, *, seed: int = 1, tp_size: Optional[int] = None, compile: bool = False, **fields) -> "Llama":
         """Load a model directory (Meta, any shard count, or Hugging Face) split over this job's tensor-parallel ranks,
-        for inference: wq|wk|wv and w1|w3 each run as one product (llama.formats.load, fuse=True).
+        for inference: wq|wk|wv and w1|w3 each run as one product (llama.formats.load, inference=True).
 
         `spec` is a LoadSpec, or a model directory whose LoadSpec `fields` complete
         (`Llama.build("ckpts/stories260K", max_seq_len=128, quantize=Scheme("int8"))`).
@@ -58,7 +58,7 @@ class Llama:
         parallel = distributed.setup(tp_size)
         torch.manual_seed(seed)
         model = load_model(spec, vocab_size=tokenizer.n_words, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size,
-                           fuse=True)
+                           inference=True)
         return Llama(model, tokenizer, parallel, seed=seed, compile=compile)
 
     def generate(self, prompts: list[list[int]], sampling: Sampling = Sampling(), *, prefix: Optional[torch.Tensor] = None) -> list[Completion]:

@@ -202,7 +202,7 @@ class Attention(nn.Module):
     """Grouped-query attention over this rank's heads; wo all-reduces the partial outputs."""
 
     FUSED = {"wqkv": ("wq", "wk", "wv")}
-    """Layers reading the same input that inference may run as one product (llama.formats.load, fuse=True)."""
+    """Layers reading the same input that inference may run as one product (llama.formats.load, inference=True)."""
     cache: Optional[KVCache]
     """Keys/values of earlier positions (generation), or None (training, scoring)."""
     wqkv: Optional[FusedColumnParallelLinear]

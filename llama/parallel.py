@@ -89,9 +89,9 @@ class ColumnParallelLinear(nn.Module):
     """The dim of W [out, in] cut over the ranks: its rows."""
 
     weight: Optional[nn.Parameter]
-    """This rank's rows of W, or None when a quantized `kernel` holds them."""
+    """This rank's rows of W, or None when a `kernel` holds them."""
     kernel: Optional[nn.Module]
-    """A kernel multiplying by this rank's rows in another form (quantized); None: F.linear."""
+    """A kernel multiplying by this rank's rows in another form (quantized, or packed for a CPU GEMM library); None: F.linear."""
     lora: Optional[nn.Module]
     """A LoRA adapter (llama/lora.py) added to the local product, or None."""
 
@@ -156,7 +156,7 @@ class FusedColumnParallelLinear(nn.Module):
     Each rank stacks its own rows of the parts, [W1_local; W2_local; ...], so one product gives this
     rank's outputs of every part side by side, and they split back exactly (`sizes`: the parts' local
     rows). Per-row int8 and per-group int4 scales belong to rows, so quantizing the stack gives each
-    part's own codes and scales. The loader builds it (llama.formats.load, `fuse=True`): dense parts
+    part's own codes and scales. The loader builds it (llama.formats.load, `inference=True`): dense parts
     become views of the stacked weight (no memory added, the state dict unchanged); quantized parts
     give their rows to the one `kernel` and hold neither weight nor kernel themselves. A part's LoRA
     adapter, put on the part at any time, is added to the part's share of the output. Training never
@@ -172,7 +172,7 @@ class FusedColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, parts: tuple[ColumnParallelLinear, ...]) -> list[torch.Tensor]:
         """Each part's local output, adapters included; `parts` are the layers fused, in order."""
         if self.training:
-            raise RuntimeError("fused projections are for inference: load the model without fuse=True to train it")
+            raise RuntimeError("fused projections are for inference: load the model without inference=True to train it")
         out = F.linear(x, self.weight) if self.kernel is None else self.kernel(x)
         outs = out.split(self.sizes, dim=-1)
         return [plus_lora(p, x, o) for o, p in zip(outs, parts)]

@@ -34,7 +34,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.tokenizer)
     spec = LoadSpec(args.ckpt, max_seq_len=32, max_batch_size=len(PROMPTS), dtype=torch.float32)
     model = load.load_model(spec, vocab_size=tokenizer.n_words, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size,
-                            fuse=True)  # as Llama.build loads
+                            inference=True)  # as Llama.build loads
     eager = [c.ids for c in Llama(model, tokenizer, parallel).generate(PROMPTS, Sampling(max_tokens=GEN_LEN))]
     done = Llama(model, tokenizer, parallel, compile=True).generate(PROMPTS, Sampling(max_tokens=GEN_LEN, top_logprobs=0))
     compiled, logprobs = [c.ids for c in done], [[lp.logprob for lp in c.logprobs] for c in done]

@@ -51,11 +51,11 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 
 
 def load_stories(device: str = "cpu", dtype: torch.dtype = torch.float32, max_batch_size: int = 4, max_seq_len: int = 512,
-                 fuse: bool = False) -> Transformer:
-    """The bundled model on one rank (needs the `world1` fixture's process group); `fuse`: wq|wk|wv and w1|w3
-    as one product each, as Llama.build loads for inference."""
-    spec = LoadSpec(STORIES, max_seq_len=max_seq_len, max_batch_size=max_batch_size, dtype=dtype)
-    return load.load_model(spec, vocab_size=512, device=torch.device(device), fuse=fuse)
+                 inference: bool = False, pack: str = "none") -> Transformer:
+    """The bundled model on one rank (needs the `world1` fixture's process group); `inference`: wq|wk|wv and
+    w1|w3 as one product each and the dense linears packed by `pack`, as Llama.build loads."""
+    spec = LoadSpec(STORIES, max_seq_len=max_seq_len, max_batch_size=max_batch_size, dtype=dtype, prepack=pack)
+    return load.load_model(spec, vocab_size=512, device=torch.device(device), inference=inference)
 
 
 @torch.inference_mode()

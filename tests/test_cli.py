@@ -30,6 +30,7 @@ BAD_INPUTS = {
     "vocab mismatch": (("--tokenizer_path", str(LLAMA2_TOKENIZER)), r"tokenizer has 32000 tokens but params\.json says vocab_size 512"),
     "prompt too long": (("--max_seq_len", "16", "--prompt", LONG_PROMPT), r"the prompt has \d+ tokens but --max_seq_len is 16"),
     "unknown dtype": (("--dtype", "float64"), r"unknown dtype 'float64'"),
+    "unknown prepack": (("--prepack", "fast"), r"--prepack must be one of auto, none, onednn, mkl, got 'fast'"),
     "a file for a folder": (("--ckpt_dir", "ckpts/stories260K/params.json"), r"params\.json is a file, not a model directory"),
     "system without chat": (("--system", "Be brief."), r"--system is the system prompt of --chat: add --chat"),
 }

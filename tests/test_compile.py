@@ -76,7 +76,7 @@ def test_compiled_tp2_equals_eager(world1, tiny_ckpt, tmp_path):
     got = torch.load(out, weights_only=True)
     tokenizer = load_tokenizer(STORIES_TOKENIZER)
     model = load.load_model(LoadSpec(tiny_ckpt, max_seq_len=32, max_batch_size=len(PROMPTS), dtype=torch.float32),
-                            vocab_size=tokenizer.n_words, device=world1.device, fuse=True)
+                            vocab_size=tokenizer.n_words, device=world1.device, inference=True)
     done = Llama(model, tokenizer, world1).generate(PROMPTS, Sampling(max_tokens=GEN_LEN, top_logprobs=0))
     tp1_ids, tp1_lps = [c.ids for c in done], [[lp.logprob for lp in c.logprobs] for c in done]
     assert all(len(ids) == GEN_LEN for ids in tp1_ids), "EOS cut the comparison short"
@@ -96,7 +96,7 @@ def test_compiled_quantized_cpu_decoding_equals_eager(world1):
     scheme = "int8"
     tokenizer = load_tokenizer(STORIES_TOKENIZER)
     spec = LoadSpec(STORIES, max_seq_len=64, max_batch_size=2, dtype=torch.float32, quantize=parse_scheme(scheme))
-    model = load.load_model(spec, vocab_size=tokenizer.n_words, device=world1.device, fuse=True)
+    model = load.load_model(spec, vocab_size=tokenizer.n_words, device=world1.device, inference=True)
     # the first block alone: dynamo unrolls the blocks, so compiling 5 takes ~2.3x as long as 1, and what is tested
     # here (the kernels' op in the graph, one graph per form) is in every block alike
     model.layers = model.layers[:1]

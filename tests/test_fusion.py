@@ -1,5 +1,5 @@
 """Fused projections for inference (llama/parallel.py FusedColumnParallelLinear, built by llama.formats.load
-with fuse=True, as Llama.build loads): wq|wk|wv and w1|w3 each one product.
+with inference=True, as Llama.build loads): wq|wk|wv and w1|w3 each one product.
 
 References: the same checkpoint loaded with separate layers. Dense fusion only changes the summation
 order of each product (bounded below), shares the parts' memory and keeps the state dict; quantized
@@ -17,6 +17,7 @@ from references import STORIES
 from llama import lora
 from llama.config import LoadSpec
 from llama.formats.load import load_model
+from llama.kernels import linear
 from llama.kernels.linear import QuantizedLinear
 from llama.kernels.schemes import parse_scheme
 from llama.parallel import FusedColumnParallelLinear
@@ -25,9 +26,10 @@ TOKENS = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(
 U32 = 2**-24
 
 
-def load(scheme=None, fuse=False):
-    spec = LoadSpec(STORIES, max_seq_len=64, max_batch_size=2, dtype=torch.float32, quantize=parse_scheme(scheme or "none"))
-    return load_model(spec, vocab_size=512, device=torch.device("cpu"), fuse=fuse)
+def load(scheme=None, fuse=False, pack="none"):
+    """Fused: an inference load, its dense linears unpacked unless `pack` says otherwise (test_packed.py)."""
+    spec = LoadSpec(STORIES, max_seq_len=64, max_batch_size=2, dtype=torch.float32, quantize=parse_scheme(scheme or "none"), prepack=pack)
+    return load_model(spec, vocab_size=512, device=torch.device("cpu"), inference=fuse)
 
 
 def groups(model):
@@ -80,13 +82,15 @@ def test_quantized_fusion_is_the_parts_kernels_stacked(world1, scheme):
         assert torch.equal(fused(TOKENS, 0), separate(TOKENS, 0))
 
 
-@pytest.mark.parametrize("scheme", [None, "int8", "int4-g128"])
-def test_lora_put_on_fused_parts_adds_to_each_part(world1, scheme):
+@pytest.mark.parametrize("scheme,pack", [(None, "none"), (None, "onednn"), (None, "mkl"), ("int8", "none"), ("int4-g128", "none")])
+def test_lora_put_on_fused_parts_adds_to_each_part(world1, scheme, pack):
     """Adapters on wq, wv (fused with wk) and w3 (fused with w1), plus wo (not fused), attached after
     loading: the fused model equals the separate one with the same adapters (quantized: bit for bit;
-    float32: only the summation order of the fused products differs, so test_tp.py's tolerance for
-    reordered float32 sums, 1e-5 + 1e-5 |logit|); switched off, the adapters leave the fused base."""
-    models = [load(scheme), load(scheme, fuse=True)]
+    float32, packed or not: only the summation order of the products differs, so test_tp.py's tolerance
+    for reordered float32 sums, 1e-5 + 1e-5 |logit|); switched off, the adapters leave the fused base."""
+    if pack != "none" and not linear.packing_available(pack):
+        pytest.skip(f"this torch build cannot pack for {pack}")
+    models = [load(scheme), load(scheme, fuse=True, pack=pack)]
     for model in models:
         lora.add_lora(model, ["wq", "wv", "w3", "wo"], r=4, alpha=8.0, seed=0)
         gen = torch.Generator().manual_seed(1)
@@ -102,7 +106,7 @@ def test_lora_put_on_fused_parts_adds_to_each_part(world1, scheme):
     else:
         assert torch.equal(fused, separate)
     with torch.inference_mode():
-        assert torch.equal(base, load(scheme, fuse=True)(TOKENS, 0))
+        assert torch.equal(base, load(scheme, fuse=True, pack=pack)(TOKENS, 0))
 
 
 def test_a_fused_model_refuses_to_train(world1):

@@ -12,13 +12,16 @@ from references import GOLDEN, GREEDY_CASES, LAST_LOGITS_CASES, PRECISIONS, STOR
 from llama.tokenizer import load_tokenizer
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("inference,pack", [(False, "none"), (True, "none"), (True, "onednn"), (True, "mkl")],
+                         ids=["separate", "fused", "fused-onednn", "fused-mkl"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("name", GREEDY_CASES)
-def test_greedy_ids_match_llama2c(world1, precision: Precision, name: str, fuse: bool):
-    """Also with wq|wk|wv and w1|w3 each one product, as Llama.build loads for inference."""
+def test_greedy_ids_match_llama2c(world1, precision: Precision, name: str, inference: bool, pack: str):
+    """Also with wq|wk|wv and w1|w3 each one product, as Llama.build loads for inference, and with the dense
+    linears packed for oneDNN or MKL (CPU float32 only: elsewhere --prepack changes nothing). Each packed GEMM
+    is a float32 product in another summation order, as the fused one is: the same margin as fused covers it."""
     case = GOLDEN[name]
-    model = load_stories(precision.device, precision.dtype, max_batch_size=1, fuse=fuse)
+    model = load_stories(precision.device, precision.dtype, max_batch_size=1, inference=inference, pack=pack)
     n_new = min(case["n_generated"], precision.exact_ids)
     ids = greedy_ids(model, case["prompt_ids"], n_new)
     expected = case["generated_ids"][:n_new]

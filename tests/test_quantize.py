@@ -149,10 +149,10 @@ def test_fbgemm_kernel_compiles_and_frees_its_packed_weight():
         x = torch.randn(rows, 64)
         assert torch.equal(compiled(x), kernel(x))
     handle = kernel.handle
-    assert handle in linear._FBGEMM_PACKED
+    assert handle in linear._PACKED
     del kernel, compiled
     gc.collect()
-    assert handle not in linear._FBGEMM_PACKED
+    assert handle not in linear._PACKED
 
 
 def gpt_fast_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

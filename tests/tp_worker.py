@@ -47,7 +47,7 @@ def outputs(ckpt_dir: Path, tokenizer: Tokenizer, parallel: distributed.Parallel
         result = {"logits": model(LOGIT_TOKENS.to(parallel.device), 0).cpu()}
     if generate:
         model = load.load_model(spec, vocab_size=tokenizer.n_words, device=parallel.device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size,
-                                fuse=True)
+                                inference=True)
         result["greedy"] = [c.ids for c in Llama(model, tokenizer, parallel, seed=SEED).generate(PROMPTS, Sampling(max_tokens=GEN_LEN))]
         sampled = Llama(model, tokenizer, parallel, seed=SEED).generate(PROMPTS, Sampling(max_tokens=GEN_LEN, temperature=1.0, top_p=0.9))
         result["sampled"] = [c.ids for c in sampled]

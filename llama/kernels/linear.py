@@ -1,10 +1,14 @@
-"""One kernel module per quantization scheme: a rank's slice of a linear in that format, and x @ W^T by it.
+"""One kernel module per form of a linear's weight: a rank's slice in that form, and x @ W^T by it.
 
-A parallel linear (llama/parallel.py) whose weight was quantized while loading holds one of these as
-its `kernel` and no float weight; `kernel(x)` returns x @ W_local^T in x's dtype, so a row-parallel
-layer's partial output is already scaled by its own slice's scales when it is all-reduced.
-`quantized_linear` is the one place that picks the kernel, per scheme, device and CPU, when the
-weight is loaded:
+A parallel linear (llama/parallel.py) whose weight was quantized, or packed for a CPU GEMM library,
+while loading holds one of these as its `kernel` and no float weight; `kernel(x)` returns x @ W_local^T
+in x's dtype, so a row-parallel layer's partial output is already scaled by its own slice's scales
+when it is all-reduced. `linear_kernel` is the one place that picks the kernel, per scheme, device,
+CPU and thread count, when the weight is loaded:
+
+- float32 on CPU, inference loads: `PackedLinear`, the dense weight re-packed for oneDNN or MKL
+  (--prepack; at 2+ threads oneDNN's GEMM splits a one-row product over the threads, MKL's sgemv that
+  F.linear calls does not; at 1 thread MKL's packed GEMM reads the weight 1.7x faster than its sgemv).
 
 - int8 on CPU: `FbgemmInt8Linear`, fbgemm's dynamic int8 linear (`quantized.linear_prepack` of the
   per-channel int8 codes and scales, `quantized.linear_dynamic`), when `fbgemm_reduce_range()`'s
@@ -41,8 +45,8 @@ The weight codes and scales are this project's (`schemes.quantize_int8` with flo
 weight is the same per-row int8 one `Int8Linear` multiplies by.
 
 torch.compile cannot trace fbgemm's packed weight (a TorchBind object), so under compile the call
-goes through a custom op (`llama::fbgemm_linear`) that takes an integer handle to it; eager calls
-the op directly (the custom op's dispatch costs a few microseconds a call).
+goes through a custom op (`llama::packed_linear`) that takes an integer handle to it (`Packed`); eager
+calls fbgemm directly (the custom op's dispatch costs a few microseconds a call).
 
 The formats themselves (quantize, dequantize, padding, sizes) are llama/kernels/schemes.py. The
 other int kernels read activations in a 16-bit dtype (`schemes.kernel_dtype`) and in-features
@@ -54,7 +58,7 @@ import itertools
 import math
 import warnings
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,11 +114,45 @@ class Int8Linear(QuantizedLinear):
         return schemes.dequantize_int8(self.q, self.scales, self.in_features)
 
 
+# Products by weights that live in a library's own packed object (fbgemm's TorchBind object, oneDNN's
+# opaque tensor, MKL's packed buffer), which torch.compile cannot trace: each such kernel keeps its
+# product `x [rows, in] -> [rows, out]` here under an integer handle (the entry goes with the kernel),
+# and compiled code reaches it through the custom op `llama::packed_linear`.
+_PACKED: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+_handles = itertools.count()
+
+
+@torch.library.custom_op("llama::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """The packed product `handle` names, on x [rows, in]: what torch.compile sees of such a kernel."""
+    return _PACKED[handle](x)
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.size(0), out_features)
+
+
+class Packed:
+    """A kernel whose product runs on a packed object: `keep(product)` registers it, `matmul(x)` calls it
+    (through the custom op while compiling; directly in eager, where the op's dispatch would cost a few
+    microseconds a call). The product must not hold the kernel itself, or it would never be freed."""
+
+    out_features: int
+
+    def keep(self, product: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.product, self.handle = product, next(_handles)
+        _PACKED[self.handle] = product
+        weakref.finalize(self, _PACKED.pop, self.handle, None)
+
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return packed_linear(flat, self.handle, self.out_features)
+        return self.product(flat)
+
+
 # the overload itself (its packet checks every call's arguments for script objects); None in builds without it
 FBGEMM_LINEAR = getattr(getattr(torch.ops.quantized, "linear_dynamic", None), "default", None)
-# fbgemm's packed weights by handle, for the custom op torch.compile traces (an entry goes with its kernel)
-_FBGEMM_PACKED: dict[int, torch.ScriptObject] = {}
-_handles = itertools.count()
 FBGEMM_K_BLOCK = 512  # fbgemm's PackBMatrix pads in-features to its KCB (512 for int8 on AVX2 and AVX-512)
 
 
@@ -147,18 +185,7 @@ def fbgemm_reduce_range() -> Optional[bool]:
     return not torch.allclose(eight_bits, torch.full_like(eight_bits, expected), rtol=1e-5)
 
 
-@torch.library.custom_op("llama::fbgemm_linear", mutates_args=())
-def fbgemm_linear(x: torch.Tensor, handle: int, out_features: int, reduce_range: bool) -> torch.Tensor:
-    """quantized.linear_dynamic on the packed weight `handle` names: what torch.compile sees of the kernel."""
-    return FBGEMM_LINEAR(x, _FBGEMM_PACKED[handle], reduce_range)
-
-
-@fbgemm_linear.register_fake
-def _(x: torch.Tensor, handle: int, out_features: int, reduce_range: bool) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], out_features)
-
-
-class FbgemmInt8Linear(QuantizedLinear):
+class FbgemmInt8Linear(Packed, QuantizedLinear):
     """Per-row int8 weights in fbgemm's packed layout, times int8 activations quantized per call
     (see the module doc); float32 arithmetic around the integer product, any in/out features."""
 
@@ -167,18 +194,12 @@ class FbgemmInt8Linear(QuantizedLinear):
         self.scheme, (self.out_features, self.in_features), self.scale_dtype = Scheme("int8"), weight.shape, torch.float32
         self.reduce_range = reduce_range
         q, scales = schemes.by_rows(schemes.quantize_int8, weight, torch.float32)
-        self.packed = fbgemm_prepack(q[:, : self.in_features].contiguous(), scales)
-        self.handle = next(_handles)
-        _FBGEMM_PACKED[self.handle] = self.packed
-        weakref.finalize(self, _FBGEMM_PACKED.pop, self.handle, None)
+        self.packed = packed = fbgemm_prepack(q[:, : self.in_features].contiguous(), scales)
+        self.keep(lambda x: FBGEMM_LINEAR(x, packed, reduce_range))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        flat = flat if flat.dtype == torch.float32 else flat.float()
-        if torch.compiler.is_compiling():
-            out = fbgemm_linear(flat, self.handle, self.out_features, self.reduce_range)
-        else:
-            out = FBGEMM_LINEAR(flat, self.packed, self.reduce_range)
+        out = self.matmul(flat if flat.dtype == torch.float32 else flat.float())
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
@@ -294,13 +315,91 @@ class NF4MatMul(torch.autograd.Function):
         return grad_x, None
 
 
-def quantized_linear(weight: torch.Tensor, scheme: Scheme, device: torch.device, dtype: torch.dtype) -> QuantizedLinear:
-    """One rank's slice `weight` (read from the checkpoint) as a quantized kernel on `device`: the kernel
-    for the scheme there (module doc; int8 on CPU: fbgemm where its probe passes, else _weight_int8pack_mm).
+PACKINGS = ("auto", "none", "onednn", "mkl")
+"""--prepack: how an inference load multiplies by the dense float32 linears on a CPU (`PackedLinear`)."""
 
-    The slice is first brought to `device` in the model dtype (the one unquantized tensor the
-    loader holds at a time); nf4 quantizes that dtype, int8/int4 keep scales in the kernel dtype.
+
+class PackedLinear(Packed, nn.Module):
+    """One rank's dense float32 slice [out, in], pre-packed for a CPU GEMM library at load (inference only:
+    nothing here has a gradient). `forward(x)` is x @ W^T within float32 rounding, any rows.
+
+    - "onednn": `mkldnn._reorder_linear_weight(W, 1)`, oneDNN's blocked layout for one-row products (an
+      opaque tensor the same size as W, which it replaces), multiplied by `mkldnn._linear_pointwise` for
+      any row count. Its GEMM splits one row's product over the threads, where F.linear's (MKL's sgemv
+      at one row) stays on one core: 110M decode at 2 threads, 1.4-1.5x F.linear's tokens/s.
+    - "mkl": `mkl._mkl_reorder_linear_weight(W, 1)`, MKL's cblas_sgemm_pack of W for one-row products,
+      by `mkl._mkl_linear`, which takes it when x has exactly one row (batch-1 decoding) and F.linear on
+      W, which it keeps, otherwise (prefill, batches): 1.7x F.linear's GB/s on the 110M head at 1
+      thread, for twice W's memory (the blob is allocated 1.1-2.3x W's size, about 1x of it touched).
+    (bench/fp32_packed.py, bench/RESULTS.md.)
     """
+
+    def __init__(self, weight: torch.Tensor, packing: str):
+        super().__init__()
+        self.packing, (self.out_features, self.in_features) = packing, weight.shape
+        weight = weight.contiguous()
+        if packing == "onednn":
+            blob = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            self.keep(lambda x: torch.ops.mkldnn._linear_pointwise(x, blob, None, "none", [], ""))
+        else:  # its own copy of W: not a view of the checkpoint's mapped file
+            weight = weight.clone()
+            blob = torch.ops.mkl._mkl_reorder_linear_weight(weight, 1)
+            self.keep(lambda x: torch.ops.mkl._mkl_linear(x, blob, weight, None, 1))
+        self.weight_nbytes = weight.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+
+    def unpack(self) -> torch.Tensor:
+        """W as the kernel multiplies by it: its product with the identity (one nonzero term per sum: exact)."""
+        return self(torch.eye(self.in_features)).t().contiguous()
+
+    def nbytes(self) -> int:
+        """Resident bytes: W's size for oneDNN's copy; W and the touched part of MKL's blob (about W again)."""
+        return self.weight_nbytes * (1 if self.packing == "onednn" else 2)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+@functools.cache
+def packing_available(packing: str) -> bool:
+    """Whether this build runs `packing` (oneDNN: x86 and Arm builds; MKL: x86 builds): one small product."""
+    try:
+        weight = torch.ones(4, 8)
+        return torch.equal(PackedLinear(weight, packing)(torch.ones(1, 8)), torch.full((1, 4), 8.0))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def choose_packing(packing: str, name: str, threads: int) -> Optional[str]:
+    """The library that packs the dense linear `name` under --prepack `packing` at `threads` CPU threads, or None.
+
+    "auto": every dense linear by oneDNN at 2+ threads (no memory added); at 1 thread, the output head
+    (the largest matrix, read in full every token) by MKL, for one more copy of the head.
+    """
+    if packing == "auto":
+        packing = "onednn" if threads > 1 else ("mkl" if name == "output" else "none")
+    return packing if packing != "none" and packing_available(packing) else None
+
+
+def linear_kernel(name: str, weight: torch.Tensor, scheme: Optional[Scheme], device: torch.device, dtype: torch.dtype, *,
+                  packing: str = "none") -> Optional[nn.Module]:
+    """The kernel of one rank's slice `weight` of linear `name` (read from the checkpoint), or None: F.linear on
+    the weight itself. The one place that picks a linear's kernel:
+    - `scheme`: the quantized kernel for it on `device` (module doc; int8 on CPU: fbgemm where its probe
+      passes, else _weight_int8pack_mm). The slice is first brought to `device` in the model dtype (the one
+      unquantized tensor the loader holds at a time); nf4 quantizes that dtype, int8/int4 keep scales in
+      the kernel dtype.
+    - no scheme, a float32 weight on a CPU and an inference `packing` (--prepack): `PackedLinear` by the
+      library `choose_packing` picks for this linear at this process's thread count.
+    """
+    if scheme is None:
+        if packing == "none" or torch.device(device).type != "cpu" or dtype != torch.float32:
+            return None
+        library = choose_packing(packing, name, torch.get_num_threads())
+        return None if library is None else PackedLinear(weight.to(dtype=dtype), library)
     weight = weight.to(device=device, dtype=dtype)
     if scheme.name == "int8" and weight.device.type == "cpu" and fbgemm_reduce_range() is not None:
         return FbgemmInt8Linear(weight, fbgemm_reduce_range())
