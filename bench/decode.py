@@ -167,7 +167,7 @@ class Ours:
     """A loaded model (`load`) decoding `batch` rows through the engine's runner, with `levers`."""
 
     def __init__(self, model, scheme: str, levers: Levers, batch: int, steps: int):
-        from llama.engine import Runner, decode_step
+        from llama.runner import Runner, decode_step
 
         self.model, self.levers, self.batch, self.scheme = model, levers, batch, scheme
         self.runner = Runner(self.model, torch.device("cpu"), compile=levers.compile == "dynamic")
@@ -180,7 +180,7 @@ class Ours:
     @torch.inference_mode()
     def decode(self, steps: int) -> tuple[float, float]:
         """Wall and process CPU seconds of `steps` decode steps after each row's prompt."""
-        from llama.engine import Prefill
+        from llama.runner import Prefill
 
         with self.levers.context():
             tokens = [int(self.runner.prefill(Prefill(row, prompt)).argmax()) for row, prompt in enumerate(self.prompts)]

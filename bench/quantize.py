@@ -121,7 +121,7 @@ def linear_bytes(args, ranks: int, scheme: str, bf16: bool = False) -> int:
 def decode(workdir: Path, steps: int) -> None:
     from llama import distributed
     from llama.config import LoadSpec
-    from llama.engine import Runner
+    from llama.runner import Runner
     from llama.formats.load import load_model
     from llama.kernels.schemes import parse_scheme
 

@@ -5,8 +5,8 @@ The shape is nano-vllm's. `Engine.add` queues a `Request`; `Engine.step` runs on
 1. `Scheduler.schedule` writes the step as a `Step`: waiting requests take free cache rows (each
    prompt prefilled alone into its row), and every row already generating decodes one token at its
    own position (continuous batching: requests that came at different times share the step);
-2. `Runner.run` executes the step on this rank's shard of the model; every tensor-parallel rank
-   runs the same step, and the forward's collectives pair them up;
+2. `Runner.run` (llama/runner.py) executes the step on this rank's shard of the model; every
+   tensor-parallel rank runs the same step, and the forward's collectives pair them up;
 3. `Scheduler.finish_step` samples each row's next token, checks stop tokens, stop strings and
    length, and hands the request its new text (`Piece`s: an unfinished UTF-8 character, or a tail
    that may start a stop string, is held back until it is settled). A finished request frees its row.
@@ -28,7 +28,8 @@ import torch
 
 from llama import distributed
 from llama.errors import UserError
-from llama.model import CacheSpan, Transformer
+from llama.model import Transformer
+from llama.runner import Prefill, Runner, Step
 from llama.sampling import Sampling, TokenLogprob, choose, prompt_logprobs
 from llama.tokenizer import Tokenizer, continuation_text, shown_part
 
@@ -143,100 +144,6 @@ def safe_end(text: str, stops: tuple[str, ...]) -> int:
         return len(shown_part(text))
     held = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
     return len(text) - held
-
-
-@dataclass
-class Prefill:
-    """A prompt run into cache row `row` (after its soft prompt, if any)."""
-
-    row: int
-    ids: list[int]
-    prefix: Optional[torch.Tensor] = None
-    all_logits: bool = False
-    """Return every position's logits (echo with logprobs: the prompt is scored)."""
-
-
-@dataclass
-class Step:
-    """One step's work, the same on every rank.
-
-    Decoding covers cache rows 0..len(tokens)-1: row r feeds tokens[r] at positions[r]. Rows that are
-    not generating this step (free, or admitted in this very step) get a dummy token at a position
-    whose cache entry is rewritten before it is ever attended to.
-    """
-
-    prefills: list[Prefill] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    stop: bool = False
-    """Leave the loop: the server is shutting down."""
-
-
-class Runner:
-    """Runs steps on this rank's shard: prefill a row, decode rows.
-
-    Decoding runs `decode_rows` (rows in step at one int position attend over the filled positions;
-    rows at their own positions over the longest), eagerly or, with `compile`, compiled:
-    - on CUDA, as gpt-fast: one static-shape step (`decode_step`: all rows, the whole cache,
-      positions as data) replayed as a CUDA graph, which removes the per-kernel launch cost;
-    - on CPU there is no graph to replay, and attending over the whole cache costs more than the
-      compiled small ops save (bench/RESULTS.md), so `decode_rows` itself is compiled with dynamic
-      shapes: one graph for every position and row count (batch 1 and the two position forms get
-      their own), which fuses the norms, RoPE, SwiGLU and cache writes between the linears.
-    """
-
-    def __init__(self, model: Transformer, device: torch.device, compile: bool = False):
-        self.model, self.device = model, device
-        self.compiled = None
-        self.static = compile and device.type == "cuda"
-        if self.static:
-            self.compiled = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        elif compile:
-            self.compiled = torch.compile(decode_rows, fullgraph=True, dynamic=True)
-
-    @property
-    def fixed_rows(self) -> bool:
-        """A static compiled step (CUDA) keeps one shape: every step decodes all cache rows."""
-        return self.static
-
-    @torch.inference_mode()
-    def run(self, step: Step) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
-        """Logits of each prefill ([V], or [T, V] with all_logits) and of the decoded rows ([rows, V])."""
-        prefill_logits = [self.prefill(p) for p in step.prefills]
-        return prefill_logits, self.decode(step.tokens, step.positions) if step.tokens else None
-
-    def prefill(self, p: Prefill) -> torch.Tensor:
-        model = self.model
-        tokens = torch.tensor([p.ids], device=self.device)
-        prefix = None if p.prefix is None else p.prefix.to(self.device).unsqueeze(0)
-        hidden = model.hidden_states(tokens, CacheSpan(slice(p.row, p.row + 1), 0), prefix=prefix)[0]  # [T, dim]
-        return model.output(hidden if p.all_logits else hidden[-1]).float()
-
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        if self.static:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-            return self.compiled(self.model, ids, pos)
-        step = self.compiled or decode_rows
-        if len(set(positions)) == 1:  # rows in step: the plain causal path over the filled positions
-            return step(self.model, ids, positions[0], None)
-        return step(self.model, ids, pos, max(positions) + 1)
-
-
-def decode_rows(model: Transformer, tokens: torch.Tensor, start: int | torch.Tensor, length: Optional[int]) -> torch.Tensor:
-    """Logits [rows, V] of one token per cache row: every row at position `start` (an int; attending
-    over the filled positions), or each at its own (`start` a [rows] tensor; attending over the first
-    `length` positions, a row's later ones masked)."""
-    span = CacheSpan(slice(0, tokens.size(0)), start, length)
-    return model.output(model.hidden_states(tokens, span)[:, -1]).float()
-
-
-def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Logits [rows, V] of one token per cache row at its position, attending over the whole cache
-    (later positions masked): the same shapes every step, what torch.compile turns into one graph."""
-    span = CacheSpan(slice(0, tokens.size(0)), positions)
-    return model.output(model.hidden_states(tokens, span)[:, -1]).float()
 
 
 class Scheduler:

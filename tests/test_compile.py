@@ -1,10 +1,10 @@
-"""torch.compile'd decoding (`--compile`, llama.engine.Runner) gives eager's tokens.
+"""torch.compile'd decoding (`--compile`, llama.runner.Runner) gives eager's tokens.
 
 On CPU the runner compiles `decode_rows` with dynamic shapes: under torchrun at TP=2 (1 layer, GQA
 8:4, wq|wk|wv and w1|w3 fused as Llama.build loads) it gives the same greedy ids and log-probs as
 eager decoding at TP=2 and at TP=1, and with --quantize int8 (fbgemm's kernel through its custom op,
 the int8 head) the bundled model's ids equal eager's. On CUDA it compiles the static-shape
-step (`llama.engine.decode_step`), which attends over the whole preallocated cache with a position
+step (`llama.runner.decode_step`), which attends over the whole preallocated cache with a position
 mask: eagerly it reproduces llama2.c's golden ids, and compiled (CUDA graphs) too. Inductor compiles
 C++ kernels: 20-50 s a graph on 2 shared cores.
 """
@@ -20,7 +20,7 @@ from dist_utils import torchrun
 from references import GOLDEN, REPO, STORIES, STORIES_TOKENIZER, load_stories, needs_cuda
 
 from llama.config import LoadSpec
-from llama.engine import decode_step
+from llama.runner import decode_step
 from llama.formats import layout, load, params
 from llama.generation import Llama
 from llama.kernels.schemes import parse_scheme

@@ -81,7 +81,9 @@ def weight_bytes(args: ModelArgs, cards: int, dtype_bytes: int, quantize: Option
     `quantize`: the linears the loader quantizes (`quantize_targets`: the block linears in `quantize`,
     the output head in its own scheme) take what it holds for each card's slice
     (llama.kernels.schemes.weight_nbytes: codes, scales, padding), the rest b bytes each. (On a CPU
-    the int8 kernel is fbgemm's, which pads in-features to 512: `FbgemmInt8Linear.nbytes`.)
+    the int8 kernel is fbgemm's, which pads in-features to 512: `FbgemmInt8Linear.nbytes`; a CPU
+    inference load's float32 linears pre-packed by oneDNN hold the same bytes, by MKL twice them, the
+    weight kept beside its packed copy: `PackedLinear.nbytes`, README "Threads".)
     """
     quantized = quantize_targets(meta_model(args), quantize)
     total = 0
