@@ -54,11 +54,20 @@ def test_packed_product_is_within_float32_rounding_of_the_exact_one(packing, sha
     assert kernel(x).shape == (2, 5, shape[0])
 
 
-@pytest.mark.parametrize("packing", PACKINGS)
-def test_packed_kernel_compiles_and_frees_its_blob(packing):
-    """Under torch.compile the call goes through the custom op with the blob's handle (fullgraph, dynamic
-    rows) and gives eager's result; dropping the kernel drops its blob from the registry."""
-    kernel = PackedLinear(torch.randn(40, 64, generator=torch.Generator().manual_seed(0)), packing)
+@pytest.mark.parametrize("kind", ["onednn", "mkl", "fbgemm int8"])
+def test_packed_kernels_compile_and_free_their_blob(kind):
+    """Every kernel on a library's packed object (oneDNN, MKL, fbgemm's int8): under torch.compile the call
+    goes through the custom op with the blob's handle (fullgraph, dynamic rows) and gives eager's result;
+    dropping the kernel drops its blob from the registry."""
+    weight = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    if kind == "fbgemm int8":
+        if linear.fbgemm_reduce_range() is None:
+            pytest.skip("fbgemm's dynamic int8 linear is not available here")
+        kernel = linear.FbgemmInt8Linear(weight, True)
+    elif kind in PACKINGS:
+        kernel = PackedLinear(weight, kind)
+    else:
+        pytest.skip(f"this torch build cannot pack for {kind}")
     compiled = torch.compile(kernel, fullgraph=True, dynamic=True, backend="eager")
     for rows in (1, 5):
         x = torch.randn(rows, 64)

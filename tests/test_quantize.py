@@ -136,25 +136,6 @@ def test_fbgemm_activation_bits_are_what_this_cpu_adds_without_saturating():
     assert kernel_check(kernel, W, inputs(100, "normal")) <= 1
 
 
-def test_fbgemm_kernel_compiles_and_frees_its_packed_weight():
-    """Under torch.compile the call goes through the custom op with the weight's handle (fullgraph, dynamic
-    rows) and gives eager's result; dropping the kernel drops its packed weight from the registry."""
-    import gc
-
-    if linear.fbgemm_reduce_range() is None:
-        pytest.skip("fbgemm's dynamic int8 linear is not available here")
-    kernel = FbgemmInt8Linear(torch.randn(40, 64, generator=torch.Generator().manual_seed(0)), True)
-    compiled = torch.compile(kernel, fullgraph=True, dynamic=True, backend="eager")
-    for rows in (3, 5):
-        x = torch.randn(rows, 64)
-        assert torch.equal(compiled(x), kernel(x))
-    handle = kernel.handle
-    assert handle in linear._PACKED
-    del kernel, compiled
-    gc.collect()
-    assert handle not in linear._PACKED
-
-
 def gpt_fast_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gpt-fast's get_group_qparams + group_quantize_tensor_from_qparams (quantize.py), written out:
     (codes int32 [out, in], scales [out, groups], zeros [out, groups]) in bfloat16, as gpt-fast stores them."""
