@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(f"serve.py needs the optional extra 'serve' ({missing[0]} is not installed): pip install -e \".[serve]\"")
-    from llama.serving.app import ServeOptions, main as serve
+    from llama.serving.process import ServeOptions, main as serve
 
     cli.use_threads(args.threads)
     serve(ServeOptions(spec=cli.load_spec(args), compile=args.compile, adapter=args.adapter, max_queue=args.max_queue, seed=args.seed,
