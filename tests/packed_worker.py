@@ -36,12 +36,13 @@ def packed_check(kernel: PackedLinear, W: torch.Tensor, x: torch.Tensor) -> floa
     return ((kernel(x).double() - exact).abs() / bound.clamp(min=1e-300)).max().item()
 
 
-def slice_of(model, name: str, ckpt, rank: int) -> torch.Tensor:
-    """This rank's float32 slice of the linear `name` from the checkpoint (a fused one: its parts' slices stacked)."""
+def slice_of(model, name: str, ckpt, rank: int = 0, size: int = 1) -> torch.Tensor:
+    """Rank `rank` of `size`'s float32 slice of the linear `name` from the checkpoint (a fused one: its parts'
+    slices stacked)."""
     parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
     parts = getattr(type(model.get_submodule(parent)), "FUSED", {}).get(leaf)
     keys = [f"{parent}.{p}.weight" for p in parts] if parts else [f"{name}.weight"]
-    return torch.cat([ckpt.read(key, rank, 2).float() for key in keys])
+    return torch.cat([ckpt.read(key, rank, size).float() for key in keys])
 
 
 def outputs(pack: str, parallel: distributed.Parallel) -> dict:
@@ -53,7 +54,7 @@ def outputs(pack: str, parallel: distributed.Parallel) -> dict:
     for name, module in packed.named_modules():
         if isinstance(module, PackedLinear):
             layer = name.removesuffix(".kernel")
-            W = slice_of(packed, layer, ckpt, parallel.tp_rank)
+            W = slice_of(packed, layer, ckpt, parallel.tp_rank, parallel.tp_size)
             ratio = max(packed_check(module, W, torch.randn(rows, module.in_features, generator=gen)) for rows in (1, 4))
             checks[layer] = (module.packing, ratio, torch.equal(module.unpack(), W))
     with torch.inference_mode():

@@ -83,7 +83,7 @@ def weight_bytes(args: ModelArgs, cards: int, dtype_bytes: int, quantize: Option
     (llama.kernels.schemes.weight_nbytes: codes, scales, padding), the rest b bytes each. (On a CPU
     the int8 kernel is fbgemm's, which pads in-features to 512: `FbgemmInt8Linear.nbytes`; a CPU
     inference load's float32 linears pre-packed by oneDNN hold the same bytes, by MKL twice them, the
-    weight kept beside its packed copy: `PackedLinear.nbytes`, README "Threads".)
+    weight kept beside its packed copy: `PackedLinear`, README "Threads".)
     """
     quantized = quantize_targets(meta_model(args), quantize)
     total = 0

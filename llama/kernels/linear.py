@@ -345,7 +345,6 @@ class PackedLinear(Packed, nn.Module):
             weight = weight.clone()
             blob = torch.ops.mkl._mkl_reorder_linear_weight(weight, 1)
             self.keep(lambda x: torch.ops.mkl._mkl_linear(x, blob, weight, None, 1))
-        self.weight_nbytes = weight.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
@@ -353,14 +352,6 @@ class PackedLinear(Packed, nn.Module):
     def unpack(self) -> torch.Tensor:
         """W as the kernel multiplies by it: its product with the identity (one nonzero term per sum: exact)."""
         return self(torch.eye(self.in_features)).t().contiguous()
-
-    def nbytes(self) -> int:
-        """Resident bytes: W's size for oneDNN's copy; W and the touched part of MKL's blob (about W again)."""
-        return self.weight_nbytes * (1 if self.packing == "onednn" else 2)
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
 
 
 @functools.cache
