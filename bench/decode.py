@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 from bench.common import device_name, emit_json, format_table, read_bandwidth, rotated  # noqa: E402
 from bench.quantize import PARAMS_7B, PARAMS_110M, write_checkpoint  # noqa: E402
-from llama.kernels.linear import PACKINGS  # noqa: E402
+from llama.kernels.packed import PACKINGS  # noqa: E402
 
 PROMPT_LEN = 16
 SHAPES = {"110M": PARAMS_110M, "7B": {**PARAMS_7B, "n_layers": 2}}

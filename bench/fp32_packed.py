@@ -1,4 +1,4 @@
-"""fp32 decode with pre-packed dense weights (`--prepack`, llama/kernels/linear.py PackedLinear) against llama.cpp f32, same run.
+"""fp32 decode with pre-packed dense weights (`--prepack`, llama/kernels/packed.py PackedLinear) against llama.cpp f32, same run.
 
     python bench/fp32_packed.py --threads 1      # then --threads 2; reuses bench/decode.py's files in --keep
 
@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import decode  # noqa: E402
-from llama.kernels.linear import PackedLinear  # noqa: E402
+from llama.kernels.packed import PackedLinear  # noqa: E402
 
 VARIANTS = {  # name -> (--prepack at load, what the output head is then packed by, or None)
     "fp32 F.linear": ("none", None), "fp32 --prepack auto": ("auto", None), "fp32 --prepack onednn": ("onednn", None),

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from llama.errors import UserError
-from llama.kernels.linear import PACKINGS
+from llama.kernels.packed import PACKINGS
 from llama.kernels.schemes import Scheme, parse_scheme, scheme_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,7 +62,7 @@ class LoadSpec:
     verify: bool = False
     """Check every file's sha256 against the folder's manifest.json before loading (sizes are always checked)."""
     prepack: str = "auto"
-    """Inference on a CPU, float32: the dense linears pre-packed for oneDNN or MKL (llama.kernels.linear.PackedLinear):
+    """Inference on a CPU, float32: the dense linears pre-packed for oneDNN or MKL (llama.kernels.packed.PackedLinear):
     auto (oneDNN at 2+ threads; at 1 thread MKL for the output head), none, onednn or mkl."""
 
     def __post_init__(self):

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, whe
 from llama import distributed, formats  # noqa: E402
 from llama.config import LoadSpec  # noqa: E402
 from llama.formats.load import load_model  # noqa: E402
-from llama.kernels.linear import PackedLinear  # noqa: E402
+from llama.kernels.packed import PackedLinear  # noqa: E402
 
 STORIES = Path(__file__).resolve().parent.parent / "ckpts" / "stories260K"
 TOKENS = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))

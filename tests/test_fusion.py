@@ -17,8 +17,8 @@ from references import STORIES
 from llama import lora
 from llama.config import LoadSpec
 from llama.formats.load import load_model
-from llama.kernels import linear
 from llama.kernels.linear import QuantizedLinear
+from llama.kernels.packed import packing_available
 from llama.kernels.schemes import parse_scheme
 from llama.parallel import FusedColumnParallelLinear
 
@@ -88,7 +88,7 @@ def test_lora_put_on_fused_parts_adds_to_each_part(world1, scheme, pack):
     loading: the fused model equals the separate one with the same adapters (quantized: bit for bit;
     float32, packed or not: only the summation order of the products differs, so test_tp.py's tolerance
     for reordered float32 sums, 1e-5 + 1e-5 |logit|); switched off, the adapters leave the fused base."""
-    if pack != "none" and not linear.packing_available(pack):
+    if pack != "none" and not packing_available(pack):
         pytest.skip(f"this torch build cannot pack for {pack}")
     models = [load(scheme), load(scheme, fuse=True, pack=pack)]
     for model in models:

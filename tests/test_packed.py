@@ -1,4 +1,4 @@
-"""Dense float32 linears pre-packed for a CPU GEMM library (llama/kernels/linear.py PackedLinear, --prepack).
+"""Dense float32 linears pre-packed for a CPU GEMM library (llama/kernels/packed.py PackedLinear, --prepack).
 
 References: the exact product (float64 of the float32 operands) with the float32 bound gamma_K S of any
 summation order (packed_worker.packed_check); the checkpoint's own weights (what each kernel multiplies
@@ -20,11 +20,11 @@ from llama.config import LoadSpec
 from llama.errors import UserError
 from llama.formats.load import load_model
 from llama.kernels import linear
-from llama.kernels.linear import PackedLinear
+from llama.kernels.packed import _PACKED, PackedLinear, packing_available
 from llama.kernels.schemes import parse_scheme
 from llama.parallel import ColumnParallelLinear, FusedColumnParallelLinear, RowParallelLinear
 
-PACKINGS = [p for p in ("onednn", "mkl") if linear.packing_available(p)]
+PACKINGS = [p for p in ("onednn", "mkl") if packing_available(p)]
 pytestmark = pytest.mark.skipif(not PACKINGS, reason="this torch build has neither oneDNN nor MKL")
 
 
@@ -73,10 +73,10 @@ def test_packed_kernels_compile_and_free_their_blob(kind):
         x = torch.randn(rows, 64)
         assert torch.equal(compiled(x), kernel(x))
     handle = kernel.handle
-    assert handle in linear._PACKED
+    assert handle in _PACKED
     del kernel, compiled
     gc.collect()
-    assert handle not in linear._PACKED
+    assert handle not in _PACKED
 
 
 @pytest.mark.parametrize("packing", PACKINGS)

@@ -9,7 +9,7 @@ unquantized tensor at a time; the layer then keeps the quantized kernel and no f
 For inference (`inference=True`), the layers a module declares fusable (`FUSED`: wq|wk|wv, w1|w3) are
 read as a group and stacked, each rank its own rows, into one `FusedColumnParallelLinear`: quantized
 as one stack, or dense with the parts' weights as views of it; and on a CPU, the dense float32 linears
-may be packed for a GEMM library (`spec.prepack`, llama.kernels.linear.PackedLinear), which then holds
+may be packed for a GEMM library (`spec.prepack`, llama.kernels.packed.PackedLinear), which then holds
 them instead of the layer. Every linear's kernel is picked by `llama.kernels.linear.linear_kernel`.
 """
 

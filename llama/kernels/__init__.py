@@ -5,7 +5,9 @@
   counts bytes with them.
 - `linear.py`: one kernel module per scheme (int8, int4, nf4), holding one rank's slice in that
   format and multiplying by it; a parallel linear (llama/parallel.py) calls its `kernel` instead of
-  F.linear.
+  F.linear; `linear_kernel` picks it when the weight is loaded.
+- `packed.py`: kernels on a library's packed copy of a weight (one registry and custom op for
+  torch.compile), and the float32 one of --prepack (oneDNN or MKL).
 
 Which scheme a run may use (training, torch.compile) is decided where that policy lives:
 llama/tuning/methods.py and llama/generation.py.
